@@ -1,0 +1,254 @@
+//! The configuration file: raw serde structs (unknown keys are errors, durations as "250ms"),
+//! loading, and validation that gathers every problem with its key path before answering.
+
+mod validate;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use validate::{validate, ConfigError, MAX_CONCURRENT_RANGE};
+
+/// Where `run` and `check` look when neither `--config` nor `SLUICE_CONFIG` says otherwise.
+pub const DEFAULT_PATH: &str = "config/sluice.toml";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Addresses sluice listens on.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Client- and upstream-side time limits.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// The services requests are routed to, by path prefix.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// `[listen]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    /// Address of the proxy listener, e.g. "0.0.0.0:8080".
+    pub proxy: String,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            proxy: "0.0.0.0:8080".into(),
+        }
+    }
+}
+
+/// `[timeouts]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Upstream TCP connect.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// Upstream response headers; past it the client gets a 504.
+    #[serde(with = "humantime_serde")]
+    pub response: Duration,
+    /// The client must finish sending request headers within this time.
+    #[serde(with = "humantime_serde")]
+    pub client_header: Duration,
+    /// How long in-flight requests may drain on SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(2),
+            response: Duration::from_secs(60),
+            client_header: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How an endpoint is chosen among those with a free slot.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// Uniformly at random.
+    #[default]
+    Random,
+    /// Two random candidates; the one with fewer requests in flight wins.
+    P2c,
+}
+
+/// One `[[service]]` table.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Unique name, used in logs, metrics and error bodies.
+    pub name: String,
+    /// Requests go to the service with the longest matching prefix.
+    #[serde(default = "default_prefix")]
+    pub path_prefix: String,
+    /// Endpoint choice.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Per-endpoint concurrency cap (each endpoint may override it).
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: u32,
+    /// Optional cap on the sum of in-flight requests over all endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_max_concurrent: Option<u32>,
+    /// Requests allowed to wait for a free slot; 0 rejects at once.
+    #[serde(default)]
+    pub queue_size: u32,
+    /// How long a queued request waits before its 429.
+    #[serde(default = "default_queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// The scoring endpoints behind this service.
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// An endpoint: either a bare URL or a table with its own cap.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum EndpointConfig {
+    /// `"http://host:port"`
+    Url(String),
+    /// `{ url = "...", max_concurrent = 50 }`
+    Table(EndpointTable),
+}
+
+/// The table form of an endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointTable {
+    /// Base URL, http or https.
+    pub url: String,
+    /// This endpoint's cap; default: the service's `max_concurrent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+}
+
+impl EndpointConfig {
+    /// The endpoint's base URL.
+    pub fn url(&self) -> &str {
+        match self {
+            Self::Url(url) => url,
+            Self::Table(t) => &t.url,
+        }
+    }
+
+    /// The endpoint's own cap, if it sets one.
+    pub fn max_concurrent(&self) -> Option<u32> {
+        match self {
+            Self::Url(_) => None,
+            Self::Table(t) => t.max_concurrent,
+        }
+    }
+}
+
+impl ServiceConfig {
+    /// Cap of endpoint `i`: its own, else the service's.
+    pub fn endpoint_cap(&self, i: usize) -> u32 {
+        self.endpoints[i]
+            .max_concurrent()
+            .unwrap_or(self.max_concurrent)
+    }
+
+    /// min(cluster_max_concurrent, Σ endpoint caps).
+    pub fn effective_capacity(&self) -> u64 {
+        let sum: u64 = (0..self.endpoints.len())
+            .map(|i| u64::from(self.endpoint_cap(i)))
+            .sum();
+        self.cluster_max_concurrent
+            .map_or(sum, |c| sum.min(u64::from(c)))
+    }
+}
+
+fn default_prefix() -> String {
+    "/".into()
+}
+fn default_max_concurrent() -> u32 {
+    20
+}
+fn default_queue_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Why a config file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not match the schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line, column and key.
+        message: String,
+    },
+    /// The file parsed but some values are out of range or inconsistent.
+    #[error("{}", invalid_lines(path, errors))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found.
+        errors: Vec<ConfigError>,
+    },
+}
+
+fn invalid_lines(path: &Path, errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("{}: {e}", path.display()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Parse TOML text (no validation).
+    pub fn parse(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Read, parse and validate a config file.
+    pub fn load(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Self::parse(&text).map_err(|e| LoadError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', "\n    "),
+        })?;
+        validate(&config).map_err(|errors| LoadError::Invalid {
+            path: path.to_owned(),
+            errors,
+        })?;
+        Ok(config)
+    }
+
+    /// One-line summary for `sluice check` and the startup log.
+    pub fn summary(&self) -> String {
+        let endpoints: usize = self.services.iter().map(|s| s.endpoints.len()).sum();
+        let capacity: u64 = self.services.iter().map(|s| s.effective_capacity()).sum();
+        format!(
+            "{} service(s), {} endpoint(s), {} concurrent slot(s) in all, proxy on {}",
+            self.services.len(),
+            endpoints,
+            capacity,
+            self.listen.proxy
+        )
+    }
+}
