@@ -1,1 +1,151 @@
-fn main() {}
+//! The `sluice` command: parse the command line, set up logging, call into the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use sluice::config::{Config, EndpointConfig, DEFAULT_PATH};
+use sluice::telemetry::{self, LogFormat};
+use sluice::{app, demo, App};
+
+/// A rate-limiting reverse proxy for ML scoring APIs.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log line format [default: text on a terminal, json otherwise]; filter with SLUICE_LOG.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with the given config.
+    Run(RunArgs),
+    /// Validate a config and print a one-line summary; exit 1 listing every problem.
+    Check(ConfigArg),
+    /// Start demo scoring endpoints on 127.0.0.1 and the proxy in front of them.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// Config file.
+    #[arg(long, env = "SLUICE_CONFIG", default_value = DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Runtime worker threads [default: one per CPU core].
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Number of demo endpoints.
+    #[arg(long, default_value_t = 3)]
+    endpoints: usize,
+    /// Latency of each demo answer, e.g. "50ms".
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check(arg) => check(&arg.config),
+        Command::Run(args) => serve(&args, cli.log_format, None),
+        Command::Demo(args) => serve(
+            &args.run,
+            cli.log_format,
+            Some((args.endpoints, args.latency)),
+        ),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!("{}: ok: {}", path.display(), config.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(
+    args: &RunArgs,
+    log_format: Option<LogFormat>,
+    demo: Option<(usize, Duration)>,
+) -> ExitCode {
+    telemetry::init(log_format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = args.workers {
+        runtime.worker_threads(workers.max(1));
+    }
+    let result = runtime
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+        .and_then(|rt| rt.block_on(run(&args.config.config, demo)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("sluice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(path: &Path, demo: Option<(usize, Duration)>) -> anyhow::Result<()> {
+    let mut config = Config::load(path)?;
+    let mut demo_endpoints = Vec::new();
+    if let Some((count, latency)) = demo {
+        anyhow::ensure!(count > 0, "--endpoints must be at least 1");
+        for i in 1..=count {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 0));
+            let endpoint = demo::start(format!("demo-{i}"), addr, latency)
+                .await
+                .context("cannot start a demo endpoint")?;
+            demo_endpoints.push(endpoint);
+        }
+        // The demo serves the shipped config with its endpoints replaced by the demo ones.
+        for service in &mut config.services {
+            service.endpoints = demo_endpoints
+                .iter()
+                .map(|e| EndpointConfig::Url(e.url()))
+                .collect();
+        }
+    }
+    let app = App::bind(&config).await?;
+    tracing::info!(config = %path.display(), summary = %config.summary(), "config loaded");
+    if !demo_endpoints.is_empty() {
+        let port = app.proxy_addr().port();
+        let urls: Vec<String> = demo_endpoints.iter().map(demo::DemoEndpoint::url).collect();
+        println!(
+            "sluice demo: {} endpoint(s) at {}",
+            urls.len(),
+            urls.join(", ")
+        );
+        println!(
+            "sluice demo: proxy on {}; try: curl -i localhost:{port}/score",
+            app.proxy_addr()
+        );
+    }
+    app.run(app::shutdown_signal()).await;
+    Ok(())
+}

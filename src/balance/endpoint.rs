@@ -1,0 +1,141 @@
+//! One upstream endpoint: where it is, how many requests it has in flight, and whether it is
+//! skipped for a while after failing to connect (passive health).
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::header::HeaderValue;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::Uri;
+use tokio::time::Instant;
+
+/// First back-off after a connect failure; doubles per consecutive failure.
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+/// Longest back-off: an endpoint that came back is tried again within this time.
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// An upstream endpoint and its live counters. Shared (`Arc`) by every policy that lists its
+/// URL, so in-flight counts survive a policy change.
+#[derive(Debug)]
+pub struct Endpoint {
+    url: String,
+    scheme: Scheme,
+    authority: Authority,
+    host_header: HeaderValue,
+    /// Path of the endpoint URL without the trailing '/', prepended to request paths.
+    base_path: String,
+    in_flight: AtomicU32,
+    /// Milliseconds since `epoch` until which the endpoint is skipped; 0 = healthy.
+    down_until_ms: AtomicU64,
+    consecutive_failures: AtomicU32,
+    epoch: Instant,
+}
+
+/// The endpoint URL could not be used (validation normally catches this first).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid endpoint URL {0:?}: expected http(s)://host[:port][/path]")]
+pub struct InvalidEndpointUrl(pub String);
+
+impl Endpoint {
+    /// Parse an `http(s)://host:port[/base]` URL.
+    pub fn new(url: &str) -> Result<Self, InvalidEndpointUrl> {
+        let invalid = || InvalidEndpointUrl(url.to_owned());
+        let uri: Uri = url.parse().map_err(|_| invalid())?;
+        let parts = uri.into_parts();
+        let scheme = parts.scheme.ok_or_else(invalid)?;
+        let authority = parts.authority.ok_or_else(invalid)?;
+        let base_path = parts
+            .path_and_query
+            .map(|p| p.path().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid())?;
+        Ok(Self {
+            host_header,
+            url: url.to_owned(),
+            scheme,
+            authority,
+            base_path,
+            in_flight: AtomicU32::new(0),
+            down_until_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            epoch: Instant::now(),
+        })
+    }
+
+    /// The URL as configured.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `host:port` as the `Host` header of requests sent to this endpoint.
+    pub fn host_header(&self) -> &HeaderValue {
+        &self.host_header
+    }
+
+    /// Requests in flight at this endpoint now.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// The upstream URI for a request path: endpoint base path + request path and query.
+    pub fn upstream_uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let pq = path_and_query.map_or("/", PathAndQuery::as_str);
+        let builder = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone());
+        if self.base_path.is_empty() {
+            match path_and_query {
+                Some(pq) => builder.path_and_query(pq.clone()).build(),
+                None => builder.path_and_query("/").build(),
+            }
+        } else {
+            builder
+                .path_and_query(format!("{}{pq}", self.base_path))
+                .build()
+        }
+    }
+
+    /// Take one slot if fewer than `cap` are in flight.
+    pub(super) fn try_take(&self, cap: u32) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Give back a slot taken with `try_take`.
+    pub(super) fn give_back(&self) {
+        let before = self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "endpoint slot released twice");
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 so that 0 always means "healthy", even in the first millisecond.
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// False while the endpoint is in its back-off after a connect failure.
+    pub fn is_healthy(&self) -> bool {
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        until == 0 || self.now_ms() >= until
+    }
+
+    /// Record a connect failure: skip the endpoint for a back-off that doubles each time.
+    pub fn mark_unreachable(&self) {
+        let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
+        let backoff = BACKOFF_BASE
+            .saturating_mul(1 << failures.min(16))
+            .min(BACKOFF_MAX);
+        let until = self.now_ms() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX / 2);
+        self.down_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Record a successful exchange: the endpoint is healthy again.
+    pub fn mark_reachable(&self) {
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,405 @@
+//! Endpoint choice and concurrency slots for one service: per-endpoint caps, the service-wide
+//! cap, random / power-of-two-choices selection, and the FIFO queue for requests that wait.
+//!
+//! A [`Slot`] is the right to have one request in flight at one endpoint. It is released by
+//! `Drop`, so every path that ends an exchange (success, error, client abort, panic, shutdown)
+//! releases it exactly once.
+
+mod endpoint;
+mod queue;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rand::Rng;
+
+pub use endpoint::{Endpoint, InvalidEndpointUrl};
+use queue::Queue;
+
+use crate::config::{Balance, ServiceConfig};
+
+/// The capacity settings of a service, swapped as one value so a request never sees half of
+/// a change.
+#[derive(Debug)]
+pub struct Shape {
+    /// Endpoints and their caps.
+    pub endpoints: Vec<(Arc<Endpoint>, u32)>,
+    /// Cap on the service's total in flight (`u32::MAX` when not set).
+    pub cluster_cap: u32,
+    /// Requests allowed to wait for a slot.
+    pub queue_size: u32,
+    /// How long a request may wait.
+    pub queue_timeout: Duration,
+    /// Endpoint choice.
+    pub balance: Balance,
+}
+
+impl Shape {
+    /// Build from config, reusing the endpoints of `previous` that keep their URL so their
+    /// in-flight counters carry over.
+    pub fn from_config(
+        config: &ServiceConfig,
+        previous: Option<&Shape>,
+    ) -> Result<Self, InvalidEndpointUrl> {
+        let endpoints = config
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let reused = previous.and_then(|p| {
+                    p.endpoints
+                        .iter()
+                        .find(|(old, _)| old.url() == e.url())
+                        .map(|(old, _)| Arc::clone(old))
+                });
+                let endpoint = match reused {
+                    Some(endpoint) => endpoint,
+                    None => Arc::new(Endpoint::new(e.url())?),
+                };
+                Ok((endpoint, config.endpoint_cap(i)))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            endpoints,
+            cluster_cap: config.cluster_max_concurrent.unwrap_or(u32::MAX),
+            queue_size: config.queue_size,
+            queue_timeout: config.queue_timeout,
+            balance: config.balance,
+        })
+    }
+}
+
+/// Why no slot was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// Every endpoint (or the service-wide cap) is full and the queue is full or disabled.
+    EndpointsFull,
+    /// The request waited `queue_timeout` in the queue without a slot freeing.
+    QueueTimeout,
+}
+
+/// The slots of one service.
+#[derive(Debug)]
+pub struct Pool {
+    shape: ArcSwap<Shape>,
+    in_flight: AtomicU32,
+    queue: Queue,
+}
+
+impl Pool {
+    /// A pool with the given shape.
+    pub fn new(shape: Shape) -> Arc<Self> {
+        Arc::new(Self {
+            shape: ArcSwap::from_pointee(shape),
+            in_flight: AtomicU32::new(0),
+            queue: Queue::default(),
+        })
+    }
+
+    /// The live shape.
+    pub fn shape(&self) -> arc_swap::Guard<Arc<Shape>> {
+        self.shape.load()
+    }
+
+    /// The live shape, owned.
+    pub fn shape_snapshot(&self) -> Arc<Shape> {
+        self.shape.load_full()
+    }
+
+    /// Replace the shape; waiting requests get any slot the new shape frees.
+    pub fn set_shape(self: &Arc<Self>, shape: Shape) {
+        self.shape.store(Arc::new(shape));
+        self.dispatch();
+    }
+
+    /// Requests in flight over all endpoints of the service.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Requests waiting in the queue now.
+    pub fn queue_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// How long the oldest waiting request has waited.
+    pub fn queue_oldest_age(&self) -> Option<Duration> {
+        self.queue.oldest_age()
+    }
+
+    /// A slot now, or after waiting in the FIFO queue when the shape allows it.
+    pub async fn acquire(self: &Arc<Self>) -> Result<Slot, NoSlot> {
+        let shape = self.shape.load_full();
+        if self.queue.is_empty() {
+            if let Some(slot) = self.try_acquire(&shape, None) {
+                return Ok(slot);
+            }
+            // The failed attempt held a service slot for a moment; a waiter that arrived then
+            // may have missed it.
+            self.dispatch();
+        }
+        if shape.queue_size == 0 {
+            return Err(NoSlot::EndpointsFull);
+        }
+        let waiting = self
+            .queue
+            .enter(shape.queue_size as usize, || self.try_acquire(&shape, None))
+            .map_err(|()| NoSlot::EndpointsFull)?;
+        match waiting {
+            queue::Entered::Served(slot) => Ok(slot),
+            queue::Entered::Waiting(ticket) => ticket
+                .wait(shape.queue_timeout)
+                .await
+                .ok_or(NoSlot::QueueTimeout),
+        }
+    }
+
+    /// A slot at an endpoint other than `exclude`, without waiting (used to retry a request
+    /// whose first endpoint refused the connection).
+    pub fn try_acquire_other(self: &Arc<Self>, exclude: &Arc<Endpoint>) -> Option<Slot> {
+        let shape = self.shape.load();
+        self.try_acquire(&shape, Some(exclude))
+    }
+
+    /// Pick an endpoint with room and take a slot on it. A full endpoint is never picked
+    /// while another has room; endpoints in back-off are used only when none is healthy.
+    fn try_acquire(
+        self: &Arc<Self>,
+        shape: &Shape,
+        exclude: Option<&Arc<Endpoint>>,
+    ) -> Option<Slot> {
+        if !self.take_service_slot(shape.cluster_cap) {
+            return None;
+        }
+        // Another request may take the chosen endpoint's last slot between the choice and the
+        // increment; choose again then, a bounded number of times.
+        for _ in 0..=shape.endpoints.len() {
+            let Some(i) = choose(shape, exclude) else {
+                break;
+            };
+            let (endpoint, cap) = &shape.endpoints[i];
+            if endpoint.try_take(*cap) {
+                return Some(Slot {
+                    pool: Arc::clone(self),
+                    endpoint: Arc::clone(endpoint),
+                });
+            }
+        }
+        // No dispatch here: this runs under the queue lock when serving or entering the queue.
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        None
+    }
+
+    fn take_service_slot(&self, cap: u32) -> bool {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn release_service_slot(self: &Arc<Self>) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.dispatch();
+    }
+
+    /// Hand free slots to waiting requests, oldest first.
+    fn dispatch(self: &Arc<Self>) {
+        if self.queue.is_empty() {
+            return;
+        }
+        let shape = self.shape.load_full();
+        self.queue.serve(|| self.try_acquire(&shape, None));
+    }
+}
+
+/// Index of an endpoint with room: uniform among healthy ones (`random`), or the less loaded
+/// of two such picks (`p2c`); among endpoints in back-off only when no endpoint is healthy.
+fn choose(shape: &Shape, exclude: Option<&Arc<Endpoint>>) -> Option<usize> {
+    let mut rng = rand::thread_rng();
+    // Reservoir sampling keeps the choice uniform without allocating a candidate list.
+    let mut healthy = Reservoir::default();
+    let mut in_backoff = Reservoir::default();
+    let mut any_healthy = false;
+    for (i, (endpoint, cap)) in shape.endpoints.iter().enumerate() {
+        if exclude.is_some_and(|e| Arc::ptr_eq(e, endpoint)) {
+            continue;
+        }
+        let is_healthy = endpoint.is_healthy();
+        any_healthy |= is_healthy;
+        if endpoint.in_flight() >= *cap {
+            continue;
+        }
+        let reservoir = if is_healthy {
+            &mut healthy
+        } else {
+            &mut in_backoff
+        };
+        reservoir.offer(i, &mut rng);
+    }
+    let picks = if any_healthy { healthy } else { in_backoff };
+    match (shape.balance, picks.first, picks.second) {
+        (Balance::P2c, Some(a), Some(b)) => {
+            let load = |i: usize| shape.endpoints[i].0.in_flight();
+            Some(if load(b) < load(a) { b } else { a })
+        }
+        (_, first, _) => first,
+    }
+}
+
+/// Two distinct uniform picks from a stream of candidates.
+#[derive(Default)]
+struct Reservoir {
+    seen: u32,
+    first: Option<usize>,
+    second: Option<usize>,
+}
+
+impl Reservoir {
+    fn offer(&mut self, i: usize, rng: &mut impl Rng) {
+        self.seen += 1;
+        match self.seen {
+            1 => self.first = Some(i),
+            2 => {
+                // Random order for the pair so `first` alone stays uniform.
+                if rng.gen_bool(0.5) {
+                    self.second = self.first.replace(i);
+                } else {
+                    self.second = Some(i);
+                }
+            }
+            n => {
+                let r = rng.gen_range(0..n);
+                if r == 0 {
+                    self.first = Some(i);
+                } else if r == 1 {
+                    self.second = Some(i);
+                }
+            }
+        }
+    }
+}
+
+/// The right to have one request in flight at one endpoint; released on drop.
+#[derive(Debug)]
+pub struct Slot {
+    pool: Arc<Pool>,
+    endpoint: Arc<Endpoint>,
+}
+
+impl Slot {
+    /// The endpoint this slot is on.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.endpoint.give_back();
+        self.pool.release_service_slot();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(caps: &[u32], queue_size: u32) -> Arc<Pool> {
+        let endpoints = caps
+            .iter()
+            .enumerate()
+            .map(|(i, cap)| {
+                let url = format!("http://127.0.0.1:{}", 9000 + i);
+                (Arc::new(Endpoint::new(&url).unwrap()), *cap)
+            })
+            .collect();
+        Pool::new(Shape {
+            endpoints,
+            cluster_cap: u32::MAX,
+            queue_size,
+            queue_timeout: Duration::from_millis(200),
+            balance: Balance::Random,
+        })
+    }
+
+    #[tokio::test]
+    async fn caps_hold_and_slots_return() {
+        let pool = pool(&[2, 3], 0);
+        let mut slots = Vec::new();
+        for _ in 0..5 {
+            slots.push(pool.acquire().await.unwrap());
+        }
+        assert_eq!(pool.acquire().await.unwrap_err(), NoSlot::EndpointsFull);
+        assert_eq!(pool.in_flight(), 5);
+        slots.clear();
+        assert_eq!(pool.in_flight(), 0);
+        for (e, _) in &pool.shape().endpoints {
+            assert_eq!(e.in_flight(), 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn cluster_cap_bounds_the_sum() {
+        let pool = pool(&[5, 5], 0);
+        let mut shape = Shape::from_config(
+            &crate::config::ServiceConfig {
+                name: "s".into(),
+                path_prefix: "/".into(),
+                balance: Balance::Random,
+                max_concurrent: 5,
+                cluster_max_concurrent: Some(7),
+                queue_size: 0,
+                queue_timeout: Duration::from_secs(1),
+                endpoints: vec![],
+            },
+            None,
+        )
+        .unwrap();
+        shape.endpoints = pool.shape().endpoints.clone();
+        pool.set_shape(shape);
+        let mut slots = Vec::new();
+        while let Ok(s) = pool.acquire().await {
+            slots.push(s);
+        }
+        assert_eq!(slots.len(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_serves_in_arrival_order_then_times_out() {
+        let pool = pool(&[1], 2);
+        let held = pool.acquire().await.unwrap();
+        let (p1, p2, p3) = (pool.clone(), pool.clone(), pool.clone());
+        let first = tokio::spawn(async move { p1.acquire().await.map(|_| 1) });
+        tokio::task::yield_now().await;
+        let second = tokio::spawn(async move { p2.acquire().await.map(|_| 2) });
+        tokio::task::yield_now().await;
+        assert_eq!(pool.queue_len(), 2);
+        // Queue full: the third is refused at once.
+        assert_eq!(p3.acquire().await.unwrap_err(), NoSlot::EndpointsFull);
+        drop(held);
+        assert_eq!(first.await.unwrap(), Ok(1));
+        assert_eq!(second.await.unwrap(), Ok(2));
+        let held = pool.acquire().await.unwrap();
+        let p4 = pool.clone();
+        let late = tokio::spawn(async move { p4.acquire().await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(late.await.unwrap(), Err(NoSlot::QueueTimeout));
+        assert_eq!(pool.queue_len(), 0);
+        drop(held);
+        assert_eq!(pool.in_flight(), 0);
+    }
+
+    #[test]
+    fn full_endpoint_never_chosen_while_another_has_room() {
+        let pool = pool(&[1, 100], 0);
+        let shape = pool.shape();
+        assert!(shape.endpoints[0].0.try_take(1));
+        for _ in 0..1000 {
+            assert_eq!(choose(&shape, None), Some(1));
+        }
+        shape.endpoints[0].0.give_back();
+    }
+}

@@ -1,0 +1,130 @@
+//! The live policy: the services, their routes and their capacity, as one immutable snapshot
+//! behind an `ArcSwap`. A request loads it once, so a change never shows it half of each.
+
+use std::sync::Arc;
+
+use crate::balance::{InvalidEndpointUrl, Pool, Shape};
+use crate::config::{Config, Timeouts};
+
+/// One service as the request path sees it.
+#[derive(Debug)]
+pub struct Service {
+    /// Name from the config.
+    pub name: Arc<str>,
+    /// Path prefix that routes to it.
+    pub path_prefix: String,
+    /// Its endpoints and slots; kept across policy changes for a service that keeps its name.
+    pub pool: Arc<Pool>,
+}
+
+/// A snapshot of everything a request needs to be routed and admitted.
+#[derive(Debug)]
+pub struct Policy {
+    /// Services in config order.
+    pub services: Vec<Arc<Service>>,
+    /// Indexes into `services`, longest prefix first.
+    routes: Vec<usize>,
+    /// Time limits.
+    pub timeouts: Timeouts,
+}
+
+impl Policy {
+    /// Build from a validated config. Services that keep their name (and endpoints that keep
+    /// their URL) in `previous` keep their counters and queue, so in-flight requests carry over.
+    pub fn from_config(
+        config: &Config,
+        previous: Option<&Policy>,
+    ) -> Result<Self, InvalidEndpointUrl> {
+        let find_previous =
+            |name: &str| previous.and_then(|p| p.services.iter().find(|s| &*s.name == name));
+        // Build every shape first, so a failure leaves the live pools untouched.
+        let shapes = config
+            .services
+            .iter()
+            .map(|s| {
+                let old = find_previous(&s.name);
+                let old_shape = old.map(|o| o.pool.shape_snapshot());
+                Shape::from_config(s, old_shape.as_deref())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let services: Vec<Arc<Service>> = config
+            .services
+            .iter()
+            .zip(shapes)
+            .map(|(s, shape)| {
+                let pool = match find_previous(&s.name) {
+                    Some(old) => {
+                        old.pool.set_shape(shape);
+                        Arc::clone(&old.pool)
+                    }
+                    None => Pool::new(shape),
+                };
+                Arc::new(Service {
+                    name: s.name.as_str().into(),
+                    path_prefix: s.path_prefix.clone(),
+                    pool,
+                })
+            })
+            .collect();
+        let mut routes: Vec<usize> = (0..services.len()).collect();
+        routes.sort_by_key(|&i| std::cmp::Reverse(services[i].path_prefix.len()));
+        Ok(Self {
+            services,
+            routes,
+            timeouts: config.timeouts.clone(),
+        })
+    }
+
+    /// The service with the longest prefix that matches `path` on a segment boundary
+    /// (`/score` matches `/score` and `/score/v1`, not `/scores`).
+    pub fn route(&self, path: &str) -> Option<&Arc<Service>> {
+        self.routes
+            .iter()
+            .map(|&i| &self.services[i])
+            .find(|s| prefix_matches(&s.path_prefix, path))
+    }
+
+    /// The service named `name`.
+    pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.iter().find(|s| &*s.name == name)
+    }
+}
+
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        None => false,
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_prefix_on_segment_boundary() {
+        let config = Config::parse(
+            r#"
+            [[service]]
+            name = "all"
+            endpoints = ["http://127.0.0.1:1"]
+            [[service]]
+            name = "score"
+            path_prefix = "/score"
+            endpoints = ["http://127.0.0.1:2"]
+            [[service]]
+            name = "v2"
+            path_prefix = "/score/v2/"
+            endpoints = ["http://127.0.0.1:3"]
+            "#,
+        )
+        .unwrap();
+        let policy = Policy::from_config(&config, None).unwrap();
+        let route = |p: &str| policy.route(p).map(|s| s.name.to_string());
+        assert_eq!(route("/score").as_deref(), Some("score"));
+        assert_eq!(route("/score/v1").as_deref(), Some("score"));
+        assert_eq!(route("/scores").as_deref(), Some("all"));
+        assert_eq!(route("/score/v2/x").as_deref(), Some("v2"));
+        assert_eq!(route("/").as_deref(), Some("all"));
+    }
+}

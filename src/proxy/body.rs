@@ -1,0 +1,151 @@
+//! Body types: the request body sent upstream (replayable until its first byte is read, so a
+//! refused connection can be retried elsewhere) and the response body sent to the client (an
+//! endpoint's streamed body holding its slot, or a small JSON answer built by sluice).
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::balance::Slot;
+
+/// The client's request body, kept so that it can be sent to a second endpoint if the first
+/// refused the connection before any byte was read from it.
+pub struct BodySource {
+    shared: Option<Arc<Mutex<Option<Incoming>>>>,
+}
+
+impl BodySource {
+    /// Wrap the client's body. Empty bodies need no sharing.
+    pub fn new(body: Incoming) -> Self {
+        let shared = (!body.is_end_stream()).then(|| Arc::new(Mutex::new(Some(body))));
+        Self { shared }
+    }
+
+    /// True while no attempt has read any of the body.
+    pub fn is_untouched(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_none_or(|shared| lock(shared).is_some())
+    }
+
+    /// A body for one attempt, or `None` if an earlier attempt started reading it.
+    pub fn attempt(&self) -> Option<UpstreamBody> {
+        match &self.shared {
+            None => Some(UpstreamBody::Empty),
+            Some(shared) => {
+                let untouched = lock(shared).is_some();
+                untouched.then(|| UpstreamBody::Shared(Arc::clone(shared)))
+            }
+        }
+    }
+}
+
+fn lock(shared: &Mutex<Option<Incoming>>) -> std::sync::MutexGuard<'_, Option<Incoming>> {
+    // The lock guards a plain Option move; a poisoned one holds a valid value.
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The request body as the upstream client sees it.
+pub enum UpstreamBody {
+    /// No body.
+    Empty,
+    /// Not read yet: still in the shared source.
+    Shared(Arc<Mutex<Option<Incoming>>>),
+    /// Being read: taken out of the source, so it cannot be replayed any more.
+    Reading(Incoming),
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Self::Shared(shared) = this {
+            let taken = lock(shared).take();
+            *this = match taken {
+                Some(body) => Self::Reading(body),
+                None => Self::Empty,
+            };
+        }
+        match this {
+            Self::Reading(body) => Pin::new(body).poll_frame(cx),
+            _ => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Empty => true,
+            Self::Shared(shared) => lock(shared).as_ref().is_none_or(Body::is_end_stream),
+            Self::Reading(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Empty => SizeHint::with_exact(0),
+            Self::Shared(shared) => lock(shared)
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
+            Self::Reading(body) => body.size_hint(),
+        }
+    }
+}
+
+/// The body of a response to a client.
+pub enum ResponseBody {
+    /// An endpoint's body, streamed; the slot is released when the body is dropped, i.e. when
+    /// it has been sent or the exchange ended otherwise.
+    Upstream {
+        /// The endpoint's body.
+        body: Incoming,
+        /// Held for the body's lifetime.
+        slot: Slot,
+    },
+    /// A complete body built by sluice (`None` once sent).
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    /// A complete body.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        Self::Full(Some(bytes.into()))
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream { body, .. } => body.is_end_stream(),
+            Self::Full(bytes) => bytes.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream { body, .. } => body.size_hint(),
+            Self::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}

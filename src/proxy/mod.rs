@@ -1,0 +1,215 @@
+//! The request path: route → slot → forward → stream the response back → release the slot.
+//! Answers sluice gives itself are built in [`reject`].
+
+pub mod body;
+pub mod headers;
+pub mod reject;
+mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+use crate::balance::{Endpoint, NoSlot};
+use crate::policy::{Policy, Service};
+use body::{BodySource, ResponseBody, UpstreamBody};
+use reject::{Reason, Rejection};
+pub use server::serve;
+
+/// How long a client is asked to wait after a 429 for full endpoints.
+const FULL_RETRY_AFTER_MS: u64 = 1000;
+
+type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
+
+/// The proxy: the live policy and the upstream connection pools.
+pub struct Proxy {
+    policy: ArcSwap<Policy>,
+    client: UpstreamClient,
+}
+
+impl Proxy {
+    /// A proxy serving `policy`; `connect_timeout` bounds each upstream TCP connect.
+    pub fn new(policy: Policy, connect_timeout: Duration) -> Arc<Self> {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(https);
+        Arc::new(Self {
+            policy: ArcSwap::from_pointee(policy),
+            client,
+        })
+    }
+
+    /// The live policy.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Replace the live policy; requests already admitted finish under the one they saw.
+    pub fn set_policy(&self, policy: Policy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// Serve one client request.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let policy = self.policy.load_full();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let (response, service, endpoint, reason) = match policy.route(&path) {
+            None => (
+                Rejection::new(Reason::NoRoute, None).into_response(),
+                None,
+                None,
+                Some(Reason::NoRoute),
+            ),
+            Some(service) => {
+                let (response, endpoint, reason) =
+                    self.admit_and_forward(&policy, service, req, client).await;
+                (response, Some(service), endpoint, reason)
+            }
+        };
+        tracing::info!(
+            target: "sluice::access",
+            method = %method,
+            path = %path,
+            service = service.map(|s| &*s.name),
+            endpoint = endpoint.as_deref(),
+            status = response.status().as_u16(),
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            reason = reason.map(Reason::as_str),
+        );
+        response
+    }
+
+    /// Take a slot and forward; returns the response, the endpoint URL and why sluice answered
+    /// itself, if it did.
+    async fn admit_and_forward(
+        &self,
+        policy: &Policy,
+        service: &Service,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> (Response<ResponseBody>, Option<String>, Option<Reason>) {
+        let reject = |reason: Reason| {
+            let rejection = Rejection::new(reason, Some(&service.name));
+            let rejection = match reason {
+                Reason::EndpointsFull | Reason::QueueTimeout => {
+                    rejection.retry_after(FULL_RETRY_AFTER_MS)
+                }
+                _ => rejection,
+            };
+            rejection.into_response()
+        };
+        let mut slot = match service.pool.acquire().await {
+            Ok(slot) => slot,
+            Err(no_slot) => {
+                let reason = match no_slot {
+                    NoSlot::EndpointsFull => Reason::EndpointsFull,
+                    NoSlot::QueueTimeout => Reason::QueueTimeout,
+                };
+                return (reject(reason), None, Some(reason));
+            }
+        };
+        let (mut head, body) = req.into_parts();
+        headers::to_upstream(&mut head, client.ip());
+        let source = BodySource::new(body);
+        let mut retried = false;
+        loop {
+            let endpoint = Arc::clone(slot.endpoint());
+            let url = Some(endpoint.url().to_owned());
+            let fail = |reason: Reason| (reject(reason), url.clone(), Some(reason));
+            let Some(body) = source.attempt() else {
+                return fail(Reason::UpstreamUnreachable);
+            };
+            let Ok(request) = upstream_request(&head, &endpoint, body) else {
+                return fail(Reason::UpstreamError);
+            };
+            let sent = self.client.request(request);
+            match tokio::time::timeout(policy.timeouts.response, sent).await {
+                Ok(Ok(response)) => {
+                    endpoint.mark_reachable();
+                    let (mut head, body) = response.into_parts();
+                    headers::to_client(&mut head);
+                    let body = ResponseBody::Upstream { body, slot };
+                    return (Response::from_parts(head, body), url, None);
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    endpoint.mark_unreachable();
+                    tracing::warn!(endpoint = endpoint.url(), error = %error_chain(&e), "endpoint unreachable");
+                    // The request never reached the endpoint, so sending it to another one is
+                    // safe: once, and only if its body was not read.
+                    let other = (!retried && source.is_untouched())
+                        .then(|| service.pool.try_acquire_other(&endpoint))
+                        .flatten();
+                    match other {
+                        Some(other) => {
+                            slot = other;
+                            retried = true;
+                        }
+                        None => return fail(Reason::UpstreamUnreachable),
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(endpoint = endpoint.url(), error = %error_chain(&e), "upstream error");
+                    return fail(Reason::UpstreamError);
+                }
+                Err(_elapsed) => return fail(Reason::UpstreamTimeout),
+            }
+        }
+    }
+}
+
+/// The request for one attempt at `endpoint`: the client's (already cleaned) head, addressed
+/// to the endpoint.
+fn upstream_request(
+    head: &http::request::Parts,
+    endpoint: &Endpoint,
+    body: UpstreamBody,
+) -> Result<Request<UpstreamBody>, http::Error> {
+    let mut request = Request::builder()
+        .method(head.method.clone())
+        .uri(endpoint.upstream_uri(head.uri.path_and_query())?)
+        .version(http::Version::HTTP_11)
+        .body(body)?;
+    let headers = request.headers_mut();
+    *headers = head.headers.clone();
+    headers.insert(http::header::HOST, endpoint.host_header().clone());
+    Ok(request)
+}
+
+/// An error with its causes, for logs ("client error (Connect): tcp connect error: ...").
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

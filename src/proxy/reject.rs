@@ -1,0 +1,142 @@
+//! Every answer sluice gives on its own behalf (404, 429, 502, 504) is built here, with a JSON
+//! body that says why, so clients can tell a refusal from an endpoint's answer.
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use serde::Serialize;
+
+use super::body::ResponseBody;
+
+/// Why sluice answered instead of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// No service's path prefix matches the request path.
+    NoRoute,
+    /// Every endpoint with room is full and the queue is full or disabled.
+    EndpointsFull,
+    /// The request waited `queue_timeout` for a slot.
+    QueueTimeout,
+    /// No endpoint accepted the connection.
+    UpstreamUnreachable,
+    /// The endpoint sent no response headers within `timeouts.response`.
+    UpstreamTimeout,
+    /// The endpoint broke the exchange (reset, invalid response).
+    UpstreamError,
+}
+
+impl Reason {
+    /// The reason as it appears in bodies and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoRoute => "no_route",
+            Self::EndpointsFull => "endpoints_full",
+            Self::QueueTimeout => "queue_timeout",
+            Self::UpstreamUnreachable => "upstream_unreachable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamError => "upstream_error",
+        }
+    }
+
+    /// The status code answered for this reason.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::NoRoute => StatusCode::NOT_FOUND,
+            Self::EndpointsFull | Self::QueueTimeout => StatusCode::TOO_MANY_REQUESTS,
+            Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn error(self) -> &'static str {
+        match self.status() {
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+            StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
+            _ => "bad_gateway",
+        }
+    }
+}
+
+/// A refusal or failure, with the numbers its response needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejection<'a> {
+    error: &'static str,
+    /// Why.
+    pub reason: Reason,
+    /// The service the request was routed to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<&'a str>,
+    /// How long the client should wait before trying again (429 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+impl<'a> Rejection<'a> {
+    /// A rejection for `reason`, routed to `service` if known.
+    pub fn new(reason: Reason, service: Option<&'a str>) -> Self {
+        Self {
+            error: reason.error(),
+            reason,
+            service,
+            retry_after_ms: None,
+        }
+    }
+
+    /// Ask the client to come back after `ms` milliseconds.
+    pub fn retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
+    }
+
+    /// The response: status, `content-type: application/json`, `Retry-After` in whole seconds
+    /// (rounded up, at least 1) when a retry time is known, and the JSON body.
+    pub fn into_response(self) -> Response<ResponseBody> {
+        let body = serde_json::to_vec(&self).unwrap_or_else(|_| b"{}".to_vec());
+        let mut response = Response::new(ResponseBody::full(body));
+        *response.status_mut() = self.reason.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(ms) = self.retry_after_ms {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(ms)));
+        }
+        response
+    }
+}
+
+/// Whole seconds for `Retry-After`: rounded up so it never points earlier than `ms`, at least 1.
+pub fn retry_after_secs(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_and_headers() {
+        let r = Rejection::new(Reason::EndpointsFull, Some("scoring"))
+            .retry_after(1500)
+            .into_response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["retry-after"], "2");
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let ResponseBody::Full(Some(body)) = r.into_body() else {
+            panic!("full body expected")
+        };
+        assert_eq!(
+            &body[..],
+            br#"{"error":"too_many_requests","reason":"endpoints_full","service":"scoring","retry_after_ms":1500}"#
+        );
+    }
+
+    #[test]
+    fn retry_after_rounds_up() {
+        assert_eq!(retry_after_secs(0), 1);
+        assert_eq!(retry_after_secs(1000), 1);
+        assert_eq!(retry_after_secs(1001), 2);
+    }
+}
