@@ -1,8 +1,7 @@
 # Build stage and runtime stage share Debian bookworm, so the binary's glibc matches.
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY src ./src
+COPY . .
 RUN cargo build --release --locked
 
 FROM debian:bookworm-slim

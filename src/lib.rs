@@ -10,3 +10,4 @@ pub mod proxy;
 pub mod telemetry;
 
 pub use app::App;
+pub mod limit;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::balance::{InvalidEndpointUrl, Pool, Shape};
 use crate::config::{Config, Timeouts};
+use crate::limit::RateLimiter;
 
 /// One service as the request path sees it.
 #[derive(Debug)]
@@ -15,6 +16,8 @@ pub struct Service {
     pub path_prefix: String,
     /// Its endpoints and slots; kept across policy changes for a service that keeps its name.
     pub pool: Arc<Pool>,
+    /// Per-resource rate limits, when the service has them.
+    pub limits: Option<RateLimiter>,
 }
 
 /// A snapshot of everything a request needs to be routed and admitted.
@@ -59,10 +62,15 @@ impl Policy {
                     }
                     None => Pool::new(shape),
                 };
+                let old_limits = find_previous(&s.name).and_then(|o| o.limits.as_ref());
+                let limits = s
+                    .rate_limit()
+                    .map(|settings| RateLimiter::from_config(&settings, &s.resources, old_limits));
                 Arc::new(Service {
                     name: s.name.as_str().into(),
                     path_prefix: s.path_prefix.clone(),
                     pool,
+                    limits,
                 })
             })
             .collect();

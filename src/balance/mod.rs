@@ -344,20 +344,11 @@ mod tests {
     #[tokio::test]
     async fn cluster_cap_bounds_the_sum() {
         let pool = pool(&[5, 5], 0);
-        let mut shape = Shape::from_config(
-            &crate::config::ServiceConfig {
-                name: "s".into(),
-                path_prefix: "/".into(),
-                balance: Balance::Random,
-                max_concurrent: 5,
-                cluster_max_concurrent: Some(7),
-                queue_size: 0,
-                queue_timeout: Duration::from_secs(1),
-                endpoints: vec![],
-            },
-            None,
+        let config = crate::config::Config::parse(
+            "[[service]]\nname = \"s\"\ncluster_max_concurrent = 7\nendpoints = []",
         )
         .unwrap();
+        let mut shape = Shape::from_config(&config.services[0], None).unwrap();
         shape.endpoints = pool.shape().endpoints.clone();
         pool.set_shape(shape);
         let mut slots = Vec::new();

@@ -1,6 +1,7 @@
 //! The configuration file: raw serde structs (unknown keys are errors, durations as "250ms"),
 //! loading, and validation that gathers every problem with its key path before answering.
 
+mod rate_limit;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -8,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use rate_limit::{
+    parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys, TPS_CEILING,
+};
 pub use validate::{validate, ConfigError, MAX_CONCURRENT_RANGE};
 
 /// Where `run` and `check` look when neither `--config` nor `SLUICE_CONFIG` says otherwise.
@@ -110,6 +114,12 @@ pub struct ServiceConfig {
     pub queue_timeout: Duration,
     /// The scoring endpoints behind this service.
     pub endpoints: Vec<EndpointConfig>,
+    /// Per-key rate limiting; off when neither this table nor any resource is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Named callers and their limits.
+    #[serde(default, rename = "resource", skip_serializing_if = "Vec::is_empty")]
+    pub resources: Vec<ResourceConfig>,
 }
 
 /// An endpoint: either a bare URL or a table with its own cap.
@@ -157,6 +167,15 @@ impl ServiceConfig {
         self.endpoints[i]
             .max_concurrent()
             .unwrap_or(self.max_concurrent)
+    }
+
+    /// The rate-limit settings in force, if rate limiting is on for this service.
+    pub fn rate_limit(&self) -> Option<RateLimitConfig> {
+        match (&self.rate_limit, self.resources.is_empty()) {
+            (Some(config), _) => Some(config.clone()),
+            (None, false) => Some(RateLimitConfig::default()),
+            (None, true) => None,
+        }
     }
 
     /// min(cluster_max_concurrent, Σ endpoint caps).

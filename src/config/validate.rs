@@ -39,14 +39,19 @@ impl fmt::Display for ConfigError {
 
 /// Collects problems; keeps the call sites short.
 #[derive(Default)]
-struct Problems(Vec<ConfigError>);
+pub(super) struct Problems(Vec<ConfigError>);
 
 impl Problems {
-    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+    pub(super) fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigError::new(key, message));
     }
 
-    fn range(&mut self, key: impl Into<String>, value: u32, range: &RangeInclusive<u32>) {
+    pub(super) fn range(
+        &mut self,
+        key: impl Into<String>,
+        value: u32,
+        range: &RangeInclusive<u32>,
+    ) {
         if !range.contains(&value) {
             self.add(
                 key,
@@ -59,7 +64,7 @@ impl Problems {
         }
     }
 
-    fn positive(&mut self, key: impl Into<String>, value: Duration) {
+    pub(super) fn positive(&mut self, key: impl Into<String>, value: Duration) {
         if value.is_zero() {
             self.add(key, "must be greater than 0 (e.g. \"500ms\", \"2s\")");
         }
@@ -149,6 +154,8 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
                 p.range(format!("{ekey}.max_concurrent"), cap, &MAX_CONCURRENT_RANGE);
             }
         }
+        let rate_limit = s.rate_limit.clone().unwrap_or_default();
+        super::rate_limit::validate(&mut p, &format!("service[{i}]"), &rate_limit, &s.resources);
     }
 
     if p.0.is_empty() {

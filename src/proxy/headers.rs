@@ -63,7 +63,6 @@ pub fn to_upstream(parts: &mut request::Parts, client_ip: IpAddr) {
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
 
-    let ip = client_ip.to_string();
     // Several X-Forwarded-For lines are one list (RFC 9110 §5.3): join them and append.
     let mut list = Vec::new();
     for earlier in headers.get_all(&X_FORWARDED_FOR) {

@@ -7,6 +7,7 @@ pub mod reject;
 mod server;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::balance::{Endpoint, NoSlot};
+use crate::limit::{Admission, KeyProblem};
 use crate::policy::{Policy, Service};
 use body::{BodySource, ResponseBody, UpstreamBody};
 use reject::{Reason, Rejection};
@@ -80,17 +82,13 @@ impl Proxy {
         let policy = self.policy.load_full();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let (response, service, endpoint, reason) = match policy.route(&path) {
-            None => (
-                Rejection::new(Reason::NoRoute, None).into_response(),
-                None,
-                None,
-                Some(Reason::NoRoute),
-            ),
+        let mut outcome = Outcome::default();
+        let service = policy.route(&path);
+        let response = match service {
+            None => outcome.reject(Reason::NoRoute, None),
             Some(service) => {
-                let (response, endpoint, reason) =
-                    self.admit_and_forward(&policy, service, req, client).await;
-                (response, Some(service), endpoint, reason)
+                self.serve(&policy, service, req, client, &mut outcome)
+                    .await
             }
         };
         tracing::info!(
@@ -98,41 +96,84 @@ impl Proxy {
             method = %method,
             path = %path,
             service = service.map(|s| &*s.name),
-            endpoint = endpoint.as_deref(),
+            resource = outcome.resource.as_deref(),
+            endpoint = outcome.endpoint.as_ref().map(|e| e.url()),
             status = response.status().as_u16(),
             latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-            reason = reason.map(Reason::as_str),
+            reason = outcome.reason.map(Reason::as_str),
         );
         response
     }
 
-    /// Take a slot and forward; returns the response, the endpoint URL and why sluice answered
-    /// itself, if it did.
-    async fn admit_and_forward(
+    /// Rate check (when the service has limits), then forward. The rate check comes first, so
+    /// a request refused for rate never takes a slot.
+    async fn serve(
         &self,
         policy: &Policy,
         service: &Service,
         req: Request<Incoming>,
         client: SocketAddr,
-    ) -> (Response<ResponseBody>, Option<String>, Option<Reason>) {
-        let reject = |reason: Reason| {
-            let rejection = Rejection::new(reason, Some(&service.name));
-            let rejection = match reason {
-                Reason::EndpointsFull | Reason::QueueTimeout => {
-                    rejection.retry_after(FULL_RETRY_AFTER_MS)
-                }
-                _ => rejection,
-            };
-            rejection.into_response()
+        outcome: &mut Outcome,
+    ) -> Response<ResponseBody> {
+        let Some(limits) = &service.limits else {
+            return self.forward(policy, service, req, client, outcome).await;
         };
+        match limits.check(req.headers()) {
+            Admission::Refused(problem) => {
+                let reason = match problem {
+                    KeyProblem::Missing => Reason::MissingKey,
+                    KeyProblem::Unknown => Reason::UnknownKey,
+                };
+                let mut response = outcome.reject(reason, Some(service));
+                // RFC 9110 §11.6.1: a 401 names how to authenticate.
+                response
+                    .headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, limits.challenge());
+                response
+            }
+            Admission::Limited {
+                resource,
+                status,
+                retry_after_ms,
+            } => {
+                outcome.resource = Some(Arc::clone(&resource.name));
+                outcome.reason = Some(Reason::RateLimited);
+                let mut response = Rejection::new(Reason::RateLimited, Some(&service.name))
+                    .resource(&resource.name, status.quota.tps.get())
+                    .retry_after(retry_after_ms)
+                    .into_response();
+                limits.insert_headers(response.headers_mut(), &status);
+                response
+            }
+            Admission::Admitted { resource, status } => {
+                outcome.resource = Some(Arc::clone(&resource.name));
+                let mut response = self.forward(policy, service, req, client, outcome).await;
+                limits.insert_headers(response.headers_mut(), &status);
+                if outcome.reason.is_none() && response.status().is_success() {
+                    resource.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+                }
+                response
+            }
+        }
+    }
+
+    /// Take a slot and forward the request to its endpoint, retrying once elsewhere if the
+    /// connection is refused.
+    async fn forward(
+        &self,
+        policy: &Policy,
+        service: &Service,
+        req: Request<Incoming>,
+        client: SocketAddr,
+        outcome: &mut Outcome,
+    ) -> Response<ResponseBody> {
         let mut slot = match service.pool.acquire().await {
             Ok(slot) => slot,
-            Err(no_slot) => {
-                let reason = match no_slot {
-                    NoSlot::EndpointsFull => Reason::EndpointsFull,
-                    NoSlot::QueueTimeout => Reason::QueueTimeout,
-                };
-                return (reject(reason), None, Some(reason));
+            Err(NoSlot::EndpointsFull) => {
+                return outcome.reject(Reason::EndpointsFull, Some(service))
+            }
+            Err(NoSlot::QueueTimeout) => {
+                return outcome.reject(Reason::QueueTimeout, Some(service))
             }
         };
         let (mut head, body) = req.into_parts();
@@ -141,13 +182,12 @@ impl Proxy {
         let mut retried = false;
         loop {
             let endpoint = Arc::clone(slot.endpoint());
-            let url = Some(endpoint.url().to_owned());
-            let fail = |reason: Reason| (reject(reason), url.clone(), Some(reason));
+            outcome.endpoint = Some(Arc::clone(&endpoint));
             let Some(body) = source.attempt() else {
-                return fail(Reason::UpstreamUnreachable);
+                return outcome.reject(Reason::UpstreamUnreachable, Some(service));
             };
             let Ok(request) = upstream_request(&head, &endpoint, body) else {
-                return fail(Reason::UpstreamError);
+                return outcome.reject(Reason::UpstreamError, Some(service));
             };
             let sent = self.client.request(request);
             match tokio::time::timeout(policy.timeouts.response, sent).await {
@@ -156,7 +196,7 @@ impl Proxy {
                     let (mut head, body) = response.into_parts();
                     headers::to_client(&mut head);
                     let body = ResponseBody::Upstream { body, slot };
-                    return (Response::from_parts(head, body), url, None);
+                    return Response::from_parts(head, body);
                 }
                 Ok(Err(e)) if e.is_connect() => {
                     endpoint.mark_unreachable();
@@ -171,16 +211,39 @@ impl Proxy {
                             slot = other;
                             retried = true;
                         }
-                        None => return fail(Reason::UpstreamUnreachable),
+                        None => return outcome.reject(Reason::UpstreamUnreachable, Some(service)),
                     }
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(endpoint = endpoint.url(), error = %error_chain(&e), "upstream error");
-                    return fail(Reason::UpstreamError);
+                    return outcome.reject(Reason::UpstreamError, Some(service));
                 }
-                Err(_elapsed) => return fail(Reason::UpstreamTimeout),
+                Err(_elapsed) => return outcome.reject(Reason::UpstreamTimeout, Some(service)),
             }
         }
+    }
+}
+
+/// What the access log tells about one exchange besides its status.
+#[derive(Default)]
+struct Outcome {
+    resource: Option<Arc<str>>,
+    endpoint: Option<Arc<Endpoint>>,
+    reason: Option<Reason>,
+}
+
+impl Outcome {
+    /// Answer on sluice's behalf and remember why.
+    fn reject(&mut self, reason: Reason, service: Option<&Service>) -> Response<ResponseBody> {
+        self.reason = Some(reason);
+        let rejection = Rejection::new(reason, service.map(|s| &*s.name));
+        let rejection = match reason {
+            Reason::EndpointsFull | Reason::QueueTimeout => {
+                rejection.retry_after(FULL_RETRY_AFTER_MS)
+            }
+            _ => rejection,
+        };
+        rejection.into_response()
     }
 }
 

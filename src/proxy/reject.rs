@@ -13,6 +13,12 @@ use super::body::ResponseBody;
 pub enum Reason {
     /// No service's path prefix matches the request path.
     NoRoute,
+    /// The request carries no key and the service requires one.
+    MissingKey,
+    /// The key matches no resource and the service rejects unknown keys.
+    UnknownKey,
+    /// The caller's resource is over its TPS limit.
+    RateLimited,
     /// Every endpoint with room is full and the queue is full or disabled.
     EndpointsFull,
     /// The request waited `queue_timeout` for a slot.
@@ -30,6 +36,9 @@ impl Reason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::NoRoute => "no_route",
+            Self::MissingKey => "missing_key",
+            Self::UnknownKey => "unknown_key",
+            Self::RateLimited => "rate_limited",
             Self::EndpointsFull => "endpoints_full",
             Self::QueueTimeout => "queue_timeout",
             Self::UpstreamUnreachable => "upstream_unreachable",
@@ -42,7 +51,10 @@ impl Reason {
     pub fn status(self) -> StatusCode {
         match self {
             Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::EndpointsFull | Self::QueueTimeout => StatusCode::TOO_MANY_REQUESTS,
+            Self::MissingKey | Self::UnknownKey => StatusCode::UNAUTHORIZED,
+            Self::RateLimited | Self::EndpointsFull | Self::QueueTimeout => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -51,6 +63,7 @@ impl Reason {
     fn error(self) -> &'static str {
         match self.status() {
             StatusCode::NOT_FOUND => "not_found",
+            StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
             StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
             _ => "bad_gateway",
@@ -67,6 +80,12 @@ pub struct Rejection<'a> {
     /// The service the request was routed to, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service: Option<&'a str>,
+    /// The caller's resource, for a rate refusal (only ever the caller's own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<&'a str>,
+    /// The caller's limit in force, for a rate refusal.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_tps: Option<u32>,
     /// How long the client should wait before trying again (429 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
@@ -79,8 +98,17 @@ impl<'a> Rejection<'a> {
             error: reason.error(),
             reason,
             service,
+            resource: None,
+            limit_tps: None,
             retry_after_ms: None,
         }
+    }
+
+    /// Name the caller's resource and its limit (rate refusals).
+    pub fn resource(mut self, name: &'a str, limit_tps: u32) -> Self {
+        self.resource = Some(name);
+        self.limit_tps = Some(limit_tps);
+        self
     }
 
     /// Ask the client to come back after `ms` milliseconds.
@@ -91,6 +119,7 @@ impl<'a> Rejection<'a> {
 
     /// The response: status, `content-type: application/json`, `Retry-After` in whole seconds
     /// (rounded up, at least 1) when a retry time is known, and the JSON body.
+
     pub fn into_response(self) -> Response<ResponseBody> {
         let body = serde_json::to_vec(&self).unwrap_or_else(|_| b"{}".to_vec());
         let mut response = Response::new(ResponseBody::full(body));

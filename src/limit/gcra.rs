@@ -1,0 +1,199 @@
+//! GCRA (generic cell rate algorithm): a rate limit as one "theoretical arrival time" per
+//! bucket. Pure arithmetic here; callers keep the TAT in an atomic or behind a shard lock.
+//!
+//! A limit change swaps the quota and keeps the TAT, so the caller's recent usage still counts
+//! under the new limit: nothing is reset more than the change itself requires.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const NANOS_PER_SEC: u64 = 1_000_000_000;
+
+/// A rate: `tps` requests per second on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// Steady rate.
+    pub tps: NonZeroU32,
+    /// Requests allowed at once from a full bucket.
+    pub burst: NonZeroU32,
+}
+
+impl Quota {
+    /// A quota; `burst` defaults to one second's worth.
+    pub fn new(tps: NonZeroU32, burst: Option<NonZeroU32>) -> Self {
+        Self {
+            tps,
+            burst: burst.unwrap_or(tps),
+        }
+    }
+
+    /// Time between two requests at the steady rate, in ns.
+    pub fn interval_ns(self) -> u64 {
+        NANOS_PER_SEC / u64::from(self.tps.get())
+    }
+
+    /// How far ahead of now the TAT may run: a full burst's worth of intervals.
+    fn window_ns(self) -> u64 {
+        self.interval_ns() * u64::from(self.burst.get())
+    }
+
+    /// Pack into one word so a quota is read and swapped atomically.
+    pub(super) fn pack(self) -> u64 {
+        (u64::from(self.tps.get()) << 32) | u64::from(self.burst.get())
+    }
+
+    pub(super) fn unpack(word: u64) -> Self {
+        let one = NonZeroU32::MIN;
+        Self {
+            tps: NonZeroU32::new((word >> 32) as u32).unwrap_or(one),
+            burst: NonZeroU32::new(word as u32).unwrap_or(one),
+        }
+    }
+}
+
+/// The verdict on one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Admitted; `remaining` more could be admitted now, the bucket is full again in `reset_ns`.
+    Admit {
+        /// Requests that would still pass right now.
+        remaining: u32,
+        /// Time until the bucket is full again.
+        reset_ns: u64,
+    },
+    /// Refused; the next request passes in `retry_after_ns` (exactly).
+    Refuse {
+        /// Time until the next request would pass.
+        retry_after_ns: u64,
+    },
+}
+
+/// One GCRA step: the new TAT if admitted, and the verdict.
+pub fn decide(tat: u64, now: u64, quota: Quota) -> (Option<u64>, Verdict) {
+    let interval = quota.interval_ns();
+    let window = quota.window_ns();
+    let new_tat = tat.max(now) + interval;
+    let ahead = new_tat - now;
+    if ahead > window {
+        let retry_after_ns = ahead - window;
+        return (None, Verdict::Refuse { retry_after_ns });
+    }
+    let remaining = ((window - ahead) / interval).min(u64::from(u32::MAX)) as u32;
+    (
+        Some(new_tat),
+        Verdict::Admit {
+            remaining,
+            reset_ns: ahead,
+        },
+    )
+}
+
+/// A bucket with its own quota, both changeable without a lock.
+#[derive(Debug)]
+pub struct Bucket {
+    tat: AtomicU64,
+    quota: AtomicU64,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn new(quota: Quota) -> Self {
+        Self {
+            tat: AtomicU64::new(0),
+            quota: AtomicU64::new(quota.pack()),
+        }
+    }
+
+    /// The quota in force.
+    pub fn quota(&self) -> Quota {
+        Quota::unpack(self.quota.load(Ordering::Acquire))
+    }
+
+    /// Change the quota; the bucket's usage so far carries over.
+    pub fn set_quota(&self, quota: Quota) {
+        self.quota.store(quota.pack(), Ordering::Release);
+    }
+
+    /// Judge one request arriving at `now` (ns on the limiter's clock).
+    pub fn check(&self, now: u64) -> (Quota, Verdict) {
+        let quota = self.quota();
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let (new_tat, verdict) = decide(tat, now, quota);
+            let Some(new_tat) = new_tat else {
+                return (quota, verdict);
+            };
+            match self
+                .tat
+                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return (quota, verdict),
+                Err(current) => tat = current,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(tps: u32, burst: u32) -> Quota {
+        Quota::new(NonZeroU32::new(tps).unwrap(), NonZeroU32::new(burst))
+    }
+
+    #[test]
+    fn burst_then_steady_rate() {
+        let bucket = Bucket::new(quota(10, 10));
+        let mut admitted = 0;
+        for _ in 0..20 {
+            if matches!(bucket.check(0).1, Verdict::Admit { .. }) {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 10);
+        match bucket.check(0).1 {
+            Verdict::Refuse { retry_after_ns } => assert_eq!(retry_after_ns, 100_000_000),
+            v => panic!("{v:?}"),
+        }
+        // One interval later exactly one more passes.
+        assert!(matches!(
+            bucket.check(100_000_000).1,
+            Verdict::Admit { remaining: 0, .. }
+        ));
+        assert!(matches!(
+            bucket.check(100_000_000).1,
+            Verdict::Refuse { .. }
+        ));
+    }
+
+    #[test]
+    fn remaining_counts_down() {
+        let bucket = Bucket::new(quota(10, 3));
+        let remaining: Vec<_> = (0..3)
+            .map(|_| match bucket.check(0).1 {
+                Verdict::Admit { remaining, .. } => remaining,
+                v => panic!("{v:?}"),
+            })
+            .collect();
+        assert_eq!(remaining, [2, 1, 0]);
+    }
+
+    #[test]
+    fn raising_the_limit_keeps_usage() {
+        let bucket = Bucket::new(quota(10, 10));
+        for _ in 0..10 {
+            bucket.check(0);
+        }
+        bucket.set_quota(quota(20, 20));
+        // The bucket was empty and stays empty (no reset to a full burst)...
+        assert!(matches!(bucket.check(0).1, Verdict::Refuse { .. }));
+        // ...but refills at the new rate: two pass 100 ms later, where the old limit let one.
+        let passed = |now| {
+            (0..5)
+                .filter(|_| matches!(bucket.check(now).1, Verdict::Admit { .. }))
+                .count()
+        };
+        assert_eq!(passed(100_000_000), 2);
+    }
+}

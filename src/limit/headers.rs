@@ -1,0 +1,106 @@
+//! RateLimit response headers (draft-ietf-httpapi-ratelimit-headers-11, Structured Fields).
+//!
+//! `RateLimit-Policy: "tps";q=10;w=1` states the steady rate. A burst larger than one second's
+//! quota is a second item, `"burst";q=30;w=3` (30 requests, refilled over 3 seconds), and the
+//! live `RateLimit` then reports on that burst bucket, which is what `r` really counts.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use super::gcra::Quota;
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static LEGACY_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static LEGACY_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static LEGACY_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// The live state of a caller's bucket, as told to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    /// The quota in force.
+    pub quota: Quota,
+    /// Requests that would pass right now.
+    pub remaining: u32,
+    /// Whole seconds until the bucket is full again (after a refusal: until the next request
+    /// passes, the same value as `Retry-After`).
+    pub reset_secs: u64,
+}
+
+fn policy_value(quota: Quota) -> String {
+    let (tps, burst) = (quota.tps.get(), quota.burst.get());
+    if burst > tps {
+        let refill_secs = burst.div_ceil(tps);
+        format!("\"tps\";q={tps};w=1, \"burst\";q={burst};w={refill_secs}")
+    } else {
+        format!("\"tps\";q={tps};w=1")
+    }
+}
+
+fn status_value(status: &Status) -> String {
+    let name = if status.quota.burst > status.quota.tps {
+        "burst"
+    } else {
+        "tps"
+    };
+    format!("\"{name}\";r={};t={}", status.remaining, status.reset_secs)
+}
+
+/// Add `RateLimit-Policy` and `RateLimit` (and the `X-RateLimit-*` trio when `legacy`).
+pub fn insert(headers: &mut HeaderMap, status: &Status, legacy: bool) {
+    let text = |s: String| HeaderValue::from_str(&s).expect("digits, quotes and ASCII punctuation");
+    headers.insert(RATELIMIT_POLICY.clone(), text(policy_value(status.quota)));
+    headers.insert(RATELIMIT.clone(), text(status_value(status)));
+    if legacy {
+        headers.insert(
+            LEGACY_LIMIT.clone(),
+            HeaderValue::from(status.quota.tps.get()),
+        );
+        headers.insert(
+            LEGACY_REMAINING.clone(),
+            HeaderValue::from(status.remaining),
+        );
+        headers.insert(LEGACY_RESET.clone(), HeaderValue::from(status.reset_secs));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn quota(tps: u32, burst: u32) -> Quota {
+        Quota::new(NonZeroU32::new(tps).unwrap(), NonZeroU32::new(burst))
+    }
+
+    #[test]
+    fn one_item_when_burst_is_one_second() {
+        let mut h = HeaderMap::new();
+        let status = Status {
+            quota: quota(10, 10),
+            remaining: 3,
+            reset_secs: 1,
+        };
+        insert(&mut h, &status, false);
+        assert_eq!(h["ratelimit-policy"], "\"tps\";q=10;w=1");
+        assert_eq!(h["ratelimit"], "\"tps\";r=3;t=1");
+        assert!(h.get("x-ratelimit-limit").is_none());
+    }
+
+    #[test]
+    fn burst_is_a_second_item() {
+        let mut h = HeaderMap::new();
+        let status = Status {
+            quota: quota(10, 25),
+            remaining: 20,
+            reset_secs: 1,
+        };
+        insert(&mut h, &status, true);
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"tps\";q=10;w=1, \"burst\";q=25;w=3"
+        );
+        assert_eq!(h["ratelimit"], "\"burst\";r=20;t=1");
+        assert_eq!(h["x-ratelimit-limit"], "10");
+        assert_eq!(h["x-ratelimit-remaining"], "20");
+    }
+}

@@ -1,0 +1,155 @@
+//! Reading a caller's key from a request, and the bounded table of per-key state for keys that
+//! match no configured resource. Keys are handled as bytes and hashed at once; only digests are
+//! kept, so a key can never reach a log, a metric or a response.
+
+use std::num::NonZeroUsize;
+use std::sync::{Mutex, MutexGuard};
+
+use http::header::{HeaderMap, HeaderName, AUTHORIZATION};
+use lru::LruCache;
+use sha2::{Digest, Sha256};
+
+use super::gcra::{self, Quota, Verdict};
+
+/// SHA-256 of a key: how resources are matched and unknown keys tracked.
+pub fn key_digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
+
+/// Where a service's callers put their key.
+#[derive(Debug, Clone)]
+pub struct KeySource {
+    header: HeaderName,
+}
+
+impl KeySource {
+    /// Read keys from `header`; `authorization` means `Authorization: Bearer <key>`.
+    pub fn new(header: HeaderName) -> Self {
+        Self { header }
+    }
+
+    /// The header keys are read from.
+    pub fn header(&self) -> &HeaderName {
+        &self.header
+    }
+
+    /// The key in `headers`, if any (empty values count as missing).
+    pub fn extract<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+        let value = headers.get(&self.header)?.as_bytes();
+        let key = if self.header == AUTHORIZATION {
+            bearer_token(value)?
+        } else {
+            value
+        };
+        let key = key.trim_ascii();
+        (!key.is_empty()).then_some(key)
+    }
+}
+
+/// The token of `Bearer <token>` (scheme matched case-insensitively, RFC 9110 §11.1).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(rest)
+}
+
+/// Per-key GCRA state for unknown keys, bounded: when full, the least recently used key is
+/// forgotten (it starts again with a full bucket, like any new key). Sharded so concurrent
+/// requests rarely wait on the same lock.
+#[derive(Debug)]
+pub struct KeyTable {
+    shards: Vec<Mutex<LruCache<[u8; 32], u64>>>,
+}
+
+const SHARDS: usize = 16;
+
+impl KeyTable {
+    /// A table that tracks at most `capacity` keys in all.
+    pub fn new(capacity: usize) -> Self {
+        let shards = SHARDS.min(capacity.max(1));
+        // Split the capacity exactly, so the shards together never hold more than asked.
+        let shards = (0..shards)
+            .map(|i| {
+                let share = capacity / shards + usize::from(i < capacity % shards);
+                let share = NonZeroUsize::new(share).unwrap_or(NonZeroUsize::MIN);
+                Mutex::new(LruCache::new(share))
+            })
+            .collect();
+        Self { shards }
+    }
+
+    fn shard(&self, digest: &[u8; 32]) -> MutexGuard<'_, LruCache<[u8; 32], u64>> {
+        // Digests are uniform, so any byte picks a shard evenly.
+        let shard = &self.shards[usize::from(digest[0]) % self.shards.len()];
+        // Each critical section is one LRU get/put; a poisoned shard still holds valid TATs.
+        shard.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Judge one request of the key with `digest` under `quota`.
+    pub fn check(&self, digest: &[u8; 32], now: u64, quota: Quota) -> Verdict {
+        let mut shard = self.shard(digest);
+        let tat = shard.get(digest).copied().unwrap_or(0);
+        let (new_tat, verdict) = gcra::decide(tat, now, quota);
+        if let Some(new_tat) = new_tat {
+            shard.put(*digest, new_tat);
+        }
+        verdict
+    }
+
+    /// Keys tracked now.
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// True when no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The most keys the table will hold.
+    pub fn capacity(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).cap().get())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::num::NonZeroU32;
+
+    #[test]
+    fn extracts_plain_and_bearer_keys() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static(" k1 "));
+        headers.insert("authorization", HeaderValue::from_static("bEaReR tok"));
+        let plain = KeySource::new(HeaderName::from_static("x-api-key"));
+        let bearer = KeySource::new(AUTHORIZATION);
+        assert_eq!(plain.extract(&headers), Some(&b"k1"[..]));
+        assert_eq!(bearer.extract(&headers), Some(&b"tok"[..]));
+        headers.insert("authorization", HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer.extract(&headers), None);
+        headers.insert("x-api-key", HeaderValue::from_static("  "));
+        assert_eq!(plain.extract(&headers), None);
+        let binary = HeaderValue::from_bytes(&[0xff, 0xfe, b'x']).unwrap();
+        headers.insert("x-api-key", binary);
+        assert_eq!(plain.extract(&headers), Some(&[0xff, 0xfe, b'x'][..]));
+    }
+
+    #[test]
+    fn table_stays_within_capacity() {
+        let table = KeyTable::new(1000);
+        assert_eq!(table.capacity(), 1000);
+        let quota = Quota::new(NonZeroU32::new(10).unwrap(), None);
+        for i in 0u32..20_000 {
+            table.check(&key_digest(&i.to_le_bytes()), 0, quota);
+        }
+        assert!(table.len() <= 1000, "{} keys tracked", table.len());
+        assert!(table.len() > 900);
+    }
+}

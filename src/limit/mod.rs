@@ -1,0 +1,310 @@
+//! Per-resource (API key) rate limits: key extraction, GCRA buckets whose limits change live
+//! without a lock, the bounded table for unknown keys, and the RateLimit headers.
+//!
+//! Why not the governor crate: its limiters fix their quota at construction, so every live
+//! change (autoscale, admin, reload) would replace the limiter and reset the caller's usage,
+//! and its keyed store has no bound on keys. GCRA itself is a few lines (`gcra.rs`).
+
+mod gcra;
+mod headers;
+mod keys;
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderName};
+use tokio::time::Instant;
+
+use crate::config::{MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys};
+pub use gcra::{Bucket, Quota, Verdict};
+pub use headers::Status;
+pub use keys::{key_digest, KeySource, KeyTable};
+
+/// Name under which requests with unknown keys are counted (keys themselves are never shown).
+pub const UNKNOWN: &str = "unknown";
+/// Name of the shared bucket of key-less requests when `missing_key = "anonymous"`.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Counts per resource; `succeeded` (2xx from the endpoint) is what a caller is billed for.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests that passed the rate check.
+    pub admitted: AtomicU64,
+    /// Requests refused with 429 for rate.
+    pub throttled: AtomicU64,
+    /// Admitted requests the endpoint answered with 2xx.
+    pub succeeded: AtomicU64,
+}
+
+/// A caller with a name, a base limit and a live (possibly autoscaled) limit.
+#[derive(Debug)]
+pub struct Resource {
+    /// Name from the config; what logs, metrics and responses show.
+    pub name: Arc<str>,
+    bucket: Bucket,
+    base: AtomicU64,
+    autoscale: AtomicBool,
+    /// Admitted / throttled / succeeded.
+    pub counters: Counters,
+}
+
+impl Resource {
+    /// A resource whose live limit starts at its base.
+    pub fn new(name: &str, base: Quota, autoscale: bool) -> Self {
+        Self {
+            name: name.into(),
+            bucket: Bucket::new(base),
+            base: AtomicU64::new(base.pack()),
+            autoscale: AtomicBool::new(autoscale),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The limit configured for it.
+    pub fn base(&self) -> Quota {
+        Quota::unpack(self.base.load(Ordering::Acquire))
+    }
+
+    /// The limit in force now.
+    pub fn limit(&self) -> Quota {
+        self.bucket.quota()
+    }
+
+    /// Whether the autoscaler may change its limit.
+    pub fn autoscale(&self) -> bool {
+        self.autoscale.load(Ordering::Acquire)
+    }
+
+    /// Set the live limit to `tps`, scaling the burst in proportion to the base's.
+    pub fn set_tps(&self, tps: NonZeroU32) {
+        let base = self.base();
+        let burst = u64::from(base.burst.get()) * u64::from(tps.get()) / u64::from(base.tps.get());
+        let burst =
+            NonZeroU32::new(u32::try_from(burst).unwrap_or(u32::MAX)).unwrap_or(NonZeroU32::MIN);
+        self.bucket.set_quota(Quota { tps, burst });
+    }
+
+    /// Change the base limit and autoscale flag. The live limit follows the base unless
+    /// autoscale stays on, in which case it is kept within the new bounds by the autoscaler.
+    pub fn reconfigure(&self, base: Quota, autoscale: bool) {
+        let was_autoscaled = self.autoscale.swap(autoscale, Ordering::AcqRel);
+        let old_base = Quota::unpack(self.base.swap(base.pack(), Ordering::AcqRel));
+        let live = self.limit();
+        // Autoscale off (or just turned off) means the base limit, at once.
+        if !autoscale || !was_autoscaled || live == old_base || live.tps < base.tps {
+            self.bucket.set_quota(base);
+        }
+    }
+
+    fn check(&self, now: u64) -> (Quota, Verdict) {
+        self.bucket.check(now)
+    }
+}
+
+/// Why a request was refused before any rate was checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyProblem {
+    /// No key and `missing_key = "reject"`.
+    Missing,
+    /// A key that matches no resource and `unknown_keys = "reject"`.
+    Unknown,
+}
+
+/// The outcome of a rate check.
+#[derive(Debug)]
+pub enum Admission<'a> {
+    /// Passed; the request is counted against `resource`.
+    Admitted {
+        /// Whose limit it counted against.
+        resource: &'a Arc<Resource>,
+        /// What to tell the client.
+        status: Status,
+    },
+    /// Over the limit.
+    Limited {
+        /// Whose limit.
+        resource: &'a Arc<Resource>,
+        /// What to tell the client (`remaining` 0).
+        status: Status,
+        /// Exact time until the next request would pass, in ms (rounded up).
+        retry_after_ms: u64,
+    },
+    /// No usable key.
+    Refused(KeyProblem),
+}
+
+/// A service's rate limits: its resources by key digest, the unknown-key table, the settings.
+#[derive(Debug)]
+pub struct RateLimiter {
+    settings: RateLimitConfig,
+    keys: KeySource,
+    by_digest: HashMap<[u8; 32], Arc<Resource>>,
+    resources: Vec<Arc<Resource>>,
+    unknown: Arc<Resource>,
+    anonymous: Arc<Resource>,
+    table: Arc<KeyTable>,
+    epoch: Instant,
+}
+
+/// The base quota a resource config asks for.
+pub fn base_quota(settings: &RateLimitConfig, resource: Option<&ResourceConfig>) -> Quota {
+    let nz = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
+    let tps = nz(resource.and_then(|r| r.tps).unwrap_or(settings.default_tps));
+    Quota::new(tps, resource.and_then(|r| r.burst).map(nz))
+}
+
+impl RateLimiter {
+    /// Build from validated settings. Resources that keep their name in `previous`, the
+    /// unknown-key table (if its bound is unchanged) and the clock carry over, so usage and
+    /// counters survive a policy change.
+    pub fn from_config(
+        settings: &RateLimitConfig,
+        resources: &[ResourceConfig],
+        previous: Option<&RateLimiter>,
+    ) -> Self {
+        let reuse = |name: &str, base: Quota, autoscale: bool| {
+            let old = previous.and_then(|p| p.find(name));
+            match old {
+                Some(old) => {
+                    old.reconfigure(base, autoscale);
+                    Arc::clone(old)
+                }
+                None => Arc::new(Resource::new(name, base, autoscale)),
+            }
+        };
+        let default = base_quota(settings, None);
+        let mut by_digest = HashMap::with_capacity(resources.len());
+        let mut list = Vec::with_capacity(resources.len());
+        for config in resources {
+            let resource = reuse(
+                &config.name,
+                base_quota(settings, Some(config)),
+                config.autoscale,
+            );
+            if let Some(digest) = config.key_digest() {
+                by_digest.insert(digest, Arc::clone(&resource));
+            }
+            list.push(resource);
+        }
+        let capacity = settings.max_tracked_keys as usize;
+        let table = match previous {
+            Some(p) if p.table.capacity() == capacity => Arc::clone(&p.table),
+            _ => Arc::new(KeyTable::new(capacity)),
+        };
+        let header = HeaderName::from_bytes(settings.key_header.as_bytes())
+            .unwrap_or(http::header::AUTHORIZATION);
+        Self {
+            settings: settings.clone(),
+            keys: KeySource::new(header),
+            by_digest,
+            resources: list,
+            unknown: reuse(UNKNOWN, default, false),
+            anonymous: reuse(ANONYMOUS, default, false),
+            table,
+            epoch: previous.map_or_else(Instant::now, |p| p.epoch),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &RateLimitConfig {
+        &self.settings
+    }
+
+    /// Configured resources, in config order.
+    pub fn resources(&self) -> &[Arc<Resource>] {
+        &self.resources
+    }
+
+    /// A configured resource, or the built-in "unknown" / "anonymous" ones, by name.
+    pub fn find(&self, name: &str) -> Option<&Arc<Resource>> {
+        match name {
+            UNKNOWN => Some(&self.unknown),
+            ANONYMOUS => Some(&self.anonymous),
+            _ => self.resources.iter().find(|r| &*r.name == name),
+        }
+    }
+
+    /// Unknown keys tracked now.
+    pub fn tracked_keys(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Nanoseconds on the limiter's clock.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Judge a request by its headers.
+    pub fn check(&self, headers: &HeaderMap) -> Admission<'_> {
+        let now = self.now();
+        let (resource, verdict) = match self.keys.extract(headers) {
+            None => match self.settings.missing_key {
+                MissingKey::Reject => return Admission::Refused(KeyProblem::Missing),
+                MissingKey::Anonymous => (&self.anonymous, self.anonymous.check(now)),
+            },
+            Some(key) => {
+                let digest = key_digest(key);
+                match self.by_digest.get(&digest) {
+                    Some(resource) => (resource, resource.check(now)),
+                    None => match self.settings.unknown_keys {
+                        UnknownKeys::Reject => return Admission::Refused(KeyProblem::Unknown),
+                        UnknownKeys::Default => {
+                            let quota = self.unknown.limit();
+                            (
+                                &self.unknown,
+                                (quota, self.table.check(&digest, now, quota)),
+                            )
+                        }
+                    },
+                }
+            }
+        };
+        let (quota, verdict) = verdict;
+        match verdict {
+            Verdict::Admit {
+                remaining,
+                reset_ns,
+            } => {
+                resource.counters.admitted.fetch_add(1, Ordering::Relaxed);
+                let status = Status {
+                    quota,
+                    remaining,
+                    reset_secs: reset_ns.div_ceil(1_000_000_000),
+                };
+                Admission::Admitted { resource, status }
+            }
+            Verdict::Refuse { retry_after_ns } => {
+                resource.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                let retry_after_ms = retry_after_ns.div_ceil(1_000_000);
+                let status = Status {
+                    quota,
+                    remaining: 0,
+                    reset_secs: crate::proxy::reject::retry_after_secs(retry_after_ms),
+                };
+                Admission::Limited {
+                    resource,
+                    status,
+                    retry_after_ms,
+                }
+            }
+        }
+    }
+
+    /// The `WWW-Authenticate` challenge of a 401: `Bearer`, or the header that carries keys.
+    pub fn challenge(&self) -> http::HeaderValue {
+        let header = self.keys.header();
+        if header == http::header::AUTHORIZATION {
+            http::HeaderValue::from_static("Bearer")
+        } else {
+            http::HeaderValue::from_str(&format!("ApiKey header=\"{header}\""))
+                .unwrap_or_else(|_| http::HeaderValue::from_static("ApiKey"))
+        }
+    }
+
+    /// Add the RateLimit headers for `status` to a response.
+    pub fn insert_headers(&self, headers: &mut HeaderMap, status: &Status) {
+        headers::insert(headers, status, self.settings.legacy_headers);
+    }
+}
