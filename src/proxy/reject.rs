@@ -119,7 +119,6 @@ impl<'a> Rejection<'a> {
 
     /// The response: status, `content-type: application/json`, `Retry-After` in whole seconds
     /// (rounded up, at least 1) when a retry time is known, and the JSON body.
-
     pub fn into_response(self) -> Response<ResponseBody> {
         let body = serde_json::to_vec(&self).unwrap_or_else(|_| b"{}".to_vec());
         let mut response = Response::new(ResponseBody::full(body));
