@@ -1,0 +1,467 @@
+#!/usr/bin/env bash
+# bench/run.sh — sluice side by side with nginx and HAProxy on this machine (issue 6).
+#
+#   bench/run.sh [SCENARIO...]      default: every scenario that exists today (1 2 5)
+#
+#   1  overhead: two instant endpoints, keyed requests (wrk), req/s, p50/p99, non-2xx and
+#      proxy CPU time per request, each proxy alone on one core with one worker
+#   2  scoring: three 50 ms endpoints, cap 20 each, 200 closed-loop clients; admitted
+#      throughput vs the Little's-law ceiling, p99 of admitted and of refused answers apart
+#   5  memory: RSS idle and with 10k open idle client connections
+#   3, 4, 6 (rate accuracy, admission micro-benchmarks, Redis store) and the 100k-keys memory
+#   figure need per-key limits / the store, which sluice does not have yet: they print TODO.
+#
+# Env knobs:
+#   DUR=10        seconds per measured run (scenarios 1 and 2; "10s" accepted)
+#   REPS=3        repetitions, interleaved (every target once per rep, rotating the order)
+#   CONNS=64      wrk connections in scenario 1 (THREADS=2 wrk threads)
+#   S1_TARGETS    default "direct nginx nginx-nocap haproxy sluice sluice-noqueue sluice-cap200"
+#   S2_CONNS=200  clients in scenario 2;  S2_BACKOFFS="0 50": ms a client waits after a
+#                 refusal before its next request (0 = retry at once, a 429 storm)
+#   S2_TARGETS    default "sluice sluice-queue nginx haproxy"
+#   HOLD_CONNS=10000  idle connections in scenario 5; S5_TARGETS default "sluice nginx haproxy"
+#   WARMUP=2      seconds of warm-up per target before the reps (0: none)
+#   PIN=1         proxy alone on PROXY_CPU=0, load generator + endpoints on LOAD_CPU=1
+#   SLUICE_BIN    use this sluice binary instead of building (cargo build --release)
+#   LOADGEN_BIN   use this bench/loadgen binary instead of building it
+#   OUT           where result tables and raw rows go (default: a new temp dir, kept)
+#   NO_INSTALL=1  do not apt-get install missing tools
+#
+# Everything listens and connects on 127.0.0.1. Every process started here is stopped on exit.
+set -euo pipefail
+
+BENCH=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$BENCH")
+CONF=$BENCH/conf
+
+DUR=${DUR:-10}; DUR=${DUR%s}
+REPS=${REPS:-3}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+KEYS=${KEYS:-1000}
+WARMUP=${WARMUP:-2}
+PIN=${PIN:-1}
+PROXY_CPU=${PROXY_CPU:-0}
+LOAD_CPU=${LOAD_CPU:-1}
+S1_TARGETS=${S1_TARGETS:-"direct nginx nginx-nocap haproxy sluice sluice-noqueue sluice-cap200"}
+S2_TARGETS=${S2_TARGETS:-"sluice sluice-queue nginx haproxy"}
+S2_CONNS=${S2_CONNS:-200}
+S2_BACKOFFS=${S2_BACKOFFS:-"0 50"}
+S5_TARGETS=${S5_TARGETS:-"sluice nginx haproxy"}
+HOLD_CONNS=${HOLD_CONNS:-10000}
+CEILING=1200   # 3 endpoints x 20 slots x 1000 ms / 50 ms
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
+OUT=${OUT:-$WORK/results}
+mkdir -p "$WORK/run" "$WORK/logs" "$OUT"
+CLK_TCK=$(getconf CLK_TCK)
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "bench: $*"; exit 1; }
+
+# ---------------------------------------------------------------- processes we own
+PIDS=()
+LAST_PID=
+cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    PIDS=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+pinned() { # pinned CPU CMD...: run CMD on CPU when pinning
+    local cpu=$1; shift
+    if [ "$PIN" = 1 ]; then taskset -c "$cpu" "$@"; else "$@"; fi
+}
+
+start() { # start NAME CPU CMD...: start in the background; its pid in LAST_PID
+    local name=$1 cpu=$2 pre=(); shift 2
+    # a plain command, not a function: $! is then the process itself (taskset execs it)
+    [ "$PIN" = 1 ] && pre=(taskset -c "$cpu")
+    "${pre[@]}" "$@" >"$WORK/logs/$name.out" 2>&1 &
+    LAST_PID=$!
+    PIDS+=("$LAST_PID")
+}
+
+stop() { # stop PID...: TERM, wait (5 s at most), then KILL
+    local p i
+    for p in "$@"; do kill "$p" 2>/dev/null || true; done
+    for p in "$@"; do
+        for i in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    local keep=() q
+    for q in "${PIDS[@]}"; do
+        for p in "$@"; do [ "$q" = "$p" ] && continue 2; done
+        keep+=("$q")
+    done
+    PIDS=("${keep[@]}")
+}
+
+tree() { echo "$1"; pgrep -P "$1" || true; } # a pid and its children (nginx's workers)
+
+cpu_ticks() { # utime+stime of a process tree, all threads included, in clock ticks
+    local p t=0 v
+    for p in $(tree "$1"); do
+        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
+rss_kib() { # resident memory of a process tree
+    local p t=0 v
+    for p in $(tree "$1"); do
+        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
+wait_up() { # wait_up ADDR NAME: until it answers 200 (10 s at most)
+    local i code
+    for i in $(seq 100); do
+        code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' -H 'x-api-key: probe' "http://$1/" || true)
+        [ "$code" = 200 ] && return 0
+        sleep 0.1
+    done
+    die "$2 on $1 never answered 200 (last: $code); logs in $WORK/logs"
+}
+
+# ---------------------------------------------------------------- setup
+install_tools() {
+    local need=()
+    command -v wrk >/dev/null || need+=(wrk)
+    command -v nginx >/dev/null || need+=(nginx-light)
+    [ -e /usr/lib/nginx/modules/ngx_http_echo_module.so ] || need+=(libnginx-mod-http-echo)
+    command -v haproxy >/dev/null || need+=(haproxy)
+    command -v curl >/dev/null || need+=(curl)
+    command -v taskset >/dev/null || need+=(util-linux)
+    command -v pgrep >/dev/null || need+=(procps)
+    command -v ss >/dev/null || need+=(iproute2)
+    [ ${#need[@]} -eq 0 ] && return 0
+    [ "${NO_INSTALL:-0}" = 1 ] && die "missing: ${need[*]} (NO_INSTALL=1)"
+    log "bench: installing ${need[*]}"
+    local sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
+    "${sudo[@]}" apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${need[@]}" >&2
+    # Debian starts a packaged nginx/haproxy service where it can; ours use their own ports,
+    # so a system one does not get in the way and is left alone.
+}
+
+build() {
+    local target_dir=${CARGO_TARGET_DIR:-$ROOT/target}
+    [ -n "${SLUICE_BIN:-}" ] && SLUICE_GIVEN=1
+    if [ -z "${SLUICE_BIN:-}" ]; then
+        log "bench: cargo build --release (sluice)"
+        (cd "$ROOT" && cargo build --release --quiet) >&2
+        SLUICE_BIN=$target_dir/release/sluice
+    fi
+    if [ -z "${LOADGEN_BIN:-}" ]; then
+        log "bench: cargo build --release (bench/loadgen)"
+        (cd "$BENCH/loadgen" && CARGO_TARGET_DIR=$target_dir cargo build --release --quiet) >&2
+        LOADGEN_BIN=$target_dir/release/sluice-bench-load
+    fi
+    [ -x "$SLUICE_BIN" ] || die "no sluice binary at $SLUICE_BIN"
+    [ -x "$LOADGEN_BIN" ] || die "no load client at $LOADGEN_BIN"
+}
+
+start_backends() {
+    start backends "$LOAD_CPU" nginx -p "$WORK/" -e logs/backends-startup.log -c "$CONF/backends.conf"
+    BACKENDS_PID=$LAST_PID
+    wait_up 127.0.0.1:9001 backend
+    wait_up 127.0.0.1:9011 backend-50ms
+}
+
+# start_proxy KIND CONFIG: pinned alone on the proxy core; pid in LAST_PID
+start_proxy() {
+    local kind=$1 cfg=$2
+    case $kind in
+        nginx) start "nginx" "$PROXY_CPU" nginx -p "$WORK/" -e logs/nginx-startup.log -c "$CONF/$cfg" ;;
+        haproxy) start "haproxy" "$PROXY_CPU" haproxy -db -f "$CONF/$cfg" ;;
+        sluice) start "sluice-${cfg%.toml}" "$PROXY_CPU" env SLUICE_LOG=warn \
+            "$SLUICE_BIN" run --config "$CONF/$cfg" --workers 1 ;;
+    esac
+}
+
+versions() {
+    local rev from
+    rev=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [ -n "${SLUICE_REV:-}" ]; then from="git rev $SLUICE_REV"
+    elif [ -n "${SLUICE_GIVEN:-}" ]; then from="a given SLUICE_BIN (work tree at git rev $rev)"
+    else
+        from="git rev $rev"
+        [ -n "$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ] &&
+            from="$from plus uncommitted changes"
+    fi
+    echo "- machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, kernel $(uname -r)"
+    echo "- sluice: $("$SLUICE_BIN" --version 2>/dev/null || echo '?'), built from $from"
+    echo "- nginx $(nginx -v 2>&1 | sed 's/^nginx version: nginx.//'), HAProxy $(haproxy -v | head -1 | awk '{print $3}'), wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}')"
+    echo "- pinning: $([ "$PIN" = 1 ] && echo "proxy alone on cpu $PROXY_CPU, load generator + endpoints on cpu $LOAD_CPU" || echo off); DUR=${DUR}s REPS=$REPS"
+}
+
+# ---------------------------------------------------------------- statistics
+# stat FILE KEYCOLS KEY COL: "median min max" of column COL over the rows whose first
+# KEYCOLS columns, joined by a space, equal KEY
+stat() {
+    awk -v kc="$2" -v key="$3" -v col="$4" '
+        NR > 1 { k = $1; for (i = 2; i <= kc; i++) k = k " " $i; if (k == key && $col != "-") v[++n] = $col + 0 }
+        END {
+            if (n == 0) { print "- - -"; exit }
+            for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+            med = (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+            print med, v[1], v[n]
+        }' "$1"
+}
+
+fmt() { # fmt DECIMALS "median min max" -> "median (min–max)"
+    awk -v d="$1" -v s="$2" 'BEGIN {
+        split(s, a, " "); if (a[1] == "-") { print "-"; exit }
+        f = "%." d "f"
+        if (a[2] == a[3]) printf(f "\n", a[1]); else printf(f " (" f "–" f ")\n", a[1], a[2], a[3]) }'
+}
+
+ratio() { # ratio A B -> A/B with two decimals, "-" if either is missing
+    awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b + 0 == 0) print "-"; else printf("%.2f\n", a / b) }'
+}
+
+median() { stat "$@" | awk '{print $1}'; }
+
+# ---------------------------------------------------------------- scenario 1: overhead
+scenario1() {
+    local rows=$OUT/s1.tsv
+    declare -A addr=([direct]=127.0.0.1:9001 [nginx]=127.0.0.1:8080 [nginx-nocap]=127.0.0.1:8083
+        [haproxy]=127.0.0.1:8081 [sluice]=127.0.0.1:8090 [sluice-noqueue]=127.0.0.1:8091
+        [sluice-cap200]=127.0.0.1:8092)
+    declare -A pid=([direct]=-)
+    local started=() t
+    local targets=($S1_TARGETS)
+    for t in "${targets[@]}"; do [ -n "${addr[$t]:-}" ] || die "scenario 1: unknown target $t"; done
+    if [[ " $S1_TARGETS " =~ " nginx"(-nocap)?" " ]]; then
+        start_proxy nginx nginx.conf; started+=("$LAST_PID"); pid[nginx]=$LAST_PID; pid[nginx-nocap]=$LAST_PID
+    fi
+    if [[ " $S1_TARGETS " == *" haproxy "* ]]; then
+        start_proxy haproxy haproxy.cfg; started+=("$LAST_PID"); pid[haproxy]=$LAST_PID
+    fi
+    for t in sluice sluice-noqueue sluice-cap200; do
+        [[ " $S1_TARGETS " == *" $t "* ]] || continue
+        local cfg=sluice-s1${t#sluice}.toml
+        start_proxy sluice "$cfg"; started+=("$LAST_PID"); pid[$t]=$LAST_PID
+    done
+    for t in "${targets[@]}"; do wait_up "${addr[$t]}" "$t"; done
+
+    run_wrk() { # run_wrk ADDR SECONDS -> WRK line
+        pinned "$LOAD_CPU" timeout $(($2 + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$2s" --timeout 2s \
+            -s "$BENCH/wrk/keys.lua" "http://$1/" -- "$KEYS" | grep '^WRK' ||
+            echo "WRK requests=0 rps=0 p50_ms=0 p99_ms=0 non2xx=0 sockerr=-1"
+    }
+    if [ "$WARMUP" -gt 0 ]; then
+        log "scenario 1: warm-up ${WARMUP}s per target"
+        for t in "${targets[@]}"; do run_wrk "${addr[$t]}" "$WARMUP" >/dev/null; done
+    fi
+    echo "target rep requests rps p50_ms p99_ms non2xx sockerr cpu_us_per_req" >"$rows"
+    local rep i n=${#targets[@]} line c0 c1 reqs cpu
+    for rep in $(seq "$REPS"); do
+        for i in $(seq 0 $((n - 1))); do
+            t=${targets[$(((i + rep - 1) % n))]}
+            c0=$([ "${pid[$t]}" = - ] && echo 0 || cpu_ticks "${pid[$t]}")
+            line=$(run_wrk "${addr[$t]}" "$DUR")
+            c1=$([ "${pid[$t]}" = - ] && echo 0 || cpu_ticks "${pid[$t]}")
+            reqs=$(sed 's/.*requests=\([0-9]*\).*/\1/' <<<"$line")
+            cpu=$(awk -v p="${pid[$t]}" -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v r="$reqs" \
+                'BEGIN { if (p == "-" || r == 0) print "-"; else printf("%.2f\n", d / hz * 1e6 / r) }')
+            echo "$t $rep $(sed 's/^WRK //; s/[a-z0-9_]*=//g' <<<"$line") $cpu" >>"$rows"
+            log "scenario 1 rep $rep/$REPS $t: $line cpu_us_per_req=$cpu"
+            sleep 1
+        done
+    done
+    stop "${started[@]}"
+
+    {
+        echo "### Scenario 1 — overhead (wrk -t$THREADS -c$CONNS -d${DUR}s, $KEYS rotating x-api-key values, median (min–max) over $REPS interleaved reps)"
+        echo
+        echo "| target | req/s | p50 ms | p99 ms | non-2xx per run | proxy CPU µs/req |"
+        echo "|---|---|---|---|---|---|"
+        for t in "${targets[@]}"; do
+            echo "| $t | $(fmt 0 "$(stat "$rows" 1 "$t" 4)") | $(fmt 3 "$(stat "$rows" 1 "$t" 5)") | $(fmt 3 "$(stat "$rows" 1 "$t" 6)") | $(fmt 0 "$(stat "$rows" 1 "$t" 7)") | $(fmt 2 "$(stat "$rows" 1 "$t" 9)") |"
+        done
+        echo
+        echo "Ratios of medians (target: CPU/req ≤ 0.80 × nginx's, req/s ≥ 1.00 ×, p99 ≤ 1.00 ×):"
+        echo
+        echo "| ratio | req/s | p99 | CPU µs/req |"
+        echo "|---|---|---|---|"
+        local s p
+        for s in sluice sluice-noqueue sluice-cap200; do
+            [[ " $S1_TARGETS " == *" $s "* ]] || continue
+            for p in nginx-nocap nginx haproxy; do
+                [[ " $S1_TARGETS " == *" $p "* ]] || continue
+                echo "| $s / $p | $(ratio "$(median "$rows" 1 "$s" 4)" "$(median "$rows" 1 "$p" 4)") | $(ratio "$(median "$rows" 1 "$s" 6)" "$(median "$rows" 1 "$p" 6)") | $(ratio "$(median "$rows" 1 "$s" 9)" "$(median "$rows" 1 "$p" 9)") |"
+            done
+        done
+        echo
+    } | tee "$OUT/s1.md"
+}
+
+# ---------------------------------------------------------------- scenario 2: scoring
+scenario2() {
+    local rows=$OUT/s2.tsv
+    declare -A addr=([sluice]=127.0.0.1:8190 [sluice-queue]=127.0.0.1:8191 [nginx]=127.0.0.1:8180
+        [haproxy]=127.0.0.1:8181)
+    declare -A pid=()
+    local started=() t
+    local targets=($S2_TARGETS)
+    for t in "${targets[@]}"; do
+        [ -n "${addr[$t]:-}" ] || die "scenario 2: unknown target $t"
+        case $t in
+            nginx) start_proxy nginx nginx.conf ;;
+            haproxy) start_proxy haproxy haproxy.cfg ;;
+            sluice) start_proxy sluice sluice-s2.toml ;;
+            sluice-queue) start_proxy sluice sluice-s2-queue.toml ;;
+        esac
+        started+=("$LAST_PID"); pid[$t]=$LAST_PID
+    done
+    for t in "${targets[@]}"; do wait_up "${addr[$t]}" "$t"; done
+
+    run_load() { # run_load ADDR SECONDS BACKOFF_MS -> loadgen output
+        pinned "$LOAD_CPU" timeout $(($2 + 30)) "$LOADGEN_BIN" run --addr "$1" --conns "$S2_CONNS" \
+            --duration "$2" --keys "$KEYS" --backoff-ms "$3" || true
+    }
+    if [ "$WARMUP" -gt 0 ]; then
+        log "scenario 2: warm-up ${WARMUP}s per target"
+        for t in "${targets[@]}"; do run_load "${addr[$t]}" "$WARMUP" 0 >/dev/null; done
+    fi
+    echo "target backoff rep total_rps ok_rps ok_p50 ok_p99 ref_rps ref_p50 ref_p99 ref_codes errors cpu_us_per_req ok_of_ceiling" >"$rows"
+    local rep b i n=${#targets[@]} out c0 c1 total cpu
+    for rep in $(seq "$REPS"); do
+        for b in $S2_BACKOFFS; do
+            for i in $(seq 0 $((n - 1))); do
+                t=${targets[$(((i + rep - 1) % n))]}
+                c0=$(cpu_ticks "${pid[$t]}")
+                out=$(run_load "${addr[$t]}" "$DUR" "$b")
+                c1=$(cpu_ticks "${pid[$t]}")
+                echo "$out" >"$OUT/s2-raw-$t-b$b-r$rep.txt"
+                total=$(sed -n 's/^RESULT .* total=\([0-9]*\).*/\1/p' <<<"$out"); total=${total:-0}
+                cpu=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v r="$total" \
+                    'BEGIN { if (r == 0) print "-"; else printf("%.2f\n", d / hz * 1e6 / r) }')
+                awk -v t="$t" -v b="$b" -v rep="$rep" -v cpu="$cpu" -v ceil="$CEILING" '
+                    function val(line, k,   m) { if (match(line, k "=[^ ]*")) return substr(line, RSTART + length(k) + 1, RLENGTH - length(k) - 1); return "-" }
+                    /^RESULT/ { trps = val($0, "rps"); err = val($0, "errors") }
+                    /^CLASS ok/ { orps = val($0, "rps"); o50 = val($0, "p50_ms"); o99 = val($0, "p99_ms"); oc = val($0, "count") }
+                    /^CLASS refused/ { rrps = val($0, "rps"); r50 = val($0, "p50_ms"); r99 = val($0, "p99_ms"); codes = val($0, "codes"); rc = val($0, "count") }
+                    END {
+                        if (trps == "") { trps = 0; err = -1 }
+                        if (oc == 0) { o50 = "-"; o99 = "-" }
+                        if (rc == 0) { r50 = "-"; r99 = "-" }
+                        printf("%s %s %s %s %s %s %s %s %s %s %s %s %s %.3f\n", t, b, rep, trps, orps, o50, o99, rrps, r50, r99, codes, err, cpu, orps / ceil)
+                    }' <<<"$out" >>"$rows"
+                log "scenario 2 rep $rep/$REPS backoff ${b}ms $t: $(tail -1 "$rows")"
+                sleep 1
+            done
+        done
+    done
+    stop "${started[@]}"
+
+    {
+        echo "### Scenario 2 — scoring (3 endpoints × 50 ms, cap 20 each, $S2_CONNS closed-loop clients, ${DUR}s runs, median (min–max) over $REPS interleaved reps)"
+        echo
+        echo "Little's-law ceiling: 3 × 20 × 1000 / 50 = $CEILING req/s. \"refused\" = every non-2xx answer (codes listed)."
+        for b in $S2_BACKOFFS; do
+            echo
+            if [ "$b" = 0 ]; then echo "Clients retry a refused request at once (a refusal storm: the proxy core is saturated):"
+            else echo "Clients wait ${b} ms after a refused request before the next one:"; fi
+            echo
+            echo "| target | admitted req/s | admitted / ceiling | admitted p50 ms | admitted p99 ms | refused req/s | refused p50 ms | refused p99 ms | codes | proxy CPU µs/answer |"
+            echo "|---|---|---|---|---|---|---|---|---|---|"
+            for t in "${targets[@]}"; do
+                local codes
+                codes=$(awk -v t="$t" -v b="$b" '$1 == t && $2 == b {print $11}' "$rows" | sort -u | paste -sd, -)
+                echo "| $t | $(fmt 0 "$(stat "$rows" 2 "$t $b" 5)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 14)") | $(fmt 1 "$(stat "$rows" 2 "$t $b" 6)") | $(fmt 1 "$(stat "$rows" 2 "$t $b" 7)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 8)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 9)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 10)") | $codes | $(fmt 2 "$(stat "$rows" 2 "$t $b" 13)") |"
+            done
+        done
+        echo
+    } | tee "$OUT/s2.md"
+}
+
+# ---------------------------------------------------------------- scenario 5: memory
+scenario5() {
+    local rows=$OUT/s5.tsv
+    declare -A addr=([sluice]=127.0.0.1:8290 [nginx]=127.0.0.1:8280 [haproxy]=127.0.0.1:8281)
+    echo "target rss_idle_kib rss_held_kib established held rss_after_kib" >"$rows"
+    local t p port hold_pid held est idle full after
+    for t in $S5_TARGETS; do
+        [ -n "${addr[$t]:-}" ] || die "scenario 5: unknown target $t"
+        case $t in
+            nginx) start_proxy nginx nginx.conf ;;
+            haproxy) start_proxy haproxy haproxy.cfg ;;
+            sluice) start_proxy sluice sluice-s5.toml ;;
+        esac
+        p=$LAST_PID; port=${addr[$t]##*:}
+        wait_up "${addr[$t]}" "$t"
+        sleep 1
+        idle=$(rss_kib "$p")
+        start "hold-$t" "$LOAD_CPU" "$LOADGEN_BIN" hold --addr "${addr[$t]}" --conns "$HOLD_CONNS"
+        hold_pid=$LAST_PID
+        for _ in $(seq 600); do grep -q '^HELD' "$WORK/logs/hold-$t.out" && break; sleep 0.1; done
+        held=$(sed -n 's/^HELD \([0-9]*\).*/\1/p' "$WORK/logs/hold-$t.out"); held=${held:-0}
+        sleep 2
+        full=$(rss_kib "$p")
+        est=$(ss -Htn state established "( sport = :$port )" | wc -l)
+        stop "$hold_pid"
+        sleep 2
+        after=$(rss_kib "$p")
+        stop "$p"
+        echo "$t $idle $full $est $held $after" >>"$rows"
+        log "scenario 5 $t: idle ${idle} KiB, ${full} KiB with $est established ($held held), ${after} KiB after closing"
+    done
+    {
+        echo "### Scenario 5 — memory (RSS of the proxy's processes, one worker each)"
+        echo
+        echo "| target | RSS idle MiB | RSS with $HOLD_CONNS idle client connections MiB | connections open at the measure | KiB per connection | RSS after they close MiB |"
+        echo "|---|---|---|---|---|---|"
+        awk 'NR > 1 { printf("| %s | %.1f | %.1f | %d | %.1f | %.1f |\n", $1, $2 / 1024, $3 / 1024, $4, ($4 > 0 ? ($3 - $2) / $4 : 0), $6 / 1024) }' "$rows"
+        echo
+        echo "RSS with 100k tracked keys: TODO — sluice has no per-key state yet."
+        echo
+    } | tee "$OUT/s5.md"
+}
+
+# ---------------------------------------------------------------- main
+SCENARIOS=("$@")
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 5)
+for s in "${SCENARIOS[@]}"; do
+    case $s in
+        1 | 2 | 5) ;;
+        3 | 4 | 6) ;;
+        *) die "unknown scenario $s (1 2 5 today; 3 4 6 are TODO)" ;;
+    esac
+done
+[ "$REPS" -ge 3 ] || log "bench: REPS=$REPS < 3: fine for a smoke run, not for published numbers"
+if [ "$PIN" = 1 ] && [ "$(nproc)" -lt 2 ]; then log "bench: fewer than 2 cores, pinning off"; PIN=0; fi
+# as many open files as allowed (10k held connections need >10k in the proxy and the holder)
+hard=$(ulimit -Hn); [ "$hard" = unlimited ] && hard=65536; [ "$hard" -gt 65536 ] && hard=65536
+ulimit -n "$hard" 2>/dev/null || true
+
+install_tools
+build
+start_backends
+{
+    echo "## Run of $(date -u '+%Y-%m-%d %H:%M UTC'): bench/run.sh ${SCENARIOS[*]}"
+    echo
+    versions
+    echo
+} | tee "$OUT/header.md"
+for s in "${SCENARIOS[@]}"; do
+    case $s in
+        1) scenario1 ;;
+        2) scenario2 ;;
+        5) scenario5 ;;
+        3) echo "### Scenario 3 — rate accuracy: TODO (needs per-key rate limits)"; echo ;;
+        4) echo "### Scenario 4 — admission micro-benchmarks: TODO (needs per-key rate limits; criterion benches)"; echo ;;
+        6) echo "### Scenario 6 — Redis store: TODO (needs the store)"; echo ;;
+    esac
+done
+cat "$OUT/header.md" "$OUT"/s[0-9].md >"$OUT/report.md" 2>/dev/null || true
+log "bench: results in $OUT (report.md, raw rows *.tsv); logs in $WORK/logs"
