@@ -1,0 +1,167 @@
+//! Shared test support: mock endpoints that count what they receive ([`mock`]), clients
+//! ([`client`]), sluice in-process ([`start_sluice`]) or as the real binary ([`process`]).
+// Each test file uses a different part of this module.
+#![allow(dead_code, unused_imports)]
+
+pub mod client;
+pub mod mock;
+pub mod process;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::balance::Pool;
+use sluice::config::{validate, Config};
+use sluice::proxy::Proxy;
+use sluice::App;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use client::*;
+pub use mock::*;
+
+/// How long a test waits for something that should happen "soon" before failing. Generous,
+/// because waiting ends as soon as the condition holds.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Poll `condition` every few milliseconds until it holds; panic naming `what` after
+/// [`DEADLINE`].
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A config with the proxy on an ephemeral port of 127.0.0.1, followed by `rest`.
+pub fn config(rest: &str) -> String {
+    format!("[listen]\nproxy = \"127.0.0.1:0\"\n\n{rest}")
+}
+
+/// One `[[service]]` named "scoring" at "/" over `urls`, with `extra` keys (one per line).
+pub fn service(urls: &[String], extra: &str) -> String {
+    let endpoints: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        "[[service]]\nname = \"scoring\"\npath_prefix = \"/\"\n{extra}\nendpoints = [{}]\n",
+        endpoints.join(", ")
+    )
+}
+
+/// The URLs of `mocks`.
+pub fn urls(mocks: &[&Mock]) -> Vec<String> {
+    mocks.iter().map(|m| m.url()).collect()
+}
+
+/// sluice running in this process.
+pub struct Sluice {
+    pub addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Start sluice in-process from TOML text (use [`config`] for an ephemeral port).
+pub async fn start_sluice(toml: &str) -> Sluice {
+    let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+    if let Err(errors) = validate(&config) {
+        panic!("test config is invalid: {errors:?}\n{toml}");
+    }
+    let app = App::bind(&config).await.expect("sluice binds");
+    let addr = app.proxy_addr();
+    let proxy = app.proxy();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    Sluice {
+        addr,
+        proxy,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl Sluice {
+    /// The slots of service `i` (config order).
+    pub fn pool(&self, i: usize) -> Arc<Pool> {
+        Arc::clone(&self.proxy.policy().services[i].pool)
+    }
+
+    /// In flight at each endpoint of service `i`.
+    pub fn endpoint_in_flight(&self, i: usize) -> Vec<u32> {
+        let pool = self.pool(i);
+        let shape = pool.shape();
+        shape.endpoints.iter().map(|(e, _)| e.in_flight()).collect()
+    }
+
+    /// Every in-flight counter (service-wide and per endpoint) and queue, for messages.
+    pub fn counters(&self) -> String {
+        let policy = self.proxy.policy();
+        policy
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                format!(
+                    "{}: in_flight {} endpoints {:?} queue {}",
+                    s.name,
+                    s.pool.in_flight(),
+                    self.endpoint_in_flight(i),
+                    s.pool.queue_len()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// True when no slot is taken and nobody waits, in every service.
+    pub fn is_idle(&self) -> bool {
+        let policy = self.proxy.policy();
+        policy.services.iter().all(|s| {
+            s.pool.in_flight() == 0
+                && s.pool.queue_len() == 0
+                && s.pool.shape().endpoints.iter().all(|(e, _)| e.in_flight() == 0)
+        })
+    }
+
+    /// Wait until every counter is back to 0 (invariant 1), failing with their values.
+    pub async fn assert_idle(&self) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while !self.is_idle() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "slots still taken: {}",
+                self.counters()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Begin a graceful shutdown (stop accepting, drain) without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shut down and wait until `run` returned.
+    pub async fn stop(mut self) {
+        self.begin_shutdown();
+        self.join().await;
+    }
+
+    /// Wait until `run` returned (after [`Sluice::begin_shutdown`]).
+    pub async fn join(&mut self) {
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("sluice drains within the deadline")
+                .expect("sluice's run task does not panic");
+        }
+    }
+}

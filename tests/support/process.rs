@@ -1,0 +1,170 @@
+//! The real `sluice` binary as a subprocess: temp config files, `check`, and `run`/`demo`
+//! with their output captured line by line.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+/// The binary, with the environment variables it reads cleared.
+pub fn sluice_bin() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    command.env_remove("SLUICE_LOG").env_remove("SLUICE_CONFIG");
+    command
+}
+
+/// Write `text` to a fresh file under the target's temp dir.
+pub fn write_config(name: &str, text: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sluice-tests");
+    std::fs::create_dir_all(&dir).expect("create the temp config dir");
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!("{name}-{}-{n}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("write a temp config");
+    path
+}
+
+/// `sluice check --config PATH`.
+pub fn check(path: &Path) -> Output {
+    sluice_bin()
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .output()
+        .expect("run sluice check")
+}
+
+/// A running `sluice` process with its stdout and stderr collected.
+pub struct Running {
+    child: Child,
+    /// Where its proxy listens.
+    pub addr: SocketAddr,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// Start `sluice --log-format json ARGS...` and wait until its proxy listens.
+pub async fn start_binary(args: &[&str]) -> Running {
+    let mut child = sluice_bin()
+        .arg("--log-format")
+        .arg("json")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = mpsc::channel();
+    collect_lines(child.stdout.take().expect("stdout"), &lines, tx.clone());
+    collect_lines(child.stderr.take().expect("stderr"), &lines, tx);
+    let addr = tokio::task::spawn_blocking(move || listening_addr(&rx))
+        .await
+        .expect("reader thread");
+    let Some(addr) = addr else {
+        let _ = child.kill();
+        let output = lines.lock().unwrap().join("\n");
+        panic!("sluice did not report its address; output:\n{output}");
+    };
+    Running { child, addr, lines }
+}
+
+fn collect_lines(
+    stream: impl Read + Send + 'static,
+    lines: &Arc<Mutex<Vec<String>>>,
+    tx: mpsc::Sender<String>,
+) {
+    let lines = Arc::clone(lines);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            lines.lock().unwrap().push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+}
+
+/// The proxy address from the "sluice listening" log line.
+fn listening_addr(rx: &mpsc::Receiver<String>) -> Option<SocketAddr> {
+    let deadline = std::time::Instant::now() + super::DEADLINE;
+    loop {
+        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+        let line = rx.recv_timeout(left).ok()?;
+        let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if json["message"] == "sluice listening" {
+            return json["proxy"].as_str()?.parse().ok();
+        }
+    }
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A `kB` field of /proc/PID/status, e.g. "VmRSS" or "VmHWM".
+    pub fn status_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
+    }
+
+    /// Send a signal by name ("TERM", "INT").
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg("-s")
+            .arg(name)
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -s {name} failed");
+    }
+
+    /// Wait for the process to exit, at most `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sluice did not exit within {limit:?}; output:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Everything it wrote so far, stdout and stderr interleaved by arrival.
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Its output lines parsed as JSON (lines that are not JSON are skipped).
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
