@@ -1,4 +1,5 @@
 //! sluice: a rate-limiting reverse proxy for ML scoring APIs.
 #![forbid(unsafe_code)]
 
+pub mod autoscale;
 pub mod config;

@@ -98,7 +98,10 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
         if let Some(first) = names.insert(&s.name, i) {
             p.add(
                 key("name"),
-                format!("duplicate service name {:?} (also service[{first}])", s.name),
+                format!(
+                    "duplicate service name {:?} (also service[{first}])",
+                    s.name
+                ),
             );
         }
         if !s.path_prefix.starts_with('/') {
@@ -116,7 +119,11 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
                 ),
             );
         }
-        p.range(key("max_concurrent"), s.max_concurrent, &MAX_CONCURRENT_RANGE);
+        p.range(
+            key("max_concurrent"),
+            s.max_concurrent,
+            &MAX_CONCURRENT_RANGE,
+        );
         if let Some(c) = s.cluster_max_concurrent {
             p.range(key("cluster_max_concurrent"), c, &(1..=u32::MAX));
         }
@@ -158,11 +165,7 @@ fn check_endpoint_url(url: &str) -> Result<(), String> {
         .map_err(|e| format!("{url:?} is not a valid URL ({e}); expected http://host:port"))?;
     match uri.scheme_str() {
         Some("http" | "https") => {}
-        _ => {
-            return Err(format!(
-                "{url:?} must be an http:// or https:// URL"
-            ))
-        }
+        _ => return Err(format!("{url:?} must be an http:// or https:// URL")),
     }
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("{url:?} has no host"));
