@@ -336,3 +336,156 @@ impl GaugeRing {
         self.slots.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn query(
+        statistic: Statistic,
+        grain: u64,
+        window: u64,
+        aggregation: Aggregation,
+    ) -> WindowQuery {
+        WindowQuery {
+            statistic,
+            time_grain: S * grain as u32,
+            time_window: S * window as u32,
+            aggregation,
+        }
+    }
+
+    /// Storage grain 10s; samples (second, value).
+    fn gauges(samples: &[(u64, f64)]) -> (WindowSpec, Instant, GaugeRing) {
+        let spec = WindowSpec::covering(S * 10, S * 120);
+        let t0 = Instant::now();
+        let mut ring = GaugeRing::new(spec.len);
+        for &(at, v) in samples {
+            ring.record(spec.index(t0, t0 + S * at as u32), v);
+        }
+        (spec, t0, ring)
+    }
+
+    #[test]
+    fn statistic_inside_grains_and_aggregation_across_them() {
+        // Rule grains of 20s: [0,20) holds 1,3,5 ; [20,40) holds 10 ; [40,60) holds 2,4.
+        let (spec, t0, ring) = gauges(&[
+            (0, 1.0),
+            (5, 3.0),
+            (15, 5.0),
+            (25, 10.0),
+            (41, 2.0),
+            (59, 4.0),
+        ]);
+        let now = t0 + S * 60;
+        let q = |st, agg| aggregate(&spec, t0, now, &query(st, 20, 60, agg), |i| ring.get(i));
+        use Aggregation as A;
+        use Statistic as St;
+        // Per-grain averages 3, 10, 3.
+        assert_eq!(q(St::Average, A::Average), Some(16.0 / 3.0));
+        assert_eq!(q(St::Average, A::Maximum), Some(10.0));
+        assert_eq!(q(St::Average, A::Minimum), Some(3.0));
+        assert_eq!(q(St::Average, A::Last), Some(3.0));
+        // Per-grain sums 9, 10, 6; mins 1, 10, 2; maxes 5, 10, 4.
+        assert_eq!(q(St::Sum, A::Total), Some(25.0));
+        assert_eq!(q(St::Min, A::Minimum), Some(1.0));
+        assert_eq!(q(St::Min, A::Total), Some(13.0));
+        assert_eq!(q(St::Max, A::Average), Some(19.0 / 3.0));
+        assert_eq!(q(St::Max, A::Count), Some(6.0));
+    }
+
+    #[test]
+    fn only_complete_grains_within_the_window_count() {
+        let (spec, t0, ring) = gauges(&[(0, 1.0), (25, 10.0), (41, 2.0), (59, 4.0), (61, 100.0)]);
+        let at = |s: u32, window: u64| {
+            let q = query(Statistic::Max, 20, window, Aggregation::Maximum);
+            aggregate(&spec, t0, t0 + S * s, &q, |i| ring.get(i))
+        };
+        // Before the first 20s grain completes nothing can be read.
+        assert_eq!(at(19, 60), None);
+        assert_eq!(at(20, 60), Some(1.0));
+        // At 79s the grain [60,80) is still filling: 100 is not seen yet.
+        assert_eq!(at(79, 60), Some(10.0));
+        assert_eq!(at(80, 60), Some(100.0));
+        // A 20s window sees only the last complete grain.
+        assert_eq!(at(79, 20), Some(4.0));
+        // A window with no sample at all cannot be read (gauges), but can be counted.
+        let (spec, t0, ring) = gauges(&[]);
+        let now = t0 + S * 60;
+        let q = query(Statistic::Average, 20, 60, Aggregation::Average);
+        assert_eq!(aggregate(&spec, t0, now, &q, |i| ring.get(i)), None);
+        let q = query(Statistic::Average, 20, 60, Aggregation::Count);
+        assert_eq!(aggregate(&spec, t0, now, &q, |i| ring.get(i)), Some(0.0));
+    }
+
+    #[test]
+    fn counters_roll_over_grains() {
+        let ring = CounterRing::new(4);
+        assert!(ring.add(0, 3));
+        assert!(!ring.add(0, 2));
+        assert_eq!(ring.get(0), 5);
+        // Grain 4 reuses slot 0: the old count is gone, not added to.
+        assert!(ring.add(4, 1));
+        assert_eq!(ring.get(4), 1);
+        assert_eq!(ring.get(0), 0);
+        // A late sample for a grain the slot has moved past is dropped.
+        assert!(!ring.add(0, 7));
+        assert_eq!(ring.get(4), 1);
+        // Untouched grains read as zero.
+        assert_eq!(ring.get(5), 0);
+        ring.stamp(6, 42);
+        assert_eq!(ring.stamped(6), Some(42));
+        assert_eq!(ring.stamped(2), None);
+    }
+
+    #[test]
+    fn gauges_roll_over_and_drop_late_samples() {
+        let mut ring = GaugeRing::new(3);
+        ring.record(1, 5.0);
+        ring.record(4, 7.0); // same slot, later grain: replaces
+        ring.record(1, 9.0); // late: dropped
+        ring.record(4, f64::NAN); // never poisons averages
+        assert_eq!(ring.get(4).statistic(Statistic::Sum), Some(7.0));
+        assert_eq!(ring.get(1).n, 0);
+    }
+
+    #[test]
+    fn recording_for_a_long_time_keeps_memory_bounded() {
+        let spec = WindowSpec::covering(S, S * 300);
+        let t0 = Instant::now();
+        let counts = CounterRing::new(spec.len);
+        let mut gauge = GaugeRing::new(spec.len);
+        let (len_c, len_g) = (counts.len(), gauge.len());
+        // A day of one-second grains, many times the ring.
+        for s in 0..86_400u32 {
+            let i = spec.index(t0, t0 + S * s);
+            counts.add(i, 2);
+            gauge.record(i, f64::from(s % 7));
+        }
+        assert_eq!((counts.len(), gauge.len()), (len_c, len_g));
+        assert_eq!(len_c, 301);
+        // And the recent past still reads right: 300 grains of 2 events each.
+        let now = t0 + S * 86_400;
+        let q = query(Statistic::Sum, 1, 300, Aggregation::Total);
+        let total = aggregate(&spec, t0, now, &q, |i| {
+            let c = counts.get(i);
+            Summary::one(c as f64, c)
+        });
+        assert_eq!(total, Some(600.0));
+        let (s, span) = recent(&spec, t0, now, S * 60, |i| gauge.get(i));
+        assert_eq!((s.n, span), (60, S * 60));
+    }
+
+    #[test]
+    fn spec_covers_a_span_plus_the_grain_being_filled() {
+        let spec = WindowSpec::covering(S * 60, S * 1860);
+        assert_eq!(spec.len, 32);
+        let t0 = Instant::now();
+        assert_eq!(spec.index(t0, t0 + S * 59), 0);
+        assert_eq!(spec.index(t0, t0 + S * 60), 1);
+        // Before the origin clamps to grain 0 rather than panicking.
+        assert_eq!(spec.index(t0 + S, t0), 0);
+    }
+}
