@@ -396,3 +396,45 @@ fn weekend_profile_bounds_apply_when_it_starts() {
     assert_eq!(events[0].profile.as_deref(), Some("weekend"));
     assert_eq!((events[0].from, events[0].to), (10, 100));
 }
+
+#[test]
+fn reload_keeps_allowed_limits_and_moves_the_rest() {
+    let t0 = Instant::now();
+    let at = wall("2026-05-04T12:00:00Z", 0);
+    let mut engine = ServiceEngine::new("scoring", AutoscaleSettings::default(), 20);
+    let spec = |base, max_tps, enabled| ResourceSpec {
+        base,
+        max_tps,
+        enabled,
+    };
+    for name in ["kept", "capped", "off", "dropped"] {
+        engine.add_resource(name, spec(10, 1000, true));
+        engine.set_limit(name, 300, t0, at).expect("in range");
+    }
+    let specs: std::collections::BTreeMap<String, ResourceSpec> = [
+        ("kept", spec(10, 1000, true)),
+        ("capped", spec(10, 200, true)),
+        ("off", spec(10, 1000, false)),
+        ("new", spec(50, 1000, true)),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n.to_owned(), s))
+    .collect();
+    let events = engine.reload(AutoscaleSettings::default(), &specs, 40, at);
+    let seen: Vec<_> = events
+        .iter()
+        .map(|e| (e.resource().unwrap_or("*"), e.kind, e.from, e.to))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("capped", EventKind::Reload, 300, 200),
+            ("off", EventKind::AutoscaleOff, 300, 10),
+            ("*", EventKind::Reload, 20, 40),
+        ]
+    );
+    assert_eq!(engine.limit("kept"), Some(300));
+    assert_eq!(engine.limit("new"), Some(50));
+    assert_eq!(engine.limit("dropped"), None);
+    assert_eq!(engine.endpoint_concurrency(), 40);
+}

@@ -19,7 +19,7 @@ use super::profile::select;
 use super::settings::{AutoscaleSettings, Profile, Target};
 
 /// A resource as configured: what the engine needs to scale it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct ResourceSpec {
     /// Its configured TPS limit: the floor, and where it starts.
     pub base: u32,
@@ -34,7 +34,7 @@ pub struct ResourceSpec {
 pub struct ResourceState {
     /// As configured.
     #[serde(flatten)]
-    pub spec: ResourceSpecView,
+    pub spec: ResourceSpec,
     /// Current TPS limit.
     pub limit: u32,
     /// When the limit last changed by a scale action (cooldowns count from it).
@@ -42,61 +42,22 @@ pub struct ResourceState {
     pub last_action: Option<Instant>,
 }
 
-/// Serializable copy of a [`ResourceSpec`] (for the admin API).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct ResourceSpecView {
-    /// Configured TPS limit.
-    pub base: u32,
-    /// Highest autoscaled limit.
-    pub max_tps: u32,
-    /// Whether autoscaling applies.
-    pub enabled: bool,
-}
-
-impl From<ResourceSpec> for ResourceSpecView {
-    fn from(s: ResourceSpec) -> Self {
-        Self {
-            base: s.base,
-            max_tps: s.max_tps,
-            enabled: s.enabled,
-        }
-    }
-}
-
-/// Why a manual change was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EngineError {
-    /// No resource of that name in this service.
-    #[error("unknown resource {0:?}")]
-    UnknownResource(String),
-    /// The value is outside what the resource allows.
-    #[error("{value} is out of range; allowed {lower}..={upper}")]
-    OutOfRange {
-        /// The value asked for.
-        value: u32,
-        /// The resource's base.
-        lower: u32,
-        /// The resource's max_tps.
-        upper: u32,
-    },
-}
-
 /// Endpoint concurrency state of the service.
 #[derive(Debug, Clone, Copy)]
-struct Concurrency {
-    base: u32,
-    value: u32,
-    last_action: Option<Instant>,
+pub(super) struct Concurrency {
+    pub(super) base: u32,
+    pub(super) value: u32,
+    pub(super) last_action: Option<Instant>,
 }
 
 /// Autoscaling state of one service and its resources.
 #[derive(Debug, Clone)]
 pub struct ServiceEngine {
     service: String,
-    settings: AutoscaleSettings,
+    pub(super) settings: AutoscaleSettings,
     builtin: Profile,
-    resources: BTreeMap<String, ResourceState>,
-    concurrency: Concurrency,
+    pub(super) resources: BTreeMap<String, ResourceState>,
+    pub(super) concurrency: Concurrency,
 }
 
 impl ServiceEngine {
@@ -121,7 +82,7 @@ impl ServiceEngine {
         self.resources.insert(
             name.to_owned(),
             ResourceState {
-                spec: spec.into(),
+                spec,
                 limit: spec.base,
                 last_action: None,
             },
@@ -161,127 +122,6 @@ impl ServiceEngine {
     /// The profile in force at `wall` (the built-in default when none applies).
     pub fn profile_at(&self, wall: DateTime<Utc>) -> &Profile {
         select(&self.settings.profiles, wall).unwrap_or(&self.builtin)
-    }
-
-    /// Turn autoscaling on or off for a resource. Turning it off sends the limit back to the
-    /// base at once (returned as an `autoscale_off` event when the limit changes).
-    pub fn set_enabled(
-        &mut self,
-        name: &str,
-        enabled: bool,
-        wall: DateTime<Utc>,
-    ) -> Result<Option<Event>, EngineError> {
-        let r = self
-            .resources
-            .get_mut(name)
-            .ok_or_else(|| EngineError::UnknownResource(name.to_owned()))?;
-        r.spec.enabled = enabled;
-        if enabled || r.limit == r.spec.base {
-            return Ok(None);
-        }
-        let from = r.limit;
-        r.limit = r.spec.base;
-        r.last_action = None;
-        let reason = "autoscale turned off: back to the base limit".to_owned();
-        Ok(Some(self.event(
-            wall,
-            name,
-            EventKind::AutoscaleOff,
-            from,
-            None,
-            None,
-            reason,
-        )))
-    }
-
-    /// Set a resource's limit by hand, within [base, max_tps]. Cooldowns count from now, so
-    /// the next interval does not undo it at once.
-    pub fn set_limit(
-        &mut self,
-        name: &str,
-        limit: u32,
-        now: Instant,
-        wall: DateTime<Utc>,
-    ) -> Result<Event, EngineError> {
-        let r = self
-            .resources
-            .get_mut(name)
-            .ok_or_else(|| EngineError::UnknownResource(name.to_owned()))?;
-        let (lower, upper) = (r.spec.base, r.spec.max_tps.max(r.spec.base));
-        if !(lower..=upper).contains(&limit) {
-            return Err(EngineError::OutOfRange {
-                value: limit,
-                lower,
-                upper,
-            });
-        }
-        let from = r.limit;
-        r.limit = limit;
-        r.last_action = Some(now);
-        let reason = "set by an operator".to_owned();
-        Ok(self.event(wall, name, EventKind::Manual, from, None, None, reason))
-    }
-
-    /// Take new settings and resource specs after a config reload. Resources keep their
-    /// current limit when it is still allowed; otherwise it moves into [base, max_tps]
-    /// (`reload` event), or to the base when autoscaling is now off (`autoscale_off`). New
-    /// resources start at their base; missing ones are dropped. A changed
-    /// `endpoint_concurrency` base resets the service's concurrency to it.
-    pub fn reload(
-        &mut self,
-        settings: AutoscaleSettings,
-        resources: &BTreeMap<String, ResourceSpec>,
-        endpoint_concurrency: u32,
-        wall: DateTime<Utc>,
-    ) -> Vec<Event> {
-        self.settings = settings;
-        let mut events = Vec::new();
-        let old = std::mem::take(&mut self.resources);
-        for (name, spec) in resources {
-            let Some(mut state) = old.get(name).cloned() else {
-                self.add_resource(name, *spec);
-                continue;
-            };
-            state.spec = (*spec).into();
-            let from = state.limit;
-            let (kind, to, why) = if !spec.enabled {
-                (
-                    EventKind::AutoscaleOff,
-                    spec.base,
-                    "autoscale turned off by reload",
-                )
-            } else {
-                let upper = spec.max_tps.max(spec.base);
-                let to = from.clamp(spec.base, upper);
-                (
-                    EventKind::Reload,
-                    to,
-                    "outside the reloaded [base, max_tps]",
-                )
-            };
-            state.limit = to;
-            self.resources.insert(name.clone(), state);
-            if to != from {
-                events.push(self.event(wall, name, kind, from, None, None, why.to_owned()));
-            }
-        }
-        if endpoint_concurrency != self.concurrency.base {
-            let from = self.concurrency.value;
-            self.concurrency = Concurrency {
-                base: endpoint_concurrency,
-                value: endpoint_concurrency,
-                last_action: None,
-            };
-            if from != endpoint_concurrency {
-                let mut e =
-                    self.event(wall, "", EventKind::Reload, from, None, None, String::new());
-                e.target = ScaleTarget::EndpointConcurrency;
-                e.to = endpoint_concurrency;
-                e.reason = "max_concurrent changed by reload".into();
-                events.push(e);
-            }
-        }
-        events
     }
 
     /// One interval: evaluate the profile in force for the endpoint concurrency and for every
@@ -345,8 +185,12 @@ impl ServiceEngine {
                             capacity_words(capacity, available)
                         ));
                         let kind = EventKind::DeferredInsufficientCapacity;
-                        let p = Some(profile.name.clone());
-                        events.push(self.event(wall, &name, kind, from, p, rule, reason));
+                        events.push(Event {
+                            profile: Some(profile.name.clone()),
+                            rule,
+                            reason,
+                            ..self.event(wall, resource(&name), kind, from, from)
+                        });
                         continue;
                     }
                 }
@@ -361,10 +205,12 @@ impl ServiceEngine {
             } else {
                 EventKind::ScaleDown
             };
-            let p = Some(profile.name.clone());
-            let mut e = self.event(wall, &name, kind, from, p, rule, reason);
-            e.to = granted;
-            events.push(e);
+            events.push(Event {
+                profile: Some(profile.name.clone()),
+                rule,
+                reason,
+                ..self.event(wall, resource(&name), kind, from, granted)
+            });
         }
         events
     }
@@ -409,47 +255,42 @@ impl ServiceEngine {
         } else {
             EventKind::ScaleDown
         };
-        let mut e = self.event(
-            wall,
-            "",
-            kind,
-            from,
-            Some(profile.name.clone()),
+        Some(Event {
+            profile: Some(profile.name.clone()),
             rule,
             reason,
-        );
-        e.target = ScaleTarget::EndpointConcurrency;
-        e.to = to;
-        Some(e)
+            ..self.event(wall, ScaleTarget::EndpointConcurrency, kind, from, to)
+        })
     }
 
-    /// An event about resource `name` with `to == from` (callers set `to` when it moved).
-    #[allow(clippy::too_many_arguments)] // a struct literal in disguise
-    fn event(
+    /// An event about `target` of this service, without profile, rule or reason.
+    pub(super) fn event(
         &self,
         at: DateTime<Utc>,
-        name: &str,
+        target: ScaleTarget,
         kind: EventKind,
         from: u32,
-        profile: Option<String>,
-        rule: Option<String>,
-        reason: String,
+        to: u32,
     ) -> Event {
-        let to = self.resources.get(name).map_or(from, |r| r.limit);
         Event {
             id: 0,
             at,
             service: self.service.clone(),
-            target: ScaleTarget::Resource {
-                resource: name.to_owned(),
-            },
+            target,
             kind,
             from,
             to,
-            profile,
-            rule,
-            reason,
+            profile: None,
+            rule: None,
+            reason: String::new(),
         }
+    }
+}
+
+/// The target of a resource's events.
+pub(super) fn resource(name: &str) -> ScaleTarget {
+    ScaleTarget::Resource {
+        resource: name.to_owned(),
     }
 }
 

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::window::{aggregate, recent, CounterRing, GaugeRing, Summary, WindowQuery, WindowSpec};
+use super::ring::{CounterRing, GaugeRing};
+use super::window::{aggregate, recent, Summary, WindowQuery, WindowSpec};
 
 /// A metric a rule can name.
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Hash, PartialOrd, Ord)]

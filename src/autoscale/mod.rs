@@ -13,24 +13,28 @@
 //! profile schedules.
 
 mod capacity;
+mod control;
 mod engine;
 mod evaluate;
 mod events;
 mod metrics;
 mod profile;
+mod ring;
 mod settings;
 mod validate;
 mod window;
 
 pub use capacity::{gate, CapacityInput, EndpointCapacity, Gate};
-pub use engine::{EngineError, ResourceSpec, ResourceSpecView, ResourceState, ServiceEngine};
+pub use control::EngineError;
+pub use engine::{ResourceSpec, ResourceState, ServiceEngine};
 pub use evaluate::{evaluate, proposed, Bounds, Cause, Decision, EvalInput, CONCURRENCY_BOUNDS};
 pub use events::{Event, EventHistory, EventKind, EventQuery, ScaleTarget, DEFAULT_HISTORY};
 pub use metrics::{Metric, Metrics, ResourceMetrics, ServiceMetrics};
 pub use profile::{covers, last_start, local_to_utc, select};
+pub use ring::{CounterRing, GaugeRing};
 pub use settings::{
     Aggregation, AutoscaleSettings, ChangeType, Day, Direction, FixedDate, Operator, Profile,
     Recurrence, Rule, Statistic, Target,
 };
 pub use validate::{validate, MAX_TIME_GRAIN, MAX_TIME_WINDOW, MAX_WINDOW_GRAINS, MIN_DURATION};
-pub use window::{aggregate, recent, CounterRing, GaugeRing, Summary, WindowQuery, WindowSpec};
+pub use window::{aggregate, recent, Summary, WindowQuery, WindowSpec};
