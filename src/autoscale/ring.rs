@@ -225,4 +225,23 @@ mod tests {
         let (s, span) = recent(&spec, t0, now, S * 60, |i| gauge.get(i));
         assert_eq!((s.n, span), (60, S * 60));
     }
+
+    #[test]
+    fn concurrent_recording_loses_nothing() {
+        let ring = CounterRing::new(8);
+        std::thread::scope(|scope| {
+            for t in 0..4u64 {
+                let ring = &ring;
+                scope.spawn(move || {
+                    // Each thread also opens grains of its own, racing with the others.
+                    for i in 0..50_000u64 {
+                        ring.add(1, 1);
+                        ring.add(2 + (i + t) % 2, 1);
+                    }
+                });
+            }
+        });
+        assert_eq!(ring.get(1), 200_000);
+        assert_eq!(ring.get(2) + ring.get(3), 200_000);
+    }
 }

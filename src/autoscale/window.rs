@@ -30,8 +30,13 @@ impl WindowSpec {
 
     /// Index of the storage grain that holds `now`, counted from `origin`.
     pub fn index(&self, origin: Instant, now: Instant) -> u64 {
-        let since = now.saturating_duration_since(origin).as_nanos();
-        u64::try_from(since / self.grain.as_nanos().max(1)).unwrap_or(u64::MAX)
+        // On the request path: u64 division is several times cheaper than u128, and u64
+        // nanoseconds cover 584 years of uptime.
+        let since = u64::try_from(now.saturating_duration_since(origin).as_nanos());
+        let grain = u64::try_from(self.grain.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        since.unwrap_or(u64::MAX) / grain
     }
 }
 
