@@ -2,12 +2,13 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod autoscale;
 pub mod balance;
 pub mod config;
 pub mod demo;
+pub mod limit;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;
 
 pub use app::App;
-pub mod limit;
