@@ -91,7 +91,9 @@ pub type Pool = Client<HttpConnector, Full<Bytes>>;
 
 /// A new keep-alive HTTP/1.1 client pool.
 pub fn pool() -> Pool {
-    Client::builder(TokioExecutor::new()).build_http()
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// Send on `pool` and read the whole answer.
@@ -103,6 +105,7 @@ pub async fn send(pool: &Pool, req: Request<Full<Bytes>>) -> Answer {
 /// An HTTP/1.1 connection of its own to `addr`; it closes when the sender is dropped.
 pub async fn connect_http1(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(addr).await.expect("connect to sluice");
+    stream.set_nodelay(true).expect("TCP_NODELAY");
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .expect("HTTP/1.1 handshake");
@@ -121,6 +124,7 @@ pub async fn once(addr: SocketAddr, req: Request<Full<Bytes>>) -> Answer {
 /// An HTTP/2 connection with prior knowledge (h2c, no upgrade).
 pub async fn connect_h2(addr: SocketAddr) -> http2::SendRequest<Full<Bytes>> {
     let stream = TcpStream::connect(addr).await.expect("connect to sluice");
+    stream.set_nodelay(true).expect("TCP_NODELAY");
     let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await
         .expect("HTTP/2 handshake");

@@ -330,7 +330,10 @@ async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Moc
     let reply = (state.reply)(&received);
     state.received.lock().unwrap().push(received);
 
-    tokio::time::sleep(state.hold).await;
+    // Even a zero sleep waits for the timer's next 1 ms tick.
+    if !state.hold.is_zero() {
+        tokio::time::sleep(state.hold).await;
+    }
     let mut gate = state.gate.subscribe();
     let _ = gate.wait_for(|open| *open).await;
 
