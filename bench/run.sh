@@ -15,7 +15,8 @@
 #   DUR=10        seconds per measured run (scenarios 1 and 2; "10s" accepted)
 #   REPS=3        repetitions, interleaved (every target once per rep, rotating the order)
 #   CONNS=64      wrk connections in scenario 1 (THREADS=2 wrk threads)
-#   S1_TARGETS    default "direct nginx nginx-nocap haproxy sluice sluice-noqueue sluice-cap200"
+#   S1_TARGETS    default "direct nginx nginx-nocap haproxy sluice sluice-nolimit sluice-noqueue
+#                 sluice-cap200" (what each is: the comments at the top of bench/conf/*)
 #   S2_CONNS=200  clients in scenario 2;  S2_BACKOFFS="0 50": ms a client waits after a
 #                 refusal before its next request (0 = retry at once, a 429 storm)
 #   S2_TARGETS    default "sluice sluice-queue nginx haproxy"
@@ -26,6 +27,9 @@
 #   LOADGEN_BIN   use this bench/loadgen binary instead of building it
 #   OUT           where result tables and raw rows go (default: a new temp dir, kept)
 #   NO_INSTALL=1  do not apt-get install missing tools
+#   QUIET=1       before each measured run, wait (QUIET_MAX=60 s at most) until the machine is
+#                 idle (< QUIET_BUSY=10 % CPU over 1 s): other work on a shared box skews
+#                 results; a run that starts busy is logged and counted in the report
 #
 # Everything listens and connects on 127.0.0.1. Every process started here is stopped on exit.
 set -euo pipefail
@@ -43,7 +47,7 @@ WARMUP=${WARMUP:-2}
 PIN=${PIN:-1}
 PROXY_CPU=${PROXY_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
-S1_TARGETS=${S1_TARGETS:-"direct nginx nginx-nocap haproxy sluice sluice-noqueue sluice-cap200"}
+S1_TARGETS=${S1_TARGETS:-"direct nginx nginx-nocap haproxy sluice sluice-nolimit sluice-noqueue sluice-cap200"}
 S2_TARGETS=${S2_TARGETS:-"sluice sluice-queue nginx haproxy"}
 S2_CONNS=${S2_CONNS:-200}
 S2_BACKOFFS=${S2_BACKOFFS:-"0 50"}
@@ -129,6 +133,25 @@ wait_up() { # wait_up ADDR NAME: until it answers 200 (10 s at most)
         sleep 0.1
     done
     die "$2 on $1 never answered 200 (last: $code); logs in $WORK/logs"
+}
+
+# wait_quiet: until CPU use over one second is under QUIET_BUSY % (QUIET_MAX s at most)
+NOISY=0
+wait_quiet() {
+    [ "${QUIET:-1}" = 1 ] || return 0
+    local waited=0 busy
+    while :; do
+        busy=$(
+            { head -1 /proc/stat; sleep 1; head -1 /proc/stat; } | awk '
+                { idle = $5 + $6; tot = 0; for (i = 2; i <= NF; i++) tot += $i
+                  if (NR == 1) { i0 = idle; t0 = tot } else printf("%d\n", 100 * (1 - (idle - i0) / (tot - t0))) }')
+        [ "$busy" -lt "${QUIET_BUSY:-10}" ] && return 0
+        waited=$((waited + 1))
+        if [ "$waited" -ge "${QUIET_MAX:-60}" ]; then
+            log "bench: machine still ${busy}% busy after ${waited}s: measuring anyway"
+            NOISY=$((NOISY + 1)); return 0
+        fi
+    done
 }
 
 # ---------------------------------------------------------------- setup
@@ -235,7 +258,7 @@ scenario1() {
     local rows=$OUT/s1.tsv
     declare -A addr=([direct]=127.0.0.1:9001 [nginx]=127.0.0.1:8080 [nginx-nocap]=127.0.0.1:8083
         [haproxy]=127.0.0.1:8081 [sluice]=127.0.0.1:8090 [sluice-noqueue]=127.0.0.1:8091
-        [sluice-cap200]=127.0.0.1:8092)
+        [sluice-cap200]=127.0.0.1:8092 [sluice-nolimit]=127.0.0.1:8093)
     declare -A pid=([direct]=-)
     local started=() t
     local targets=($S1_TARGETS)
@@ -246,7 +269,7 @@ scenario1() {
     if [[ " $S1_TARGETS " == *" haproxy "* ]]; then
         start_proxy haproxy haproxy.cfg; started+=("$LAST_PID"); pid[haproxy]=$LAST_PID
     fi
-    for t in sluice sluice-noqueue sluice-cap200; do
+    for t in sluice sluice-nolimit sluice-noqueue sluice-cap200; do
         [[ " $S1_TARGETS " == *" $t "* ]] || continue
         local cfg=sluice-s1${t#sluice}.toml
         start_proxy sluice "$cfg"; started+=("$LAST_PID"); pid[$t]=$LAST_PID
@@ -267,6 +290,7 @@ scenario1() {
     for rep in $(seq "$REPS"); do
         for i in $(seq 0 $((n - 1))); do
             t=${targets[$(((i + rep - 1) % n))]}
+            wait_quiet
             c0=$([ "${pid[$t]}" = - ] && echo 0 || cpu_ticks "${pid[$t]}")
             line=$(run_wrk "${addr[$t]}" "$DUR")
             c1=$([ "${pid[$t]}" = - ] && echo 0 || cpu_ticks "${pid[$t]}")
@@ -294,7 +318,7 @@ scenario1() {
         echo "| ratio | req/s | p99 | CPU µs/req |"
         echo "|---|---|---|---|"
         local s p
-        for s in sluice sluice-noqueue sluice-cap200; do
+        for s in sluice sluice-nolimit sluice-noqueue sluice-cap200; do
             [[ " $S1_TARGETS " == *" $s "* ]] || continue
             for p in nginx-nocap nginx haproxy; do
                 [[ " $S1_TARGETS " == *" $p "* ]] || continue
@@ -339,6 +363,7 @@ scenario2() {
         for b in $S2_BACKOFFS; do
             for i in $(seq 0 $((n - 1))); do
                 t=${targets[$(((i + rep - 1) % n))]}
+                wait_quiet
                 c0=$(cpu_ticks "${pid[$t]}")
                 out=$(run_load "${addr[$t]}" "$DUR" "$b")
                 c1=$(cpu_ticks "${pid[$t]}")
@@ -463,5 +488,6 @@ for s in "${SCENARIOS[@]}"; do
         6) echo "### Scenario 6 — Redis store: TODO (needs the store)"; echo ;;
     esac
 done
-cat "$OUT/header.md" "$OUT"/s[0-9].md >"$OUT/report.md" 2>/dev/null || true
+echo "Runs that started on a busy machine (see QUIET): $NOISY" | tee "$OUT/noisy.md"
+cat "$OUT/header.md" "$OUT"/s[0-9].md "$OUT/noisy.md" >"$OUT/report.md" 2>/dev/null || true
 log "bench: results in $OUT (report.md, raw rows *.tsv); logs in $WORK/logs"
