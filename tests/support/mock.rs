@@ -360,7 +360,10 @@ async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Moc
         Reply::Reset => return Err(MockError("reset before the response")),
         Reply::ResetMidBody { len, sent } => Response::builder()
             .header("content-length", len)
-            .body(MockBody::FailAfter { remaining: sent })
+            .body(MockBody::FailAfter {
+                remaining: sent,
+                pause: None,
+            })
             .unwrap(),
         Reply::Slow { chunks, every } => Response::builder()
             .body(MockBody::Slow {
@@ -394,8 +397,10 @@ pub enum MockBody {
     Generated {
         remaining: u64,
     },
+    /// `remaining` bytes, then (after a pause, so they are flushed) an error.
     FailAfter {
         remaining: u64,
+        pause: Option<Pin<Box<tokio::time::Sleep>>>,
     },
     Slow {
         remaining: usize,
@@ -423,11 +428,17 @@ impl Body for MockBody {
             MockBody::Generated { remaining } => {
                 (*remaining > 0).then(|| Ok(Frame::data(chunk(remaining))))
             }
-            MockBody::FailAfter { remaining } => Some(if *remaining > 0 {
-                Ok(Frame::data(chunk(remaining)))
-            } else {
-                Err(MockError("reset in the middle of the body"))
-            }),
+            MockBody::FailAfter { remaining, pause } => {
+                if *remaining > 0 {
+                    return Poll::Ready(Some(Ok(Frame::data(chunk(remaining)))));
+                }
+                let sleep = pause
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(50))));
+                if sleep.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                Some(Err(MockError("reset in the middle of the body")))
+            }
             MockBody::Slow {
                 remaining,
                 every,

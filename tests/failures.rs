@@ -1,0 +1,215 @@
+//! Upstream failures: a refused connection is retried once on another endpoint (then 502),
+//! the endpoint is skipped for a back-off and comes back; a slow endpoint gets 504 at the
+//! response timeout; a broken exchange gets 502 and is not retried; endpoint errors pass
+//! through; slow clients are cut off. Every test ends with every slot released.
+
+mod support;
+
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_is_retried_on_another_endpoint_with_the_same_body() {
+    let dead = DeadPort::new();
+    let live = mock().start().await;
+    let sluice = start_sluice(&config(&service(&[dead.url(), live.url()], ""))).await;
+    let dead_endpoint = sluice.pool(0).shape().endpoints[0].0.clone();
+
+    // Send until a request has been sent to the dead endpoint first (it is then in back-off);
+    // each pick is a coin toss, so this takes a few requests.
+    let client = pool();
+    let mut sent = 0;
+    while dead_endpoint.is_healthy() {
+        assert!(sent < 200, "the dead endpoint was never picked");
+        let body = format!("payload {sent};").repeat(100);
+        let answer = send(
+            &client,
+            request("POST", sluice.addr, &format!("/score?n={sent}"), body),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "request {sent}: {}", answer.text());
+        sent += 1;
+    }
+    // Every request, including the one that met the refusal, reached the live endpoint once
+    // with its whole body.
+    let received = live.received();
+    assert_eq!(received.len(), sent);
+    for (n, seen) in received.iter().enumerate() {
+        assert_eq!(seen.uri, format!("/score?n={n}"));
+        let body = format!("payload {n};").repeat(100);
+        assert_eq!(seen.body.as_deref(), Some(body.as_bytes()));
+    }
+    sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_endpoint_accepting_connections_gives_502_upstream_unreachable() {
+    let (dead1, dead2) = (DeadPort::new(), DeadPort::new());
+    let sluice = start_sluice(&config(&service(&[dead1.url(), dead2.url()], ""))).await;
+    // Also while both are in back-off: then they are tried anyway.
+    for _ in 0..5 {
+        let answer = once(sluice.addr, get(sluice.addr, "/score")).await;
+        assert_eq!(answer.status, 502);
+        assert_eq!(answer.header("content-type"), Some("application/json"));
+        let json = answer.json();
+        assert_eq!(json["error"], "bad_gateway");
+        assert_eq!(json["reason"], "upstream_unreachable");
+        assert_eq!(json["service"], "scoring");
+    }
+    sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_refused_comes_back_after_its_back_off() {
+    let dead = DeadPort::new();
+    let live = mock().start().await;
+    let sluice = start_sluice(&config(&service(&[dead.url(), live.url()], ""))).await;
+    let dead_endpoint = sluice.pool(0).shape().endpoints[0].0.clone();
+    let client = pool();
+    while dead_endpoint.is_healthy() {
+        assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
+    }
+
+    let revived = dead.revive(mock());
+    // The first back-off is 0.5 s; after it the endpoint gets its share again.
+    let started = tokio::time::Instant::now();
+    while revived.requests() == 0 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the revived endpoint got no traffic"
+        );
+        assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(dead_endpoint.is_healthy());
+    sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_gets_504_at_the_response_timeout() {
+    let backend = mock().reply(|_| Reply::Stall).start().await;
+    let sluice = start_sluice(&config(&format!(
+        "[timeouts]\nresponse = \"300ms\"\n\n{}",
+        service(&[backend.url()], "")
+    )))
+    .await;
+
+    let started = tokio::time::Instant::now();
+    let answer = once(sluice.addr, get(sluice.addr, "/score")).await;
+    let waited = started.elapsed();
+    assert_eq!(answer.status, 504, "{}", answer.text());
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    let json = answer.json();
+    assert_eq!(json["error"], "gateway_timeout");
+    assert_eq!(json["reason"], "upstream_timeout");
+    assert_eq!(json["service"], "scoring");
+    assert!(waited >= Duration::from_millis(290), "504 after {waited:?}");
+    assert!(waited < Duration::from_secs(3), "504 after {waited:?}");
+    assert_eq!(backend.requests(), 1, "a timed-out request is not retried");
+    sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_response_timeout_covers_headers_not_a_slow_body() {
+    // Headers at once, then 6 chunks 100 ms apart: longer than the 300 ms timeout in all.
+    let backend = mock()
+        .reply(|_| Reply::Slow {
+            chunks: 6,
+            every: Duration::from_millis(100),
+        })
+        .start()
+        .await;
+    let sluice = start_sluice(&config(&format!(
+        "[timeouts]\nresponse = \"300ms\"\n\n{}",
+        service(&[backend.url()], "")
+    )))
+    .await;
+    let answer = once(sluice.addr, get(sluice.addr, "/score")).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.body.len(), 6 * 1024);
+    sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_broken_before_the_answer_gives_502_and_is_not_retried() {
+    // The request reached an endpoint, so sending it to another could run it twice.
+    let a = mock().reply(|_| Reply::Reset).start().await;
+    let b = mock().reply(|_| Reply::Reset).start().await;
+    let sluice = start_sluice(&config(&service(&urls(&[&a, &b]), ""))).await;
+    for _ in 0..10 {
+        let answer = once(sluice.addr, get(sluice.addr, "/score")).await;
+        assert_eq!(answer.status, 502);
+        let json = answer.json();
+        assert_eq!(json["error"], "bad_gateway");
+        assert_eq!(json["reason"], "upstream_error");
+    }
+    assert_eq!(a.requests() + b.requests(), 10, "one attempt per request");
+    sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_broken_mid_body_ends_the_clients_body_and_frees_the_slot() {
+    let backend = mock()
+        .reply(|_| Reply::ResetMidBody {
+            len: 1 << 20,
+            sent: 128 << 10,
+        })
+        .start()
+        .await;
+    let sluice = start_sluice(&config(&service(&[backend.url()], ""))).await;
+    let mut sender = connect_http1(sluice.addr).await;
+    let response = sender
+        .send_request(get(sluice.addr, "/score"))
+        .await
+        .expect("headers arrive");
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await;
+    assert!(
+        body.is_err(),
+        "a body cut short upstream must not look complete"
+    );
+    sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_errors_pass_through_unchanged() {
+    let backend = mock()
+        .reply(|_| Reply::Full {
+            status: 500,
+            headers: vec![("content-type", "text/plain"), ("x-model-error", "nan")],
+            body: bytes::Bytes::from_static(b"model exploded"),
+        })
+        .start()
+        .await;
+    let sluice = start_sluice(&config(&service(&[backend.url()], ""))).await;
+    let answer = once(sluice.addr, get(sluice.addr, "/score")).await;
+    assert_eq!(answer.status, 500);
+    assert_eq!(answer.text(), "model exploded");
+    assert_eq!(answer.header("x-model-error"), Some("nan"));
+    assert_eq!(answer.header("content-type"), Some("text/plain"));
+    assert_eq!(backend.requests(), 1);
+    sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    let backend = mock().start().await;
+    let sluice = start_sluice(&config(&format!(
+        "[timeouts]\nclient_header = \"300ms\"\n\n{}",
+        service(&[backend.url()], "")
+    )))
+    .await;
+    let started = tokio::time::Instant::now();
+    // raw_exchange fails the test if the connection is still open after 5 s.
+    let answer = raw_exchange(sluice.addr, b"GET /score HTTP/1.1\r\nHost: x\r\n").await;
+    let waited = started.elapsed();
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(waited >= Duration::from_millis(250), "cut off after {waited:?}");
+    assert_eq!(backend.requests(), 0);
+    sluice.assert_idle().await;
+}
