@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::autoscale;
 use crate::balance::InvalidEndpointUrl;
 use crate::config::Config;
 use crate::policy::Policy;
@@ -68,7 +69,20 @@ impl App {
     /// grace.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tracing::info!(proxy = %self.proxy_addr(), "sluice listening");
+        // One autoscale loop per service; a loop idles while its service has no autoscale.
+        let mut loops = tokio::task::JoinSet::new();
+        let notifier = autoscale::Notifier::default();
+        for service in &self.proxy.policy().services {
+            loops.spawn(autoscale::run(
+                Arc::clone(&self.proxy),
+                Arc::clone(&service.name),
+                Arc::clone(self.proxy.events()),
+                notifier.clone(),
+                chrono::Utc::now,
+            ));
+        }
         proxy::serve(self.proxy_listener, self.proxy, shutdown).await;
+        loops.abort_all();
         tracing::info!("sluice stopped");
     }
 }

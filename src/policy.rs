@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::autoscale::ServiceAutoscaler;
 use crate::balance::{InvalidEndpointUrl, Pool, Shape};
 use crate::config::{Config, Timeouts};
 use crate::limit::RateLimiter;
@@ -18,6 +19,8 @@ pub struct Service {
     pub pool: Arc<Pool>,
     /// Per-resource rate limits, when the service has them.
     pub limits: Option<RateLimiter>,
+    /// The autoscaler, when anything in the service autoscales.
+    pub autoscale: Option<Arc<ServiceAutoscaler>>,
 }
 
 /// A snapshot of everything a request needs to be routed and admitted.
@@ -66,11 +69,17 @@ impl Policy {
                 let limits = s
                     .rate_limit()
                     .map(|settings| RateLimiter::from_config(&settings, &s.resources, old_limits));
+                // Autoscale state starts afresh with each policy built from a file.
+                let autoscale = s.autoscale().map(|settings| {
+                    let now = tokio::time::Instant::now().into_std();
+                    Arc::new(ServiceAutoscaler::new(s, settings, limits.as_ref(), now))
+                });
                 Arc::new(Service {
                     name: s.name.as_str().into(),
                     path_prefix: s.path_prefix.clone(),
                     pool,
                     limits,
+                    autoscale,
                 })
             })
             .collect();

@@ -18,8 +18,10 @@ mod engine;
 mod evaluate;
 mod events;
 mod metrics;
+mod notify;
 mod profile;
 mod ring;
+mod runner;
 mod settings;
 mod validate;
 mod window;
@@ -30,8 +32,10 @@ pub use engine::{ResourceSpec, ResourceState, ServiceEngine};
 pub use evaluate::{evaluate, proposed, Bounds, Cause, Decision, EvalInput, CONCURRENCY_BOUNDS};
 pub use events::{Event, EventHistory, EventKind, EventQuery, ScaleTarget, DEFAULT_HISTORY};
 pub use metrics::{Metric, Metrics, ResourceMetrics, ServiceMetrics};
+pub use notify::Notifier;
 pub use profile::{covers, last_start, local_to_utc, select};
 pub use ring::{CounterRing, GaugeRing};
+pub use runner::{run, ServiceAutoscaler, WallClock};
 pub use settings::{
     Aggregation, AutoscaleSettings, ChangeType, Day, Direction, FixedDate, Operator, Profile,
     Recurrence, Rule, Statistic, Target,

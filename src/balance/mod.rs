@@ -34,6 +34,8 @@ pub struct Shape {
     pub queue_timeout: Duration,
     /// Endpoint choice.
     pub balance: Balance,
+    /// Each endpoint's own cap, if it sets one (else it follows the service's).
+    pub own_caps: Vec<Option<u32>>,
 }
 
 impl Shape {
@@ -67,7 +69,28 @@ impl Shape {
             queue_size: config.queue_size,
             queue_timeout: config.queue_timeout,
             balance: config.balance,
+            own_caps: config
+                .endpoints
+                .iter()
+                .map(|e| e.max_concurrent())
+                .collect(),
         })
+    }
+
+    /// The same shape with the service's per-endpoint cap set to `cap` (endpoints with a cap
+    /// of their own keep it).
+    pub fn with_default_cap(&self, cap: u32) -> Self {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .zip(&self.own_caps)
+            .map(|((endpoint, _), own)| (Arc::clone(endpoint), own.unwrap_or(cap)))
+            .collect();
+        Self {
+            endpoints,
+            own_caps: self.own_caps.clone(),
+            ..*self
+        }
     }
 }
 
@@ -112,6 +135,12 @@ impl Pool {
     pub fn set_shape(self: &Arc<Self>, shape: Shape) {
         self.shape.store(Arc::new(shape));
         self.dispatch();
+    }
+
+    /// Set the service's per-endpoint cap (autoscale of endpoint concurrency).
+    pub fn set_default_cap(self: &Arc<Self>, cap: u32) {
+        let shape = self.shape.load().with_default_cap(cap);
+        self.set_shape(shape);
     }
 
     /// Requests in flight over all endpoints of the service.
@@ -322,6 +351,7 @@ mod tests {
             queue_size,
             queue_timeout: Duration::from_millis(200),
             balance: Balance::Random,
+            own_caps: vec![None; caps.len()],
         })
     }
 
@@ -350,6 +380,7 @@ mod tests {
         .unwrap();
         let mut shape = Shape::from_config(&config.services[0], None).unwrap();
         shape.endpoints = pool.shape().endpoints.clone();
+        shape.own_caps = vec![None; 2];
         pool.set_shape(shape);
         let mut slots = Vec::new();
         while let Ok(s) = pool.acquire().await {

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::autoscale::AutoscaleSettings;
+
 pub use rate_limit::{
     parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys, TPS_CEILING,
 };
@@ -120,6 +122,9 @@ pub struct ServiceConfig {
     /// Named callers and their limits.
     #[serde(default, rename = "resource", skip_serializing_if = "Vec::is_empty")]
     pub resources: Vec<ResourceConfig>,
+    /// Autoscale settings; with none, resources with `autoscale = true` use the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<AutoscaleSettings>,
 }
 
 /// An endpoint: either a bare URL or a table with its own cap.
@@ -175,6 +180,16 @@ impl ServiceConfig {
             (Some(config), _) => Some(config.clone()),
             (None, false) => Some(RateLimitConfig::default()),
             (None, true) => None,
+        }
+    }
+
+    /// The autoscale settings in force, if anything in the service autoscales: the
+    /// `[service.autoscale]` table, or its defaults when only resources ask for autoscale.
+    pub fn autoscale(&self) -> Option<AutoscaleSettings> {
+        match (&self.autoscale, self.resources.iter().any(|r| r.autoscale)) {
+            (Some(settings), _) => Some(settings.clone()),
+            (None, true) => Some(AutoscaleSettings::default()),
+            (None, false) => None,
         }
     }
 

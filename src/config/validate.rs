@@ -156,6 +156,14 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
         }
         let rate_limit = s.rate_limit.clone().unwrap_or_default();
         super::rate_limit::validate(&mut p, &format!("service[{i}]"), &rate_limit, &s.resources);
+        if let Some(settings) = &s.autoscale {
+            let key = format!("service[{i}].autoscale");
+            p.0.extend(crate::autoscale::validate(
+                settings,
+                &key,
+                rate_limit.max_tps,
+            ));
+        }
     }
 
     if p.0.is_empty() {

@@ -12,11 +12,12 @@ mod keys;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::header::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
+use crate::autoscale::ResourceMetrics;
 use crate::config::{MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys};
 pub use gcra::{Bucket, Quota, Verdict};
 pub use headers::Status;
@@ -48,6 +49,8 @@ pub struct Resource {
     autoscale: AtomicBool,
     /// Admitted / throttled / succeeded.
     pub counters: Counters,
+    /// Autoscale metric windows, when the service autoscales.
+    metrics: OnceLock<Arc<ResourceMetrics>>,
 }
 
 impl Resource {
@@ -59,7 +62,13 @@ impl Resource {
             base: AtomicU64::new(base.pack()),
             autoscale: AtomicBool::new(autoscale),
             counters: Counters::default(),
+            metrics: OnceLock::new(),
         }
+    }
+
+    /// Feed the autoscaler's windows from now on (first attachment wins).
+    pub fn attach_metrics(&self, metrics: Arc<ResourceMetrics>) {
+        let _ = self.metrics.set(metrics);
     }
 
     /// The limit configured for it.
@@ -100,6 +109,19 @@ impl Resource {
 
     fn check(&self, now: u64) -> (Quota, Verdict) {
         self.bucket.check(now)
+    }
+
+    fn count(&self, admitted: bool, at: Instant) {
+        let counter = if admitted {
+            &self.counters.admitted
+        } else {
+            &self.counters.throttled
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(metrics) = self.metrics.get() {
+            let (a, t) = if admitted { (1, 0) } else { (0, 1) };
+            metrics.record(at.into_std(), a, t);
+        }
     }
 }
 
@@ -231,14 +253,22 @@ impl RateLimiter {
         self.table.len()
     }
 
-    /// Nanoseconds on the limiter's clock.
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    /// Configured resources plus the built-in "unknown" and "anonymous" ones.
+    pub fn all_resources(&self) -> impl Iterator<Item = &Arc<Resource>> {
+        self.resources
+            .iter()
+            .chain([&self.unknown, &self.anonymous])
+    }
+
+    /// Nanoseconds on the limiter's clock at `at`.
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Judge a request by its headers.
     pub fn check(&self, headers: &HeaderMap) -> Admission<'_> {
-        let now = self.now();
+        let at = Instant::now();
+        let now = self.nanos(at);
         let (resource, verdict) = match self.keys.extract(headers) {
             None => match self.settings.missing_key {
                 MissingKey::Reject => return Admission::Refused(KeyProblem::Missing),
@@ -267,7 +297,7 @@ impl RateLimiter {
                 remaining,
                 reset_ns,
             } => {
-                resource.counters.admitted.fetch_add(1, Ordering::Relaxed);
+                resource.count(true, at);
                 let status = Status {
                     quota,
                     remaining,
@@ -276,7 +306,7 @@ impl RateLimiter {
                 Admission::Admitted { resource, status }
             }
             Verdict::Refuse { retry_after_ns } => {
-                resource.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                resource.count(false, at);
                 let retry_after_ms = retry_after_ns.div_ceil(1_000_000);
                 let status = Status {
                     quota,

@@ -20,6 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
+use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot};
 use crate::limit::{Admission, KeyProblem};
 use crate::policy::{Policy, Service};
@@ -36,30 +37,42 @@ type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
 pub struct Proxy {
     policy: ArcSwap<Policy>,
     client: UpstreamClient,
+    events: Arc<EventHistory>,
+}
+
+/// The connector for outgoing HTTP/1.1 (http and https): TCP with `connect_timeout`, no
+/// Nagle delay, TLS with the webpki roots.
+pub fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
 }
 
 impl Proxy {
     /// A proxy serving `policy`; `connect_timeout` bounds each upstream TCP connect.
     pub fn new(policy: Policy, connect_timeout: Duration) -> Arc<Self> {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(1024)
-            .build(https);
+            .build(connector(connect_timeout));
         Arc::new(Self {
             policy: ArcSwap::from_pointee(policy),
             client,
+            events: Arc::new(EventHistory::new(DEFAULT_HISTORY)),
         })
+    }
+
+    /// The autoscale event history.
+    pub fn events(&self) -> &Arc<EventHistory> {
+        &self.events
     }
 
     /// The live policy.
@@ -189,10 +202,18 @@ impl Proxy {
             let Ok(request) = upstream_request(&head, &endpoint, body) else {
                 return outcome.reject(Reason::UpstreamError, Some(service));
             };
+            let attempt_started = Instant::now();
             let sent = self.client.request(request);
             match tokio::time::timeout(policy.timeouts.response, sent).await {
                 Ok(Ok(response)) => {
                     endpoint.mark_reachable();
+                    if let Some(autoscale) = &service.autoscale {
+                        autoscale.record_latency(
+                            &service.pool,
+                            &endpoint,
+                            attempt_started.elapsed(),
+                        );
+                    }
                     let (mut head, body) = response.into_parts();
                     headers::to_client(&mut head);
                     let body = ResponseBody::Upstream { body, slot };

@@ -1,0 +1,216 @@
+//! The thin loop around the pure engine: per service, sample the gauges every second, and
+//! every `interval` gather the capacity input, step the engine and apply what it decided to the
+//! live limiter and pool; each event is logged, kept in the history and sent to `notify` URLs.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use super::notify::Notifier;
+use super::{
+    AutoscaleSettings, CapacityInput, Event, EventHistory, Metric, ResourceSpec, ScaleTarget,
+    ServiceEngine, ServiceMetrics,
+};
+use crate::balance::{Endpoint, Pool};
+use crate::config::ServiceConfig;
+use crate::limit::RateLimiter;
+use crate::proxy::Proxy;
+
+/// How often gauges (in flight, queue, headroom) are sampled into the metric windows.
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// A service's autoscaling state: its settings, metric windows and engine.
+#[derive(Debug)]
+pub struct ServiceAutoscaler {
+    settings: AutoscaleSettings,
+    metrics: ServiceMetrics,
+    engine: Mutex<ServiceEngine>,
+}
+
+impl ServiceAutoscaler {
+    /// Build for a service whose rate limiter is `limits` (resources get their metric windows
+    /// attached, so the request path feeds them).
+    pub fn new(
+        config: &ServiceConfig,
+        settings: AutoscaleSettings,
+        limits: Option<&RateLimiter>,
+        now: Instant,
+    ) -> Self {
+        let mut metrics = ServiceMetrics::new(settings.window_spec(), now, config.endpoints.len());
+        let mut engine = ServiceEngine::new(&config.name, settings.clone(), config.max_concurrent);
+        if let Some(limits) = limits {
+            let max_tps = limits.settings().max_tps;
+            for resource in limits.all_resources() {
+                let limit = resource.limit().tps.get();
+                resource.attach_metrics(metrics.add_resource(&resource.name, limit, now));
+            }
+            for resource in limits.resources() {
+                let spec = ResourceSpec {
+                    base: resource.base().tps.get(),
+                    max_tps,
+                    enabled: resource.autoscale(),
+                };
+                engine.add_resource(&resource.name, spec);
+            }
+        }
+        Self {
+            settings,
+            metrics,
+            engine: Mutex::new(engine),
+        }
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> &AutoscaleSettings {
+        &self.settings
+    }
+
+    fn engine(&self) -> MutexGuard<'_, ServiceEngine> {
+        // The engine's state is a few numbers per resource, updated whole; a panic elsewhere
+        // while it was held leaves it usable.
+        self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The autoscaled limit of each resource, by name.
+    pub fn limits(&self) -> BTreeMap<String, u32> {
+        self.engine()
+            .resources()
+            .map(|(name, state)| (name.to_owned(), state.limit))
+            .collect()
+    }
+
+    /// Record the latency of a response from `endpoint` (feeds `latency_ms` and the capacity
+    /// projection).
+    pub fn record_latency(&self, pool: &Pool, endpoint: &Arc<Endpoint>, latency: Duration) {
+        let shape = pool.shape();
+        let index = shape
+            .endpoints
+            .iter()
+            .position(|(e, _)| Arc::ptr_eq(e, endpoint))
+            .unwrap_or(usize::MAX);
+        self.metrics.record_latency(index, latency, now());
+    }
+
+    fn capacity(&self, pool: &Pool, now: Instant) -> CapacityInput {
+        let shape = pool.shape();
+        let caps: Vec<u32> = shape.endpoints.iter().map(|(_, cap)| *cap).collect();
+        let cluster = (shape.cluster_cap != u32::MAX).then_some(shape.cluster_cap);
+        CapacityInput::from_metrics(
+            &self.metrics,
+            &caps,
+            cluster,
+            self.settings.expected_latency,
+            now,
+            self.settings.interval,
+        )
+    }
+
+    /// Record one sample of each per-service gauge.
+    pub fn sample(&self, pool: &Pool, now: Instant) {
+        let age_ms = pool
+            .queue_oldest_age()
+            .map_or(0.0, |a| a.as_secs_f64() * 1000.0);
+        let headroom = self.capacity(pool, now).available_tps();
+        self.metrics
+            .record_gauge(Metric::InFlight, f64::from(pool.in_flight()), now);
+        self.metrics
+            .record_gauge(Metric::QueueLength, pool.queue_len() as f64, now);
+        self.metrics
+            .record_gauge(Metric::QueueOldestAgeMs, age_ms, now);
+        self.metrics
+            .record_gauge(Metric::CapacityHeadroomTps, headroom, now);
+    }
+
+    /// One interval: decide, then apply each decision to the live `limits` and `pool`.
+    pub fn step(
+        &self,
+        pool: &Arc<Pool>,
+        limits: Option<&RateLimiter>,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Vec<Event> {
+        let capacity = self.capacity(pool, now);
+        let events = self.engine().step(now, wall, &self.metrics, &capacity);
+        for event in &events {
+            self.apply(event, pool, limits);
+        }
+        events
+    }
+
+    /// Make an event's new value the live one.
+    fn apply(&self, event: &Event, pool: &Arc<Pool>, limits: Option<&RateLimiter>) {
+        if event.from == event.to {
+            return; // a deferral
+        }
+        let Some(to) = std::num::NonZeroU32::new(event.to) else {
+            return;
+        };
+        match &event.target {
+            ScaleTarget::Resource { resource } => {
+                if let Some(r) = limits.and_then(|l| l.find(resource)) {
+                    r.set_tps(to);
+                }
+                if let Some(m) = self.metrics.resource(resource) {
+                    m.set_limit(to.get());
+                }
+            }
+            ScaleTarget::EndpointConcurrency => pool.set_default_cap(to.get()),
+        }
+    }
+}
+
+fn now() -> Instant {
+    // tokio's clock, so tests that pause time drive the windows too.
+    tokio::time::Instant::now().into_std()
+}
+
+/// Where the loop reads the wall clock (profiles are scheduled in wall time).
+pub type WallClock = fn() -> DateTime<Utc>;
+
+/// Run one service's loop until the service disappears from the live policy.
+pub async fn run(
+    proxy: Arc<Proxy>,
+    service: Arc<str>,
+    history: Arc<EventHistory>,
+    notifier: Notifier,
+    wall: WallClock,
+) {
+    let mut ticker = tokio::time::interval(SAMPLE_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_step = now();
+    loop {
+        ticker.tick().await;
+        let policy = proxy.policy();
+        let Some(live) = policy.service(&service) else {
+            return; // removed by a reload
+        };
+        let Some(autoscaler) = &live.autoscale else {
+            continue; // autoscale off for now; a reload may turn it on
+        };
+        let at = now();
+        autoscaler.sample(&live.pool, at);
+        if at.duration_since(last_step) < autoscaler.settings().interval {
+            continue;
+        }
+        last_step = at;
+        let events = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall());
+        for event in events {
+            let id = history.push(event.clone());
+            tracing::info!(
+                target: "sluice::autoscale",
+                id,
+                service = %event.service,
+                resource = event.resource(),
+                kind = ?event.kind,
+                from = event.from,
+                to = event.to,
+                rule = event.rule.as_deref(),
+                reason = %event.reason,
+                "autoscale event"
+            );
+            notifier.send(&autoscaler.settings().notify, &Event { id, ..event });
+        }
+    }
+}
