@@ -1,0 +1,288 @@
+//! `sluice check`: every invalid config exits 1 with a message naming the key and what is
+//! allowed; every problem is listed at once; the shipped config passes.
+
+mod support;
+
+use std::path::Path;
+
+use support::process::{check, sluice_bin, write_config};
+
+/// A valid config with `service_keys` added to its one service.
+fn with_service_keys(service_keys: &str) -> String {
+    format!(
+        "[listen]\nproxy = \"127.0.0.1:0\"\n\n[[service]]\nname = \"scoring\"\n{service_keys}\n\
+         endpoints = [\"http://127.0.0.1:9001\"]\n"
+    )
+}
+
+/// Assert that `sluice check` refuses `text`, naming each of `expected` in its message.
+fn assert_rejected(what: &str, text: &str, expected: &[&str]) {
+    let path = write_config("check", text);
+    let output = check(&path);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{what}: expected exit 1; stderr: {stderr}\nconfig:\n{text}"
+    );
+    assert!(
+        stderr.contains(path.to_str().unwrap()),
+        "{what}: the message names the file: {stderr}"
+    );
+    for needle in expected {
+        assert!(
+            stderr.contains(needle),
+            "{what}: message lacks {needle:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        (
+            "max_concurrent 0",
+            with_service_keys("max_concurrent = 0"),
+            vec!["service[0].max_concurrent", "1..=200"],
+        ),
+        (
+            "max_concurrent 201",
+            with_service_keys("max_concurrent = 201"),
+            vec!["service[0].max_concurrent", "1..=200"],
+        ),
+        (
+            "endpoint max_concurrent 201",
+            "[[service]]\nname = \"scoring\"\nendpoints = [\"http://127.0.0.1:9001\", \
+             { url = \"http://127.0.0.1:9002\", max_concurrent = 201 }]\n"
+                .into(),
+            vec!["service[0].endpoints[1].max_concurrent", "1..=200"],
+        ),
+        (
+            "endpoint max_concurrent 0",
+            "[[service]]\nname = \"scoring\"\n\
+             endpoints = [{ url = \"http://127.0.0.1:9002\", max_concurrent = 0 }]\n"
+                .into(),
+            vec!["service[0].endpoints[0].max_concurrent", "1..=200"],
+        ),
+        (
+            "empty endpoint list",
+            "[[service]]\nname = \"scoring\"\nendpoints = []\n".into(),
+            vec!["service[0].endpoints"],
+        ),
+        (
+            "missing endpoint list",
+            "[[service]]\nname = \"scoring\"\n".into(),
+            vec!["endpoints"],
+        ),
+        (
+            "duplicate service name",
+            "[[service]]\nname = \"scoring\"\npath_prefix = \"/a\"\n\
+             endpoints = [\"http://127.0.0.1:9001\"]\n\
+             [[service]]\nname = \"scoring\"\npath_prefix = \"/b\"\n\
+             endpoints = [\"http://127.0.0.1:9002\"]\n"
+                .into(),
+            vec!["service[1].name", "duplicate"],
+        ),
+        (
+            "duplicate path prefix",
+            "[[service]]\nname = \"a\"\npath_prefix = \"/score\"\n\
+             endpoints = [\"http://127.0.0.1:9001\"]\n\
+             [[service]]\nname = \"b\"\npath_prefix = \"/score\"\n\
+             endpoints = [\"http://127.0.0.1:9002\"]\n"
+                .into(),
+            vec!["service[1].path_prefix", "duplicate"],
+        ),
+        (
+            "ftp URL",
+            "[[service]]\nname = \"scoring\"\nendpoints = [\"ftp://127.0.0.1:21\"]\n".into(),
+            vec!["service[0].endpoints[0]", "ftp://127.0.0.1:21", "http"],
+        ),
+        (
+            "URL without scheme",
+            "[[service]]\nname = \"scoring\"\nendpoints = [\"127.0.0.1:9001\"]\n".into(),
+            vec!["service[0].endpoints[0]", "http"],
+        ),
+        (
+            "zero connect timeout",
+            format!(
+                "[timeouts]\nconnect = \"0s\"\n\n{}",
+                with_service_keys("")
+            ),
+            vec!["timeouts.connect", "greater than 0"],
+        ),
+        (
+            "zero response timeout",
+            format!(
+                "[timeouts]\nresponse = \"0ms\"\n\n{}",
+                with_service_keys("")
+            ),
+            vec!["timeouts.response", "greater than 0"],
+        ),
+        (
+            "zero client header timeout",
+            format!(
+                "[timeouts]\nclient_header = \"0s\"\n\n{}",
+                with_service_keys("")
+            ),
+            vec!["timeouts.client_header", "greater than 0"],
+        ),
+        (
+            "zero shutdown grace",
+            format!(
+                "[timeouts]\nshutdown_grace = \"0s\"\n\n{}",
+                with_service_keys("")
+            ),
+            vec!["timeouts.shutdown_grace", "greater than 0"],
+        ),
+        (
+            "zero queue timeout with a queue",
+            with_service_keys("queue_size = 5\nqueue_timeout = \"0s\""),
+            vec!["service[0].queue_timeout", "greater than 0"],
+        ),
+        (
+            "zero cluster cap",
+            with_service_keys("cluster_max_concurrent = 0"),
+            vec!["service[0].cluster_max_concurrent"],
+        ),
+        (
+            "unknown key in a service",
+            with_service_keys("max_concurrency = 20"),
+            vec!["max_concurrency"],
+        ),
+        (
+            "unknown key in an endpoint table",
+            "[[service]]\nname = \"scoring\"\n\
+             endpoints = [{ url = \"http://127.0.0.1:9001\", weight = 3 }]\n"
+                .into(),
+            vec!["weight"],
+        ),
+        (
+            "unknown table",
+            format!("[limits]\nrps = 10\n\n{}", with_service_keys("")),
+            vec!["limits"],
+        ),
+        (
+            "unknown timeout",
+            format!("[timeouts]\nidle = \"5s\"\n\n{}", with_service_keys("")),
+            vec!["idle"],
+        ),
+        (
+            "unknown balance",
+            with_service_keys("balance = \"round-robin\""),
+            vec!["balance", "round-robin"],
+        ),
+        (
+            "bad duration",
+            with_service_keys("queue_timeout = \"5 parsecs\""),
+            vec!["queue_timeout"],
+        ),
+        (
+            "no service",
+            "[listen]\nproxy = \"127.0.0.1:0\"\n".into(),
+            vec!["service"],
+        ),
+        (
+            "listen address",
+            with_service_keys("").replace("127.0.0.1:0", "localhost"),
+            vec!["listen.proxy"],
+        ),
+        (
+            "prefix without slash",
+            with_service_keys("path_prefix = \"score\""),
+            vec!["service[0].path_prefix"],
+        ),
+    ];
+    for (what, text, expected) in cases {
+        assert_rejected(what, &text, &expected);
+    }
+}
+
+#[test]
+fn every_problem_is_listed_at_once() {
+    let text = "[timeouts]\nresponse = \"0s\"\n\n\
+        [[service]]\nname = \"a\"\nmax_concurrent = 0\nendpoints = [\"ftp://x\"]\n\
+        [[service]]\nname = \"a\"\nmax_concurrent = 500\nendpoints = []\n";
+    assert_rejected(
+        "several problems",
+        text,
+        &[
+            "timeouts.response",
+            "service[0].max_concurrent",
+            "service[0].endpoints[0]",
+            "service[1].name",
+            "service[1].max_concurrent",
+            "service[1].endpoints",
+        ],
+    );
+}
+
+#[test]
+fn a_valid_config_passes_with_a_one_line_summary() {
+    let path = write_config(
+        "valid",
+        &with_service_keys(
+            "max_concurrent = 200\nqueue_size = 3\nqueue_timeout = \"250ms\"\nbalance = \"p2c\"",
+        ),
+    );
+    let output = check(&path);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+}
+
+#[test]
+fn the_shipped_config_passes_check() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/sluice.toml");
+    let output = check(&shipped);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn check_reads_config_sluice_toml_by_default_and_sluice_config_overrides_it() {
+    let output = sluice_bin()
+        .arg("check")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("config/sluice.toml"));
+
+    let invalid = write_config("env", &with_service_keys("max_concurrent = 0"));
+    let output = sluice_bin()
+        .arg("check")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("SLUICE_CONFIG", &invalid)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("service[0].max_concurrent"));
+}
+
+#[test]
+fn run_refuses_to_start_with_an_invalid_config() {
+    let invalid = write_config("run-invalid", &with_service_keys("max_concurrent = 201"));
+    let output = sluice_bin()
+        .arg("run")
+        .arg("--config")
+        .arg(&invalid)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(all.contains("service[0].max_concurrent"), "{all}");
+}
