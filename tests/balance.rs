@@ -72,7 +72,11 @@ async fn p2c_sends_more_to_the_faster_endpoint() {
     // measuring both shows the difference comes from the policy.
     let p2c = share_of_fast_endpoint("p2c").await;
     let random = share_of_fast_endpoint("random").await;
-    assert!(p2c > 0.5, "p2c sent {:.0}% to the fast endpoint", p2c * 100.0);
+    assert!(
+        p2c > 0.5,
+        "p2c sent {:.0}% to the fast endpoint",
+        p2c * 100.0
+    );
     assert!(
         random < 0.45,
         "random sent {:.0}% to the fast endpoint",

@@ -8,8 +8,7 @@ use std::time::Duration;
 use support::*;
 use tokio::sync::mpsc;
 
-const ENDPOINTS_FULL_BODY: &str =
-    r#"{"error":"too_many_requests","reason":"endpoints_full","service":"scoring","retry_after_ms":1000}"#;
+const ENDPOINTS_FULL_BODY: &str = r#"{"error":"too_many_requests","reason":"endpoints_full","service":"scoring","retry_after_ms":1000}"#;
 
 /// Assert that `answer` is sluice's 429 for full endpoints, headers and body.
 fn assert_endpoints_full(answer: &Answer) {
@@ -24,9 +23,12 @@ async fn one_endpoint_cap_20_serves_20_of_60_concurrent_clients_and_refuses_40()
     // Each request is held 100 ms, and until the test has seen the 40 refusals: on a busy
     // machine the 60 clients may take longer than 100 ms to connect, and a slot freed early
     // would let a 21st request through legitimately.
-    let backend = mock().hold(Duration::from_millis(100)).gated().start().await;
-    let sluice =
-        start_sluice(&config(&service(&[backend.url()], "max_concurrent = 20"))).await;
+    let backend = mock()
+        .hold(Duration::from_millis(100))
+        .gated()
+        .start()
+        .await;
+    let sluice = start_sluice(&config(&service(&[backend.url()], "max_concurrent = 20"))).await;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     for i in 0..60 {
@@ -60,7 +62,11 @@ async fn one_endpoint_cap_20_serves_20_of_60_concurrent_clients_and_refuses_40()
     }
     assert_eq!(served, 20, "every one of the 60 clients gets an answer");
     assert_eq!(backend.peak(), 20, "the backend served exactly 20 at once");
-    assert_eq!(backend.requests(), 20, "refused requests never reach the backend");
+    assert_eq!(
+        backend.requests(),
+        20,
+        "refused requests never reach the backend"
+    );
     sluice.assert_idle().await;
 }
 
@@ -77,9 +83,9 @@ async fn three_endpoints_cap_5_hold_15_in_flight_and_refuse_the_16th() {
     let mut held = Vec::new();
     for _ in 0..15 {
         let addr = sluice.addr;
-        held.push(tokio::spawn(
-            async move { once(addr, get(addr, "/score")).await },
-        ));
+        held.push(tokio::spawn(async move {
+            once(addr, get(addr, "/score")).await
+        }));
     }
     // All 15 are admitted: a full endpoint is never chosen while another has room, so no
     // request is refused before every endpoint holds 5.
@@ -166,9 +172,9 @@ async fn cluster_max_concurrent_bounds_the_sum_over_endpoints() {
     let mut held = Vec::new();
     for _ in 0..7 {
         let addr = sluice.addr;
-        held.push(tokio::spawn(
-            async move { once(addr, get(addr, "/score")).await },
-        ));
+        held.push(tokio::spawn(async move {
+            once(addr, get(addr, "/score")).await
+        }));
     }
     support::eventually("7 requests at the backends", || {
         a.current() + b.current() == 7

@@ -104,10 +104,7 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
         ),
         (
             "zero connect timeout",
-            format!(
-                "[timeouts]\nconnect = \"0s\"\n\n{}",
-                with_service_keys("")
-            ),
+            format!("[timeouts]\nconnect = \"0s\"\n\n{}", with_service_keys("")),
             vec!["timeouts.connect", "greater than 0"],
         ),
         (

@@ -11,11 +11,9 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sluice_demo_answers_scores_through_the_proxy() {
     // The shipped config, on an ephemeral port so the test cannot collide with anything.
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/sluice.toml"
-    ))
-    .unwrap();
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sluice.toml"))
+            .unwrap();
     let text = shipped.replacen("0.0.0.0:8080", "127.0.0.1:0", 1);
     assert_ne!(text, shipped, "the shipped config listens on 0.0.0.0:8080");
     let path = write_config("demo", &text);

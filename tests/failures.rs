@@ -209,7 +209,10 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
         "{answer}"
     );
-    assert!(waited >= Duration::from_millis(250), "cut off after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "cut off after {waited:?}"
+    );
     assert_eq!(backend.requests(), 0);
     sluice.assert_idle().await;
 }

@@ -85,7 +85,11 @@ async fn hop_by_hop_headers_are_removed_both_ways_and_forwarding_headers_added()
     assert_eq!(seen.header("x-mixed-case"), Some("MiXeD Value"));
     assert_eq!(seen.header("authorization"), Some("Bearer end-to-end"));
     let multi: Vec<_> = seen.headers.get_all("x-multi").iter().collect();
-    assert_eq!(multi, ["first", "second"], "repeated headers keep their order");
+    assert_eq!(
+        multi,
+        ["first", "second"],
+        "repeated headers keep their order"
+    );
 
     // What the client saw.
     for name in HOP_BY_HOP {
@@ -106,8 +110,10 @@ async fn x_forwarded_for_is_appended_to_the_clients_list() {
     let sluice = start_sluice(&config(&service(&[backend.url()], ""))).await;
 
     let mut req = get(sluice.addr, "/score");
-    req.headers_mut()
-        .insert("x-forwarded-for", "203.0.113.7, 198.51.100.2".parse().unwrap());
+    req.headers_mut().insert(
+        "x-forwarded-for",
+        "203.0.113.7, 198.51.100.2".parse().unwrap(),
+    );
     assert_eq!(once(sluice.addr, req).await.status, 200);
     // Two lines are one list (RFC 9110 §5.3): joined, then appended to.
     let mut req = get(sluice.addr, "/score");
@@ -173,8 +179,14 @@ async fn methods_paths_and_queries_are_preserved_byte_for_byte() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_response_bodies_pass_unchanged() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let upload: Bytes = (0..40_000).map(|_| rng.gen::<u8>()).collect::<Vec<u8>>().into();
-    let download: Bytes = (0..50_000).map(|_| rng.gen::<u8>()).collect::<Vec<u8>>().into();
+    let upload: Bytes = (0..40_000)
+        .map(|_| rng.gen::<u8>())
+        .collect::<Vec<u8>>()
+        .into();
+    let download: Bytes = (0..50_000)
+        .map(|_| rng.gen::<u8>())
+        .collect::<Vec<u8>>()
+        .into();
     let reply_body = download.clone();
     let backend = mock()
         .reply(move |_| Reply::Full {
@@ -291,7 +303,10 @@ async fn no_matching_prefix_gets_404_json() {
     let answer = once(sluice.addr, get(sluice.addr, "/other")).await;
     assert_eq!(answer.status, 404);
     assert_eq!(answer.header("content-type"), Some("application/json"));
-    assert_eq!(answer.text(), r#"{"error":"not_found","reason":"no_route"}"#);
+    assert_eq!(
+        answer.text(),
+        r#"{"error":"not_found","reason":"no_route"}"#
+    );
     assert_eq!(backend.requests(), 0);
 }
 

@@ -38,9 +38,17 @@ async fn one_access_line_per_request_and_no_key_values() {
         let headers = req.headers_mut();
         headers.insert("authorization", format!("Bearer {SECRET}").parse().unwrap());
         headers.insert("x-api-key", KEY.parse().unwrap());
-        headers.insert("proxy-authorization", format!("Basic {SECRET}").parse().unwrap());
+        headers.insert(
+            "proxy-authorization",
+            format!("Basic {SECRET}").parse().unwrap(),
+        );
         let answer = once(sluice.addr, req).await;
-        assert_eq!(answer.status, status, "{method} {target}: {}", answer.text());
+        assert_eq!(
+            answer.status,
+            status,
+            "{method} {target}: {}",
+            answer.text()
+        );
     }
     // The endpoint did get the end-to-end credentials: only the logs must not.
     assert_eq!(
@@ -57,7 +65,10 @@ async fn one_access_line_per_request_and_no_key_values() {
     let output = sluice.output();
     assert!(!output.contains(SECRET), "a secret was logged:\n{output}");
     assert!(!output.contains(KEY), "an API key was logged:\n{output}");
-    assert!(!output.contains("features"), "a request body was logged:\n{output}");
+    assert!(
+        !output.contains("features"),
+        "a request body was logged:\n{output}"
+    );
 
     let access: Vec<Value> = sluice
         .json_lines()

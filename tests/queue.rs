@@ -28,8 +28,7 @@ async fn one_slot_held(queue: &str) -> (Mock, Sluice, JoinHandle<Answer>) {
 async fn waiting_requests_are_served_in_arrival_order_and_overflow_is_refused_at_once() {
     // A long queue_timeout here: this test is about order, and a busy machine must not turn
     // a slow enqueue into a timeout. The 200 ms timeout is tested below.
-    let (backend, sluice, holder) =
-        one_slot_held("queue_size = 10\nqueue_timeout = \"5s\"").await;
+    let (backend, sluice, holder) = one_slot_held("queue_size = 10\nqueue_timeout = \"5s\"").await;
     let pool = sluice.pool(0);
 
     let mut waiting = Vec::new();
@@ -48,7 +47,11 @@ async fn waiting_requests_are_served_in_arrival_order_and_overflow_is_refused_at
     assert_eq!(overflow.reason(), "endpoints_full");
     assert_eq!(overflow.header("retry-after"), Some("1"));
     assert_eq!(pool.queue_len(), 10, "the refusal did not wait for a place");
-    assert_eq!(backend.requests(), 1, "queued requests have not reached the endpoint");
+    assert_eq!(
+        backend.requests(),
+        1,
+        "queued requests have not reached the endpoint"
+    );
 
     backend.open_gate();
     assert_eq!(holder.await.unwrap().status, 200);
@@ -91,7 +94,11 @@ async fn requests_waiting_past_queue_timeout_get_429_queue_timeout() {
         assert!(waited < Duration::from_secs(5), "waited {waited:?}");
     }
     assert_eq!(sluice.pool(0).queue_len(), 0);
-    assert_eq!(backend.requests(), 1, "timed-out requests never reach the endpoint");
+    assert_eq!(
+        backend.requests(),
+        1,
+        "timed-out requests never reach the endpoint"
+    );
 
     backend.open_gate();
     assert_eq!(holder.await.unwrap().status, 200);
@@ -100,8 +107,7 @@ async fn requests_waiting_past_queue_timeout_get_429_queue_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_the_queue_frees_its_place() {
-    let (backend, sluice, holder) =
-        one_slot_held("queue_size = 2\nqueue_timeout = \"5s\"").await;
+    let (backend, sluice, holder) = one_slot_held("queue_size = 2\nqueue_timeout = \"5s\"").await;
     let pool = sluice.pool(0);
 
     // One HTTP/1.1 client and one HTTP/2 stream wait, then go away.

@@ -121,13 +121,17 @@ async fn shutdown_grace_bounds_the_drain() {
     let addr = sluice.addr;
     let stuck = tokio::spawn(async move {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, http_body_util::Full<bytes::Bytes>>(
-            hyper_util::rt::TokioIo::new(stream),
-        )
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+            _,
+            http_body_util::Full<bytes::Bytes>,
+        >(hyper_util::rt::TokioIo::new(stream))
         .await
         .unwrap();
         tokio::spawn(conn);
-        sender.send_request(get(addr, "/score")).await.map(|r| r.status())
+        sender
+            .send_request(get(addr, "/score"))
+            .await
+            .map(|r| r.status())
     });
     backend.wait_current(1).await;
 

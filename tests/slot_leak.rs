@@ -204,7 +204,15 @@ async fn every_slot_is_released_after_thousands_of_aborted_and_failed_exchanges(
     let total: usize = outcomes.values().sum();
     assert_eq!(total, REQUESTS / WORKERS * WORKERS);
     // The chaos happened: every kind of ending was met.
-    for expected in ["200", "429", "500", "502", "504", "aborted", "dropped mid-body"] {
+    for expected in [
+        "200",
+        "429",
+        "500",
+        "502",
+        "504",
+        "aborted",
+        "dropped mid-body",
+    ] {
         assert!(
             outcomes.contains_key(expected),
             "no {expected:?} among {outcomes:?}"

@@ -95,18 +95,14 @@ async fn fifty_megabytes_stream_both_ways_without_the_proxy_buffering_them() {
         .start()
         .await;
     let path = write_config("streaming", &config(&service(&[backend.url()], "")));
-    let sluice = start_binary(&[
-        "run",
-        "--config",
-        path.to_str().unwrap(),
-        "--workers",
-        "2",
-    ])
-    .await;
+    let sluice = start_binary(&["run", "--config", path.to_str().unwrap(), "--workers", "2"]).await;
 
     // Warm up: connection pools, buffers and allocator arenas reach their working size.
     for _ in 0..5 {
-        assert_eq!(upload(&sluice, 1 << 20).await, (200, (1u64 << 20).to_string()));
+        assert_eq!(
+            upload(&sluice, 1 << 20).await,
+            (200, (1u64 << 20).to_string())
+        );
         assert_eq!(download(&sluice, "/download-small").await, (200, 1 << 20));
     }
     let before = sluice.status_kb("VmHWM");

@@ -125,7 +125,11 @@ impl Sluice {
         policy.services.iter().all(|s| {
             s.pool.in_flight() == 0
                 && s.pool.queue_len() == 0
-                && s.pool.shape().endpoints.iter().all(|(e, _)| e.in_flight() == 0)
+                && s.pool
+                    .shape()
+                    .endpoints
+                    .iter()
+                    .all(|(e, _)| e.in_flight() == 0)
         })
     }
 
