@@ -1,0 +1,251 @@
+//! The autoscaler wired into the proxy: the real rate limiter, metric windows, interval loop
+//! and event history, in virtual time (35 minutes in a moment) and over real sockets (the
+//! notify webhook).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderMap;
+use sluice::autoscale::{self, EventKind, EventQuery, Notifier};
+use sluice::config::Config;
+use sluice::policy::Policy;
+use sluice::proxy::Proxy;
+use support::*;
+
+const OVERLOADED: &str = r#"
+[[service]]
+name = "scoring"
+max_concurrent = 20
+endpoints = ["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"]
+[service.rate_limit]
+default_tps = 10
+[[service.resource]]
+name = "team-a"
+key = "key-a"
+tps = 10
+autoscale = true
+[[service.resource]]
+name = "team-b"
+key = "key-b"
+tps = 10
+"#;
+
+/// Drive both resources above their limits, one virtual second at a time, for `minutes`
+/// (team-b only until `b_stops_at` seconds); return the seconds at which team-a's limit
+/// changed, with the new limit, and team-b's final limit.
+async fn overload(proxy: &Proxy, minutes: u64, b_stops_at: u64) -> (Vec<(u64, u32)>, u32) {
+    let mut headers = HeaderMap::new();
+    let mut changes = Vec::new();
+    let mut last = 10;
+    for second in 0..minutes * 60 {
+        let policy = proxy.policy();
+        let limits = policy.services[0].limits.as_ref().unwrap();
+        for key in ["key-a", "key-b"] {
+            if key == "key-b" && second >= b_stops_at {
+                continue;
+            }
+            let limit = limits.find(if key == "key-a" { "team-a" } else { "team-b" });
+            let offered = limit.unwrap().limit().tps.get() + 10;
+            headers.insert("x-api-key", key.parse().unwrap());
+            for _ in 0..offered {
+                let _ = limits.check(&headers);
+            }
+        }
+        let now = limits.find("team-a").unwrap().limit().tps.get();
+        if now != last {
+            changes.push((second, now));
+            last = now;
+        }
+        // The autoscale loop ticks in this (auto-advanced) second too.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let team_b = proxy.policy().services[0]
+        .limits
+        .as_ref()
+        .unwrap()
+        .find("team-b")
+        .unwrap()
+        .limit()
+        .tps
+        .get();
+    (changes, team_b)
+}
+
+#[tokio::test(start_paused = true)]
+async fn sustained_overload_doubles_the_limit_every_five_minutes_up_to_1000() {
+    let config = Config::parse(OVERLOADED).unwrap();
+    sluice::config::validate(&config).unwrap();
+    let proxy = Proxy::new(
+        Policy::from_config(&config, None).unwrap(),
+        Duration::from_secs(1),
+    );
+    let history = Arc::clone(proxy.events());
+    let looping = tokio::spawn(autoscale::run(
+        Arc::clone(&proxy),
+        "scoring".into(),
+        Arc::clone(&history),
+        Notifier::default(),
+        chrono::Utc::now,
+    ));
+
+    let (changes, team_b) = overload(&proxy, 40, u64::MAX).await;
+    looping.abort();
+
+    let limits: Vec<u32> = changes.iter().map(|&(_, limit)| limit).collect();
+    assert_eq!(
+        limits,
+        [20, 40, 80, 160, 320, 640, 1000],
+        "changes: {changes:?}"
+    );
+    for (step, &(second, _)) in changes.iter().enumerate() {
+        let due = 300 * (step as u64 + 1);
+        assert!(
+            (due..=due + 2).contains(&second),
+            "step {} at {second} s, due at {due} s: {changes:?}",
+            step + 1
+        );
+    }
+    assert_eq!(team_b, 10, "team-b has autoscale off and stays at its base");
+    let events = history.query(&EventQuery::default());
+    assert_eq!(events.len(), 7, "{events:#?}");
+    assert!(events
+        .iter()
+        .all(|e| e.kind == EventKind::ScaleUp && e.resource() == Some("team-a")));
+    assert_eq!((events[6].from, events[6].to), (640, 1000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_backend_defers_the_raise_and_looks_again_next_interval() {
+    // One endpoint of 20 slots at 50 ms projects 400 TPS; team-b alone is admitted at 385.
+    let toml = OVERLOADED
+        .replace(
+            "endpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\", \"http://127.0.0.1:3\"]",
+            "endpoints = [\"http://127.0.0.1:1\"]",
+        )
+        .replace("key = \"key-b\"\ntps = 10", "key = \"key-b\"\ntps = 385");
+    let config = Config::parse(&toml).unwrap();
+    sluice::config::validate(&config).unwrap();
+    let proxy = Proxy::new(
+        Policy::from_config(&config, None).unwrap(),
+        Duration::from_secs(1),
+    );
+    let history = Arc::clone(proxy.events());
+    let looping = tokio::spawn(autoscale::run(
+        Arc::clone(&proxy),
+        "scoring".into(),
+        Arc::clone(&history),
+        Notifier::default(),
+        chrono::Utc::now,
+    ));
+    // team-b goes quiet after 17 minutes.
+    let (changes, _) = overload(&proxy, 26, 17 * 60).await;
+    looping.abort();
+    let events = history.query(&EventQuery::default());
+    let kinds: Vec<(EventKind, u32, u32)> = events.iter().map(|e| (e.kind, e.from, e.to)).collect();
+    use EventKind::{DeferredInsufficientCapacity as Deferred, ScaleUp};
+    assert_eq!(
+        kinds,
+        [
+            // 400 projected − 395 admitted: a partial raise of 5 instead of +100%...
+            (ScaleUp, 10, 15),
+            // ...then nothing left: deferred, and looked at again every interval...
+            (Deferred, 15, 15),
+            (Deferred, 15, 15),
+            // ...until team-b went quiet at 17 min: raised again at 20 and 25 min.
+            (ScaleUp, 15, 30),
+            (ScaleUp, 30, 60),
+        ],
+        "{events:#?}"
+    );
+    assert!(
+        events[1].reason.contains("capacity"),
+        "{}",
+        events[1].reason
+    );
+    let seconds: Vec<u64> = changes.iter().map(|&(s, _)| s).collect();
+    assert!(
+        (300..=302).contains(&seconds[0]) && (1200..=1202).contains(&seconds[1]),
+        "{changes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_events_reach_the_webhook_and_a_dead_one_slows_nothing() {
+    let backend = mock().start().await;
+    let webhook = mock().start().await;
+    let stalled = mock().reply(|_| Reply::Stall).start().await;
+    let toml = config(&format!(
+        r#"{}
+[service.rate_limit]
+default_tps = 5
+[[service.resource]]
+name = "team-a"
+key = "key-a"
+tps = 5
+autoscale = true
+[service.autoscale]
+interval = "1s"
+notify = ["{}/dead", "{}/hook"]
+[[service.autoscale.profile]]
+name = "fast"
+[[service.autoscale.profile.rule]]
+metric = "throttled_requests"
+statistic = "sum"
+time_grain = "1s"
+time_window = "1s"
+time_aggregation = "total"
+operator = "greater_than"
+threshold = 0
+direction = "increase"
+type = "percent_change_count"
+value = 100
+cooldown = "1s"
+"#,
+        service(&[backend.url()], ""),
+        stalled.url(),
+        webhook.url()
+    ));
+    let sluice = start_sluice(&toml).await;
+    let client = pool();
+    let mut slowest = Duration::ZERO;
+    let started = tokio::time::Instant::now();
+    // 40 TPS against a limit of 5 until the webhook has seen two raises.
+    while webhook.requests() < 2 {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no scale event reached the webhook"
+        );
+        let mut req = get(sluice.addr, "/score");
+        req.headers_mut()
+            .insert("x-api-key", "key-a".parse().unwrap());
+        let sent = tokio::time::Instant::now();
+        let answer = send(&client, req).await;
+        slowest = slowest.max(sent.elapsed());
+        assert!(matches!(answer.status.as_u16(), 200 | 429));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let first = &webhook.received()[0];
+    assert_eq!(first.method, "POST");
+    assert_eq!(first.uri, "/hook");
+    assert_eq!(first.header("content-type"), Some("application/json"));
+    let event: serde_json::Value = serde_json::from_slice(first.body.as_ref().unwrap()).unwrap();
+    assert_eq!(event["kind"], "scale_up");
+    assert_eq!(event["resource"], "team-a");
+    assert_eq!(
+        (event["from"].as_u64(), event["to"].as_u64()),
+        (Some(5), Some(10))
+    );
+    assert!(
+        !event.to_string().contains("key-a"),
+        "no key material in events"
+    );
+    assert!(stalled.requests() >= 1, "the dead webhook was tried too");
+    // Deliveries to the stalled receiver hang for their timeout, off the request path.
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a request took {slowest:?}"
+    );
+    sluice.stop().await;
+}
