@@ -238,3 +238,84 @@ async fn caps_hold_under_churn() {
     }
     sluice.assert_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_slot_is_held_until_the_response_body_has_been_sent() {
+    // The endpoint answers at once but its body takes 4 x 250 ms: the endpoint is busy for
+    // that long, so its slot stays taken until the client has the last byte.
+    let backend = mock()
+        .reply(|_| Reply::Slow {
+            chunks: 4,
+            every: Duration::from_millis(250),
+        })
+        .start()
+        .await;
+    let sluice = start_sluice(&config(&service(&[backend.url()], "max_concurrent = 1"))).await;
+    let mut sender = connect_http1(sluice.addr).await;
+    let response = sender
+        .send_request(get(sluice.addr, "/score"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(sluice.endpoint_in_flight(0), vec![1]);
+    let meanwhile = once(sluice.addr, get(sluice.addr, "/score")).await;
+    assert_endpoints_full(&meanwhile);
+    let answer = collect(response).await.unwrap();
+    assert_eq!(answer.body.len(), 4 * 1024);
+    sluice.assert_idle().await;
+}
+
+/// A request body that sends `first` and then never ends.
+struct NeverEnding {
+    first: Option<bytes::Bytes>,
+}
+
+impl http_body::Body for NeverEnding {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        match self.first.take() {
+            Some(bytes) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes)))),
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_costs_nothing_downstream_and_does_not_wait_for_its_body() {
+    // Invariant 3: with the only slot taken, a request whose body never ends is refused at
+    // once; nothing reaches the endpoint, not even a connection.
+    let backend = mock().gated().start().await;
+    let sluice = start_sluice(&config(&service(&[backend.url()], "max_concurrent = 1"))).await;
+    let addr = sluice.addr;
+    let holder = tokio::spawn(async move { once(addr, get(addr, "/held")).await });
+    backend.wait_current(1).await;
+    let connections = backend.connections();
+
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{addr}/score"))
+        .body(NeverEnding {
+            first: Some(bytes::Bytes::from(vec![b'x'; 64 * 1024])),
+        })
+        .unwrap();
+    let response = tokio::time::timeout(DEADLINE, sender.send_request(req))
+        .await
+        .expect("the 429 does not wait for the request body")
+        .expect("an answer");
+    assert_eq!(response.status(), 429);
+
+    assert_eq!(backend.requests(), 1);
+    assert_eq!(backend.connections(), connections);
+    backend.open_gate();
+    assert_eq!(holder.await.unwrap().status, 200);
+    sluice.assert_idle().await;
+}

@@ -216,3 +216,62 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert_eq!(backend.requests(), 0);
     sluice.assert_idle().await;
 }
+
+/// Start a request on a connection of its own and wait until `backend` holds it (and, with
+/// `headers`, until the client has the response headers); then close the connection
+/// (HTTP/1.1) or reset the stream (HTTP/2).
+async fn give_up_once_held(sluice: &Sluice, backend: &Mock, h2: bool, headers: bool) {
+    let addr = sluice.addr;
+    let before = backend.requests();
+    let req = get(addr, "/score");
+    let (got_headers, mut headers_rx) = tokio::sync::mpsc::unbounded_channel();
+    let exchange = async move {
+        let response = if h2 {
+            connect_h2(addr).await.send_request(req).await?
+        } else {
+            connect_http1(addr).await.send_request(req).await?
+        };
+        let _ = got_headers.send(response.status());
+        response.into_body().collect().await.map(|_| ())
+    };
+    let exchange = tokio::spawn(exchange);
+    support::eventually("the endpoint holds the request", || {
+        backend.requests() > before
+    })
+    .await;
+    if headers {
+        let status = tokio::time::timeout(DEADLINE, headers_rx.recv()).await;
+        assert_eq!(status.expect("headers arrive").unwrap(), 200);
+    }
+    assert_eq!(sluice.pool(0).in_flight(), 1, "{}", sluice.counters());
+    exchange.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_gives_up_waiting_for_headers_frees_its_slot_at_once() {
+    // The endpoint never answers and the response timeout is the default 60 s: the slot must
+    // come back when the client leaves, not when the timeout fires.
+    let backend = mock().reply(|_| Reply::Stall).start().await;
+    let sluice = start_sluice(&config(&service(&[backend.url()], ""))).await;
+    give_up_once_held(&sluice, &backend, false, false).await;
+    sluice.assert_idle().await;
+    give_up_once_held(&sluice, &backend, true, false).await;
+    sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_while_the_body_stalls_frees_its_slot_at_once() {
+    // Headers come at once, then the body trickles: one chunk a minute.
+    let backend = mock()
+        .reply(|_| Reply::Slow {
+            chunks: 100,
+            every: Duration::from_secs(60),
+        })
+        .start()
+        .await;
+    let sluice = start_sluice(&config(&service(&[backend.url()], ""))).await;
+    give_up_once_held(&sluice, &backend, false, true).await;
+    sluice.assert_idle().await;
+    give_up_once_held(&sluice, &backend, true, true).await;
+    sluice.assert_idle().await;
+}

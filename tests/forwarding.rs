@@ -327,3 +327,26 @@ async fn upstream_connections_are_kept_alive_and_reused() {
         backend.connections()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_base_path_is_prepended_to_the_request_path() {
+    let backend = mock().start().await;
+    let sluice = start_sluice(&config(&service(
+        &[format!("{}/models/churn/", backend.url())],
+        "",
+    )))
+    .await;
+    let client = pool();
+    for path in ["/score?x=1", "/", "/a/b"] {
+        assert_eq!(send(&client, get(sluice.addr, path)).await.status, 200);
+    }
+    assert_eq!(
+        backend.arrivals(),
+        [
+            "/models/churn/score?x=1",
+            "/models/churn/",
+            "/models/churn/a/b"
+        ]
+    );
+    sluice.assert_idle().await;
+}
