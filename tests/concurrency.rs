@@ -111,16 +111,16 @@ async fn three_endpoints_cap_5_hold_15_in_flight_and_refuse_the_16th() {
     sluice.assert_idle().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_endpoint_is_never_chosen_while_another_has_room() {
+/// With `balance`: every request is served by the endpoint with room, none refused.
+async fn full_endpoint_never_chosen(balance: &str) {
     // `small` (cap 1) is kept full; `large` (cap 50) answers at once. Every one of 300
     // requests must be served by `large`: picking `small` would make sluice look elsewhere
     // or refuse, and neither is allowed while `large` has room.
     let small = mock().gated().start().await;
     let large = mock().start().await;
     let toml = config(&format!(
-        "[[service]]\nname = \"scoring\"\nendpoints = [{{ url = {:?}, max_concurrent = 1 }}, \
-         {{ url = {:?}, max_concurrent = 50 }}]\n",
+        "[[service]]\nname = \"scoring\"\nbalance = {balance:?}\n\
+         endpoints = [{{ url = {:?}, max_concurrent = 1 }}, {{ url = {:?}, max_concurrent = 50 }}]\n",
         small.url(),
         large.url()
     ));
@@ -157,6 +157,16 @@ async fn a_full_endpoint_is_never_chosen_while_another_has_room() {
     assert!(earlier.iter().all(|s| *s == 200));
     assert_eq!(last.status, 200);
     sluice.assert_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_endpoint_is_never_chosen_while_another_has_room() {
+    full_endpoint_never_chosen("random").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_never_chooses_a_full_endpoint_while_another_has_room() {
+    full_endpoint_never_chosen("p2c").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,6 +98,13 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
             vec!["service[0].endpoints[0]", "ftp://127.0.0.1:21", "http"],
         ),
         (
+            "duplicate endpoint",
+            "[[service]]\nname = \"scoring\"\n\
+             endpoints = [\"http://127.0.0.1:9001\", \"http://127.0.0.1:9001\"]\n"
+                .into(),
+            vec!["service[0].endpoints[1]", "duplicate"],
+        ),
+        (
             "URL without scheme",
             "[[service]]\nname = \"scoring\"\nendpoints = [\"127.0.0.1:9001\"]\n".into(),
             vec!["service[0].endpoints[0]", "http"],

@@ -275,3 +275,72 @@ async fn a_client_that_leaves_while_the_body_stalls_frees_its_slot_at_once() {
     give_up_once_held(&sluice, &backend, true, true).await;
     sluice.assert_idle().await;
 }
+
+/// A request body of `chunks` x 10 bytes, one chunk every 100 ms: a slow client upload.
+struct Trickle {
+    chunks: usize,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for Trickle {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if self.chunks == 0 {
+            return Poll::Ready(None);
+        }
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.timer = None;
+        self.chunks -= 1;
+        Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::from_static(
+            b"0123456789",
+        )))))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect: timeouts.response runs while the client is still uploading (src/proxy/mod.rs: \
+            timeout(policy.timeouts.response, client.request(..)) covers connect + request \
+            body), so a slow upload to a healthy endpoint gets 504 and a truncated request"]
+async fn a_slow_upload_to_a_healthy_endpoint_is_not_cut_off_by_the_response_timeout() {
+    // `response` bounds the wait for the endpoint's response headers. Here the endpoint
+    // answers as soon as it has the body; the client just takes 800 ms to send it.
+    let backend = mock()
+        .reply(|r| Reply::ok(r.body_len.to_string()))
+        .start()
+        .await;
+    let sluice = start_sluice(&config(&format!(
+        "[timeouts]\nresponse = \"300ms\"\n\n{}",
+        service(&[backend.url()], "")
+    )))
+    .await;
+    let stream = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/score", sluice.addr))
+        .body(Trickle {
+            chunks: 8,
+            timer: None,
+        })
+        .unwrap();
+    let answer = collect(sender.send_request(req).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.text(), "80", "the endpoint got the whole body");
+    sluice.assert_idle().await;
+}

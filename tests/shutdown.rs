@@ -1,4 +1,4 @@
-//! Graceful shutdown: stop accepting, let in-flight exchanges finish (within
+//! Graceful shutdown: stop accepting, let in-flight exchanges (HTTP/1.1 and HTTP/2) finish (within
 //! `shutdown_grace`), then stop; the binary does this on SIGTERM/SIGINT and exits 0.
 
 mod support;
@@ -38,7 +38,12 @@ async fn requests_in_flight_when_shutdown_begins_complete_with_200() {
     assert_eq!(send(&idle, get(addr, "/warm-up")).await.status, 200);
 
     let waiting = tokio::spawn(async move { once(addr, get(addr, "/held")).await });
-    held.wait_current(1).await;
+    let mut h2 = connect_h2(addr).await;
+    let waiting_h2 = tokio::spawn(async move {
+        let response = h2.send_request(get(addr, "/held/h2")).await?;
+        collect(response).await
+    });
+    held.wait_current(2).await;
     let mut streaming = connect_http1(addr).await;
     let slow = streaming
         .send_request(get(addr, "/slow-body"))
@@ -55,6 +60,12 @@ async fn requests_in_flight_when_shutdown_begins_complete_with_200() {
 
     held.open_gate();
     let answer = waiting.await.unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text(), "ok");
+    let answer = waiting_h2
+        .await
+        .unwrap()
+        .expect("the HTTP/2 stream completes");
     assert_eq!(answer.status, 200);
     assert_eq!(answer.text(), "ok");
     let slow = collect(slow).await.expect("the slow body completes");
