@@ -131,7 +131,11 @@ async fn run(path: &Path, demo: Option<(usize, Duration)>) -> anyhow::Result<()>
                 .collect();
         }
     }
-    let app = App::bind(&config).await?;
+    let mut app = App::bind(&config).await?;
+    if demo_endpoints.is_empty() {
+        // The demo's endpoints are not in the file, so a reload would drop them: run only.
+        app = app.reload_from(path.to_owned(), config.clone());
+    }
     tracing::info!(config = %path.display(), summary = %config.summary(), "config loaded");
     if !demo_endpoints.is_empty() {
         let port = app.proxy_addr().port();

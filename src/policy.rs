@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use crate::autoscale::ServiceAutoscaler;
+use chrono::{DateTime, Utc};
+
+use crate::autoscale::{Event, ServiceAutoscaler};
 use crate::balance::{InvalidEndpointUrl, Pool, Shape};
 use crate::config::{Config, Timeouts};
 use crate::limit::RateLimiter;
@@ -35,12 +37,20 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Build from a validated config. Services that keep their name (and endpoints that keep
-    /// their URL) in `previous` keep their counters and queue, so in-flight requests carry over.
-    pub fn from_config(
+    /// Build from a validated config.
+    pub fn from_config(config: &Config) -> Result<Self, InvalidEndpointUrl> {
+        Self::reload(config, None, Utc::now()).map(|(policy, _)| policy)
+    }
+
+    /// Build from a validated config, carrying over from `previous`: services that keep their
+    /// name (and endpoints that keep their URL) keep their counters and queue, so in-flight
+    /// requests carry over; resources keep their usage; autoscaled limits and cooldowns carry
+    /// over. Returns the autoscale events the change caused.
+    pub fn reload(
         config: &Config,
         previous: Option<&Policy>,
-    ) -> Result<Self, InvalidEndpointUrl> {
+        wall: DateTime<Utc>,
+    ) -> Result<(Self, Vec<Event>), InvalidEndpointUrl> {
         let find_previous =
             |name: &str| previous.and_then(|p| p.services.iter().find(|s| &*s.name == name));
         // Build every shape first, so a failure leaves the live pools untouched.
@@ -53,6 +63,7 @@ impl Policy {
                 Shape::from_config(s, old_shape.as_deref())
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut events = Vec::new();
         let services: Vec<Arc<Service>> = config
             .services
             .iter()
@@ -69,10 +80,22 @@ impl Policy {
                 let limits = s
                     .rate_limit()
                     .map(|settings| RateLimiter::from_config(&settings, &s.resources, old_limits));
-                // Autoscale state starts afresh with each policy built from a file.
+                let old_autoscale = find_previous(&s.name).and_then(|o| o.autoscale.as_deref());
                 let autoscale = s.autoscale().map(|settings| {
                     let now = tokio::time::Instant::now().into_std();
-                    Arc::new(ServiceAutoscaler::new(s, settings, limits.as_ref(), now))
+                    let (autoscaler, changed) = ServiceAutoscaler::build(
+                        s,
+                        settings,
+                        limits.as_ref(),
+                        old_autoscale,
+                        now,
+                        wall,
+                    );
+                    events.extend(changed);
+                    if autoscaler.endpoint_concurrency() != s.max_concurrent {
+                        pool.set_default_cap(autoscaler.endpoint_concurrency());
+                    }
+                    Arc::new(autoscaler)
                 });
                 Arc::new(Service {
                     name: s.name.as_str().into(),
@@ -85,11 +108,12 @@ impl Policy {
             .collect();
         let mut routes: Vec<usize> = (0..services.len()).collect();
         routes.sort_by_key(|&i| std::cmp::Reverse(services[i].path_prefix.len()));
-        Ok(Self {
+        let policy = Self {
             services,
             routes,
             timeouts: config.timeouts.clone(),
-        })
+        };
+        Ok((policy, events))
     }
 
     /// The service with the longest prefix that matches `path` on a segment boundary
@@ -136,7 +160,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let policy = Policy::from_config(&config, None).unwrap();
+        let policy = Policy::from_config(&config).unwrap();
         let route = |p: &str| policy.route(p).map(|s| s.name.to_string());
         assert_eq!(route("/score").as_deref(), Some("score"));
         assert_eq!(route("/score/v1").as_deref(), Some("score"));

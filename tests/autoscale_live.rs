@@ -78,7 +78,7 @@ async fn sustained_overload_doubles_the_limit_every_five_minutes_up_to_1000() {
     let config = Config::parse(OVERLOADED).unwrap();
     sluice::config::validate(&config).unwrap();
     let proxy = Proxy::new(
-        Policy::from_config(&config, None).unwrap(),
+        Policy::from_config(&config).unwrap(),
         Duration::from_secs(1),
     );
     let history = Arc::clone(proxy.events());
@@ -128,7 +128,7 @@ async fn a_busy_backend_defers_the_raise_and_looks_again_next_interval() {
     let config = Config::parse(&toml).unwrap();
     sluice::config::validate(&config).unwrap();
     let proxy = Proxy::new(
-        Policy::from_config(&config, None).unwrap(),
+        Policy::from_config(&config).unwrap(),
         Duration::from_secs(1),
     );
     let history = Arc::clone(proxy.events());

@@ -247,6 +247,11 @@ impl ServiceMetrics {
         m
     }
 
+    /// Add counters that already exist (kept across a reload with the same window shape).
+    pub fn insert_resource(&mut self, name: &str, metrics: Arc<ResourceMetrics>) {
+        self.resources.insert(name.to_owned(), metrics);
+    }
+
     /// The counters of `name`, if it was added.
     pub fn resource(&self, name: &str) -> Option<&Arc<ResourceMetrics>> {
         self.resources.get(name)

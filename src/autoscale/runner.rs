@@ -3,6 +3,7 @@
 //! live limiter and pool; each event is logged, kept in the history and sent to `notify` URLs.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -10,8 +11,8 @@ use chrono::{DateTime, Utc};
 
 use super::notify::Notifier;
 use super::{
-    AutoscaleSettings, CapacityInput, Event, EventHistory, Metric, ResourceSpec, ScaleTarget,
-    ServiceEngine, ServiceMetrics,
+    AutoscaleSettings, CapacityInput, Event, EventHistory, Metric, ResourceMetrics, ResourceSpec,
+    ScaleTarget, ServiceEngine, ServiceMetrics,
 };
 use crate::balance::{Endpoint, Pool};
 use crate::config::ServiceConfig;
@@ -30,36 +31,79 @@ pub struct ServiceAutoscaler {
 }
 
 impl ServiceAutoscaler {
-    /// Build for a service whose rate limiter is `limits` (resources get their metric windows
-    /// attached, so the request path feeds them).
-    pub fn new(
+    /// Build for a service whose rate limiter is `limits`: resources get their metric windows
+    /// attached (so the request path feeds them) and their live limits set from the engine.
+    /// With `previous` (a reload), the engine's limits and cooldowns carry over, and so do the
+    /// metric windows when their shape is unchanged; the events say what the reload changed.
+    pub fn build(
         config: &ServiceConfig,
         settings: AutoscaleSettings,
         limits: Option<&RateLimiter>,
+        previous: Option<&ServiceAutoscaler>,
         now: Instant,
-    ) -> Self {
-        let mut metrics = ServiceMetrics::new(settings.window_spec(), now, config.endpoints.len());
-        let mut engine = ServiceEngine::new(&config.name, settings.clone(), config.max_concurrent);
+        wall: DateTime<Utc>,
+    ) -> (Self, Vec<Event>) {
+        let spec = settings.window_spec();
+        let kept = previous.filter(|p| p.settings.window_spec() == spec);
+        let mut metrics = ServiceMetrics::new(spec, now, config.endpoints.len());
+        let mut specs = BTreeMap::new();
         if let Some(limits) = limits {
-            let max_tps = limits.settings().max_tps;
             for resource in limits.all_resources() {
-                let limit = resource.limit().tps.get();
-                resource.attach_metrics(metrics.add_resource(&resource.name, limit, now));
+                let window = kept
+                    .and_then(|p| p.metrics.resource(&resource.name).cloned())
+                    .unwrap_or_else(|| {
+                        let limit = resource.limit().tps.get();
+                        Arc::new(ResourceMetrics::new(spec, now, limit))
+                    });
+                metrics.insert_resource(&resource.name, Arc::clone(&window));
+                resource.attach_metrics(window);
             }
             for resource in limits.resources() {
                 let spec = ResourceSpec {
                     base: resource.base().tps.get(),
-                    max_tps,
+                    max_tps: limits.settings().max_tps,
                     enabled: resource.autoscale(),
                 };
-                engine.add_resource(&resource.name, spec);
+                specs.insert(resource.name.to_string(), spec);
             }
         }
-        Self {
+        let (engine, events) = match previous {
+            Some(previous) => {
+                let mut engine = previous.engine().clone();
+                let events = engine.reload(settings.clone(), &specs, config.max_concurrent, wall);
+                (engine, events)
+            }
+            None => {
+                let mut engine =
+                    ServiceEngine::new(&config.name, settings.clone(), config.max_concurrent);
+                for (name, spec) in &specs {
+                    engine.add_resource(name, *spec);
+                }
+                (engine, Vec::new())
+            }
+        };
+        // The engine is the one place autoscaled values live; make the limiter agree with it.
+        if let Some(limits) = limits {
+            for (name, state) in engine.resources() {
+                if let (Some(r), Some(tps)) = (limits.find(name), NonZeroU32::new(state.limit)) {
+                    if r.autoscale() {
+                        r.set_tps(tps);
+                        metrics.resource(name).map(|m| m.set_limit(tps.get()));
+                    }
+                }
+            }
+        }
+        let autoscaler = Self {
             settings,
             metrics,
             engine: Mutex::new(engine),
-        }
+        };
+        (autoscaler, events)
+    }
+
+    /// The per-endpoint cap the engine holds for the service (autoscaled or configured).
+    pub fn endpoint_concurrency(&self) -> u32 {
+        self.engine().endpoint_concurrency()
     }
 
     /// The settings in force.
@@ -144,7 +188,7 @@ impl ServiceAutoscaler {
         if event.from == event.to {
             return; // a deferral
         }
-        let Some(to) = std::num::NonZeroU32::new(event.to) else {
+        let Some(to) = NonZeroU32::new(event.to) else {
             return;
         };
         match &event.target {

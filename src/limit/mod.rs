@@ -12,7 +12,9 @@ mod keys;
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use http::header::{HeaderMap, HeaderName};
 use tokio::time::Instant;
@@ -50,7 +52,7 @@ pub struct Resource {
     /// Admitted / throttled / succeeded.
     pub counters: Counters,
     /// Autoscale metric windows, when the service autoscales.
-    metrics: OnceLock<Arc<ResourceMetrics>>,
+    metrics: ArcSwapOption<ResourceMetrics>,
 }
 
 impl Resource {
@@ -62,13 +64,13 @@ impl Resource {
             base: AtomicU64::new(base.pack()),
             autoscale: AtomicBool::new(autoscale),
             counters: Counters::default(),
-            metrics: OnceLock::new(),
+            metrics: ArcSwapOption::empty(),
         }
     }
 
-    /// Feed the autoscaler's windows from now on (first attachment wins).
+    /// Feed these autoscale windows from now on.
     pub fn attach_metrics(&self, metrics: Arc<ResourceMetrics>) {
-        let _ = self.metrics.set(metrics);
+        self.metrics.store(Some(metrics));
     }
 
     /// The limit configured for it.
@@ -95,14 +97,12 @@ impl Resource {
         self.bucket.set_quota(Quota { tps, burst });
     }
 
-    /// Change the base limit and autoscale flag. The live limit follows the base unless
-    /// autoscale stays on, in which case it is kept within the new bounds by the autoscaler.
+    /// Change the base limit and the autoscale flag. Without autoscale the live limit is the
+    /// base, at once; with it, the autoscaler sets the live limit.
     pub fn reconfigure(&self, base: Quota, autoscale: bool) {
-        let was_autoscaled = self.autoscale.swap(autoscale, Ordering::AcqRel);
-        let old_base = Quota::unpack(self.base.swap(base.pack(), Ordering::AcqRel));
-        let live = self.limit();
-        // Autoscale off (or just turned off) means the base limit, at once.
-        if !autoscale || !was_autoscaled || live == old_base || live.tps < base.tps {
+        self.autoscale.store(autoscale, Ordering::Release);
+        self.base.store(base.pack(), Ordering::Release);
+        if !autoscale {
             self.bucket.set_quota(base);
         }
     }
@@ -118,7 +118,7 @@ impl Resource {
             &self.counters.throttled
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        if let Some(metrics) = self.metrics.get() {
+        if let Some(metrics) = &*self.metrics.load() {
             let (a, t) = if admitted { (1, 0) } else { (0, 1) };
             metrics.record(at.into_std(), a, t);
         }

@@ -45,9 +45,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         };
         // Small request/response exchanges: send them without Nagle's delay.
         let _ = stream.set_nodelay(true);
-        let proxy = Arc::clone(&proxy);
+        let connection_proxy = Arc::clone(&proxy);
         let service = service_fn(move |req| {
-            let proxy = Arc::clone(&proxy);
+            let proxy = Arc::clone(&connection_proxy);
             async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
         });
         let connection = builder
@@ -61,8 +61,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         });
     }
     drop(listener);
-    tracing::info!(grace = ?timeouts.shutdown_grace, "shutting down: draining in-flight requests");
-    if tokio::time::timeout(timeouts.shutdown_grace, graceful.shutdown())
+    // The grace in force now: a reload may have changed it.
+    let grace = proxy.policy().timeouts.shutdown_grace;
+    tracing::info!(?grace, "shutting down: draining in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
