@@ -88,7 +88,9 @@ impl ServiceAutoscaler {
                 if let (Some(r), Some(tps)) = (limits.find(name), NonZeroU32::new(state.limit)) {
                     if r.autoscale() {
                         r.set_tps(tps);
-                        metrics.resource(name).map(|m| m.set_limit(tps.get()));
+                        if let Some(window) = metrics.resource(name) {
+                            window.set_limit(tps.get());
+                        }
                     }
                 }
             }
