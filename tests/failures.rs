@@ -310,9 +310,6 @@ impl http_body::Body for Trickle {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: timeouts.response runs while the client is still uploading (src/proxy/mod.rs: \
-            timeout(policy.timeouts.response, client.request(..)) covers connect + request \
-            body), so a slow upload to a healthy endpoint gets 504 and a truncated request"]
 async fn a_slow_upload_to_a_healthy_endpoint_is_not_cut_off_by_the_response_timeout() {
     // `response` bounds the wait for the endpoint's response headers. Here the endpoint
     // answers as soon as it has the body; the client just takes 800 ms to send it.

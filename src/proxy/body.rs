@@ -3,25 +3,53 @@
 //! endpoint's streamed body holding its slot, or a small JSON answer built by sluice).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::sync::Notify;
 
 use crate::balance::Slot;
 
 /// The client's request body, kept so that it can be sent to a second endpoint if the first
 /// refused the connection before any byte was read from it.
 pub struct BodySource {
-    shared: Option<Arc<Mutex<Option<Incoming>>>>,
+    shared: Option<Arc<Shared>>,
+}
+
+/// The body while it can still be replayed, and whether it has been read to its end.
+pub struct Shared {
+    body: Mutex<Option<Incoming>>,
+    sent: AtomicBool,
+    sent_notify: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Incoming>> {
+        // The lock guards a plain Option move; a poisoned one holds a valid value.
+        self.body.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn mark_sent(&self) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            self.sent_notify.notify_waiters();
+        }
+    }
 }
 
 impl BodySource {
     /// Wrap the client's body. Empty bodies need no sharing.
     pub fn new(body: Incoming) -> Self {
-        let shared = (!body.is_end_stream()).then(|| Arc::new(Mutex::new(Some(body))));
+        let shared = (!body.is_end_stream()).then(|| {
+            Arc::new(Shared {
+                body: Mutex::new(Some(body)),
+                sent: AtomicBool::new(false),
+                sent_notify: Notify::new(),
+            })
+        });
         Self { shared }
     }
 
@@ -29,7 +57,7 @@ impl BodySource {
     pub fn is_untouched(&self) -> bool {
         self.shared
             .as_ref()
-            .is_none_or(|shared| lock(shared).is_some())
+            .is_none_or(|shared| shared.lock().is_some())
     }
 
     /// A body for one attempt, or `None` if an earlier attempt started reading it.
@@ -37,16 +65,24 @@ impl BodySource {
         match &self.shared {
             None => Some(UpstreamBody::Empty),
             Some(shared) => {
-                let untouched = lock(shared).is_some();
+                let untouched = shared.lock().is_some();
                 untouched.then(|| UpstreamBody::Shared(Arc::clone(shared)))
             }
         }
     }
-}
 
-fn lock(shared: &Mutex<Option<Incoming>>) -> std::sync::MutexGuard<'_, Option<Incoming>> {
-    // The lock guards a plain Option move; a poisoned one holds a valid value.
-    shared.lock().unwrap_or_else(|p| p.into_inner())
+    /// Resolves once the client's body has been read to its end (at once for no body), i.e.
+    /// when the endpoint has the whole request and the wait for its response begins.
+    pub async fn sent(&self) {
+        let Some(shared) = &self.shared else { return };
+        loop {
+            let notified = shared.sent_notify.notified();
+            if shared.sent.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// The request body as the upstream client sees it.
@@ -54,9 +90,9 @@ pub enum UpstreamBody {
     /// No body.
     Empty,
     /// Not read yet: still in the shared source.
-    Shared(Arc<Mutex<Option<Incoming>>>),
+    Shared(Arc<Shared>),
     /// Being read: taken out of the source, so it cannot be replayed any more.
-    Reading(Incoming),
+    Reading(Incoming, Arc<Shared>),
 }
 
 impl Body for UpstreamBody {
@@ -69,14 +105,20 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         if let Self::Shared(shared) = this {
-            let taken = lock(shared).take();
+            let taken = shared.lock().take();
             *this = match taken {
-                Some(body) => Self::Reading(body),
+                Some(body) => Self::Reading(body, Arc::clone(shared)),
                 None => Self::Empty,
             };
         }
         match this {
-            Self::Reading(body) => Pin::new(body).poll_frame(cx),
+            Self::Reading(body, shared) => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+                    shared.mark_sent();
+                }
+                polled
+            }
             _ => Poll::Ready(None),
         }
     }
@@ -84,18 +126,26 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Empty => true,
-            Self::Shared(shared) => lock(shared).as_ref().is_none_or(Body::is_end_stream),
-            Self::Reading(body) => body.is_end_stream(),
+            Self::Shared(shared) => shared.lock().as_ref().is_none_or(Body::is_end_stream),
+            Self::Reading(body, shared) => {
+                // hyper stops polling once this says the end is reached.
+                let end = body.is_end_stream();
+                if end {
+                    shared.mark_sent();
+                }
+                end
+            }
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Empty => SizeHint::with_exact(0),
-            Self::Shared(shared) => lock(shared)
+            Self::Shared(shared) => shared
+                .lock()
                 .as_ref()
                 .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
-            Self::Reading(body) => body.size_hint(),
+            Self::Reading(body, _) => body.size_hint(),
         }
     }
 }

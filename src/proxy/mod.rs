@@ -203,8 +203,17 @@ impl Proxy {
                 return outcome.reject(Reason::UpstreamError, Some(service));
             };
             let attempt_started = Instant::now();
-            let sent = self.client.request(request);
-            match tokio::time::timeout(policy.timeouts.response, sent).await {
+            // `timeouts.response` bounds the wait for response headers once the endpoint has
+            // the whole request, not a client's slow upload.
+            let response_deadline = async {
+                source.sent().await;
+                tokio::time::sleep(policy.timeouts.response).await;
+            };
+            let exchange = tokio::select! {
+                result = self.client.request(request) => Ok(result),
+                () = response_deadline => Err(()),
+            };
+            match exchange {
                 Ok(Ok(response)) => {
                     endpoint.mark_reachable();
                     if let Some(autoscale) = &service.autoscale {
@@ -239,7 +248,7 @@ impl Proxy {
                     tracing::warn!(endpoint = endpoint.url(), error = %error_chain(&e), "upstream error");
                     return outcome.reject(Reason::UpstreamError, Some(service));
                 }
-                Err(_elapsed) => return outcome.reject(Reason::UpstreamTimeout, Some(service)),
+                Err(()) => return outcome.reject(Reason::UpstreamTimeout, Some(service)),
             }
         }
     }
