@@ -341,3 +341,40 @@ async fn a_slow_upload_to_a_healthy_endpoint_is_not_cut_off_by_the_response_time
     assert_eq!(answer.text(), "80", "the endpoint got the whole body");
     sluice.assert_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "defect: since 4c6cf51 the response timer starts only once the whole request body \
+            was read (src/proxy/mod.rs:207-208, source.sent()), so an endpoint that stops \
+            reading a large body is never timed out: the client hangs and the slot is held"]
+async fn an_endpoint_that_stops_reading_the_request_gets_504_at_the_response_timeout() {
+    // The endpoint takes the request head, then neither reads the body nor answers. 64 MB is
+    // more than the socket buffers between client, sluice and endpoint hold, so the upload
+    // stalls: the endpoint is stuck, and `response` must still bound the wait.
+    let backend = mock().ignore_body().reply(|_| Reply::Stall).start().await;
+    let sluice = start_sluice(&config(&format!(
+        "[timeouts]\nresponse = \"300ms\"\n\n{}",
+        service(&[backend.url()], "")
+    )))
+    .await;
+    let stream = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}/score", sluice.addr))
+        .body(GeneratedBody::new(64 << 20))
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let response = tokio::time::timeout(DEADLINE, sender.send_request(req))
+        .await
+        .expect("sluice answers although the endpoint is stuck")
+        .expect("an answer");
+    let waited = started.elapsed();
+    let answer = collect(response).await.unwrap();
+    assert_eq!(answer.status, 504, "{}", answer.text());
+    assert_eq!(answer.reason(), "upstream_timeout");
+    assert!(waited < Duration::from_secs(5), "504 after {waited:?}");
+    assert_eq!(backend.requests(), 1);
+    sluice.assert_idle().await;
+}

@@ -3,10 +3,13 @@
 //! knowledge, and raw bytes over TCP for what a typed client would normalise.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -143,4 +146,45 @@ pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> String {
         .expect("sluice closes the connection after answering")
         .expect("read answer");
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A request body of `len` bytes of b'u', made 64 KiB at a time as the connection takes
+/// them (so a test can send more than it could hold).
+pub struct GeneratedBody {
+    remaining: u64,
+}
+
+impl GeneratedBody {
+    pub fn new(len: u64) -> Self {
+        Self { remaining: len }
+    }
+}
+
+static UPLOAD_CHUNK: [u8; 64 * 1024] = [b'u'; 64 * 1024];
+
+impl Body for GeneratedBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(UPLOAD_CHUNK.len() as u64) as usize;
+        self.remaining -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            &UPLOAD_CHUNK[..n],
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
 }

@@ -95,6 +95,7 @@ type ReplyFn = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
 pub struct MockBuilder {
     hold: Duration,
     gated: bool,
+    read_body: bool,
     reply: ReplyFn,
 }
 
@@ -103,6 +104,7 @@ pub fn mock() -> MockBuilder {
     MockBuilder {
         hold: Duration::ZERO,
         gated: false,
+        read_body: true,
         reply: Arc::new(|_| Reply::ok("ok")),
     }
 }
@@ -117,6 +119,12 @@ impl MockBuilder {
     /// Hold each request until [`Mock::open_gate`] is called (and at least `hold`).
     pub fn gated(mut self) -> Self {
         self.gated = true;
+        self
+    }
+
+    /// Never read request bodies (a stuck endpoint: the sender sees TCP back-pressure).
+    pub fn ignore_body(mut self) -> Self {
+        self.read_body = false;
         self
     }
 
@@ -140,6 +148,7 @@ impl MockBuilder {
         let (gate, _) = watch::channel(!self.gated);
         let state = Arc::new(State {
             hold: self.hold,
+            read_body: self.read_body,
             gate,
             reply: self.reply,
             requests: AtomicUsize::new(0),
@@ -160,6 +169,7 @@ impl MockBuilder {
 
 struct State {
     hold: Duration,
+    read_body: bool,
     gate: watch::Sender<bool>,
     reply: ReplyFn,
     requests: AtomicUsize,
@@ -307,11 +317,14 @@ async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Moc
     state.requests.fetch_add(1, Ordering::SeqCst);
     let serving = Serving::new(&state);
 
-    // Consume the body as it streams in: count it, keep it only when small.
+    // Consume the body as it streams in: count it, keep it only when small. The body stays
+    // alive until the answer, so an ignored body is back-pressure, not a closed connection.
     let mut body_len = 0u64;
     let mut kept = Vec::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { break };
+    while state.read_body {
+        let Some(Ok(frame)) = body.frame().await else {
+            break;
+        };
         if let Ok(data) = frame.into_data() {
             body_len += data.len() as u64;
             if kept.len() + data.len() <= KEEP_BODY {
