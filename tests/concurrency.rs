@@ -116,7 +116,7 @@ async fn full_endpoint_never_chosen(balance: &str) {
     // `small` (cap 1) is kept full; `large` (cap 50) answers at once. Every one of 300
     // requests must be served by `large`: picking `small` would make sluice look elsewhere
     // or refuse, and neither is allowed while `large` has room.
-    let small = mock().gated().start().await;
+    let small = mock().gated().reply(|_| Reply::ok("small")).start().await;
     let large = mock().start().await;
     let toml = config(&format!(
         "[[service]]\nname = \"scoring\"\nbalance = {balance:?}\n\
@@ -133,7 +133,7 @@ async fn full_endpoint_never_chosen(balance: &str) {
         let mut answers = Vec::new();
         loop {
             let answer = send(&client, get(addr, "/fill")).await;
-            if answer.text() != "ok" || answers.len() > 1000 {
+            if answer.text() == "small" || answers.len() > 1000 {
                 return (answers, answer);
             }
             answers.push(answer.status);

@@ -43,6 +43,7 @@ pub struct Running {
     /// Where its proxy listens.
     pub addr: SocketAddr,
     lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Start `sluice --log-format json ARGS...` and wait until its proxy listens.
@@ -58,8 +59,10 @@ pub async fn start_binary(args: &[&str]) -> Running {
         .expect("start sluice");
     let lines = Arc::new(Mutex::new(Vec::new()));
     let (tx, rx) = mpsc::channel();
-    collect_lines(child.stdout.take().expect("stdout"), &lines, tx.clone());
-    collect_lines(child.stderr.take().expect("stderr"), &lines, tx);
+    let readers = vec![
+        collect_lines(child.stdout.take().expect("stdout"), &lines, tx.clone()),
+        collect_lines(child.stderr.take().expect("stderr"), &lines, tx),
+    ];
     let addr = tokio::task::spawn_blocking(move || listening_addr(&rx))
         .await
         .expect("reader thread");
@@ -68,14 +71,19 @@ pub async fn start_binary(args: &[&str]) -> Running {
         let output = lines.lock().unwrap().join("\n");
         panic!("sluice did not report its address; output:\n{output}");
     };
-    Running { child, addr, lines }
+    Running {
+        child,
+        addr,
+        lines,
+        readers,
+    }
 }
 
 fn collect_lines(
     stream: impl Read + Send + 'static,
     lines: &Arc<Mutex<Vec<String>>>,
     tx: mpsc::Sender<String>,
-) {
+) -> std::thread::JoinHandle<()> {
     let lines = Arc::clone(lines);
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
@@ -83,7 +91,7 @@ fn collect_lines(
             lines.lock().unwrap().push(line.clone());
             let _ = tx.send(line);
         }
-    });
+    })
 }
 
 /// The proxy address from the "sluice listening" log line.
@@ -128,11 +136,15 @@ impl Running {
         assert!(status.success(), "kill -s {name} failed");
     }
 
-    /// Wait for the process to exit, at most `limit`.
+    /// Wait for the process to exit, at most `limit`; then all its output has been read.
     pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // The pipes are at their end once the process is gone.
+                for reader in self.readers.drain(..) {
+                    reader.join().expect("output reader");
+                }
                 return status;
             }
             assert!(
