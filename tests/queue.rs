@@ -135,3 +135,43 @@ async fn a_client_that_leaves_the_queue_frees_its_place() {
     assert_eq!(backend.arrivals(), ["/held", "/stays"]);
     sluice.assert_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_waiters_never_grows_the_queue_past_queue_size() {
+    // Invariant 6: 100 requests at a full endpoint with room for 10 waiters: 10 wait, 90 are
+    // refused at once (endpoints_full; none can be queue_timeout within the 5 s timeout).
+    let (backend, sluice, holder) = one_slot_held("queue_size = 10\nqueue_timeout = \"5s\"").await;
+    let pool = sluice.pool(0);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..100 {
+        let (addr, tx) = (sluice.addr, tx.clone());
+        tokio::spawn(async move {
+            let _ = tx.send(once(addr, get(addr, &format!("/flood/{i}"))).await);
+        });
+    }
+    drop(tx);
+    let mut peak_queue = 0;
+    for _ in 0..90 {
+        let answer = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .expect("90 refusals")
+            .unwrap();
+        peak_queue = peak_queue.max(pool.queue_len());
+        assert_eq!(answer.status, 429);
+        assert_eq!(answer.reason(), "endpoints_full");
+    }
+    assert_eq!(pool.queue_len(), 10);
+    assert!(peak_queue <= 10, "queue grew to {peak_queue}");
+    assert_eq!(backend.requests(), 1);
+
+    backend.open_gate();
+    assert_eq!(holder.await.unwrap().status, 200);
+    let mut served = 0;
+    while let Some(answer) = rx.recv().await {
+        assert_eq!(answer.status, 200);
+        served += 1;
+    }
+    assert_eq!(served, 10);
+    assert_eq!(backend.peak(), 1);
+    sluice.assert_idle().await;
+}
