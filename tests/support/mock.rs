@@ -321,14 +321,13 @@ async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Moc
     // alive until the answer, so an ignored body is back-pressure, not a closed connection.
     let mut body_len = 0u64;
     let mut kept = Vec::new();
-    while state.read_body {
-        let Some(Ok(frame)) = body.frame().await else {
-            break;
-        };
-        if let Ok(data) = frame.into_data() {
-            body_len += data.len() as u64;
-            if kept.len() + data.len() <= KEEP_BODY {
-                kept.extend_from_slice(&data);
+    if state.read_body {
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                body_len += data.len() as u64;
+                if kept.len() + data.len() <= KEEP_BODY {
+                    kept.extend_from_slice(&data);
+                }
             }
         }
     }

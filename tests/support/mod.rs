@@ -38,9 +38,10 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-/// A config with the proxy on an ephemeral port of 127.0.0.1, followed by `rest`.
+/// A config with the proxy and the admin API on ephemeral ports of 127.0.0.1, followed by
+/// `rest`.
 pub fn config(rest: &str) -> String {
-    format!("[listen]\nproxy = \"127.0.0.1:0\"\n\n{rest}")
+    format!("[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n{rest}")
 }
 
 /// One `[[service]]` named "scoring" at "/" over `urls`, with `extra` keys (one per line).
