@@ -4,15 +4,16 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Mutex;
 
+use crate::admin;
 use crate::autoscale;
-use crate::autoscale::Event;
 use crate::balance::InvalidEndpointUrl;
-use crate::config::{Config, LoadError};
+use crate::config::Config;
+use crate::control::Control;
 use crate::policy::Policy;
 use crate::proxy::{self, Proxy};
 
@@ -36,130 +37,63 @@ pub enum StartError {
 pub struct App {
     proxy: Arc<Proxy>,
     proxy_listener: TcpListener,
-    reloader: Option<Arc<Reloader>>,
+    admin_listener: Option<TcpListener>,
+    admin_token: Option<String>,
+    control: Arc<Control>,
 }
 
-/// Why a reload changed nothing.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    /// The file could not be read, parsed or validated (every problem is listed).
-    #[error(transparent)]
-    Config(#[from] LoadError),
-    /// An endpoint URL could not be used.
-    #[error(transparent)]
-    Endpoint(#[from] InvalidEndpointUrl),
-}
-
-/// What a successful reload did.
-#[derive(Debug)]
-pub struct Reloaded {
-    /// One-line summary of the new config.
-    pub summary: String,
-    /// Autoscale values the reload changed.
-    pub events: Vec<Event>,
-    /// Settings that only take effect after a restart and differ from the running ones.
-    pub needs_restart: Vec<&'static str>,
-}
-
-/// Re-reads the config file and makes it the live policy, or changes nothing.
-pub struct Reloader {
-    proxy: Arc<Proxy>,
-    path: PathBuf,
-    running: Config,
-    serial: Mutex<()>,
-}
-
-impl Reloader {
-    /// A reloader for `proxy`, whose running config came from `path`.
-    pub fn new(proxy: Arc<Proxy>, path: PathBuf, running: Config) -> Self {
-        Self {
-            proxy,
-            path,
-            running,
-            serial: Mutex::new(()),
-        }
-    }
-
-    /// Reload now (SIGHUP, `POST /admin/reload`). An invalid file is refused with every problem
-    /// and the old policy stays in force; a valid one replaces it atomically.
-    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
-        // One reload at a time: each builds on the policy the previous one left.
-        let _serial = self.serial.lock().await;
-        let config = Config::load(&self.path)?;
-        let previous = self.proxy.policy();
-        let (policy, events) = Policy::reload(&config, Some(&previous), chrono::Utc::now())?;
-        self.proxy.set_policy(policy);
-        for event in &events {
-            self.proxy.events().push(event.clone());
-        }
-        let mut needs_restart = Vec::new();
-        if config.listen.proxy != self.running.listen.proxy {
-            needs_restart.push("listen.proxy");
-        }
-        if config.timeouts.connect != self.running.timeouts.connect {
-            needs_restart.push("timeouts.connect");
-        }
-        if config.timeouts.client_header != self.running.timeouts.client_header {
-            needs_restart.push("timeouts.client_header");
-        }
-        Ok(Reloaded {
-            summary: config.summary(),
-            events,
-            needs_restart,
+async fn bind(addr: &str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: addr.to_owned(),
+            source,
         })
-    }
-
-    /// Reload and log the outcome.
-    pub async fn reload_and_log(&self) -> Result<Reloaded, ReloadError> {
-        let outcome = self.reload().await;
-        match &outcome {
-            Ok(done) => {
-                tracing::info!(config = %self.path.display(), summary = %done.summary, "config reloaded");
-                if !done.needs_restart.is_empty() {
-                    tracing::warn!(keys = ?done.needs_restart, "changed settings take effect after a restart");
-                }
-            }
-            Err(e) => {
-                tracing::error!(config = %self.path.display(), "config reload refused, old policy stays: {e}")
-            }
-        }
-        outcome
-    }
 }
 
 impl App {
-    /// Build the proxy from a validated `config` and bind its listener.
+    /// Build the proxy from a validated `config` and bind its listeners. The admin token
+    /// comes from env `SLUICE_ADMIN_TOKEN` (see [`App::admin_token`]).
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
         let policy = Policy::from_config(config)?;
         let proxy = Proxy::new(policy, config.timeouts.connect);
-        let addr = &config.listen.proxy;
-        let proxy_listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
+        let proxy_listener = bind(&config.listen.proxy).await?;
+        let admin_listener = match config.listen.admin.as_str() {
+            "" => None,
+            addr => Some(bind(addr).await?),
+        };
         Ok(Self {
+            control: Arc::new(Control::new(Arc::clone(&proxy), config.clone(), None)),
             proxy,
             proxy_listener,
-            reloader: None,
+            admin_listener,
+            admin_token: std::env::var("SLUICE_ADMIN_TOKEN").ok(),
         })
     }
 
-    /// Reload from `path` on SIGHUP (and, later, from the admin API); `config` is what it holds
-    /// now.
-    pub fn reload_from(mut self, path: PathBuf, config: Config) -> Self {
-        self.reloader = Some(Arc::new(Reloader::new(
-            Arc::clone(&self.proxy),
-            path,
-            config,
-        )));
+    /// Use `token` for the admin API instead of env `SLUICE_ADMIN_TOKEN` (`None`: read-only
+    /// from loopback).
+    pub fn admin_token(mut self, token: Option<String>) -> Self {
+        self.admin_token = token;
         self
     }
 
-    /// The reloader, when the app was given its config file.
-    pub fn reloader(&self) -> Option<Arc<Reloader>> {
-        self.reloader.clone()
+    /// The address the admin API listens on, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Reload from `path` on SIGHUP and `POST /admin/reload`; `config` is what it holds now.
+    pub fn reload_from(mut self, path: PathBuf, config: Config) -> Self {
+        self.control = Arc::new(Control::new(Arc::clone(&self.proxy), config, Some(path)));
+        self
+    }
+
+    /// The single writer of the live policy.
+    pub fn control(&self) -> Arc<Control> {
+        Arc::clone(&self.control)
     }
 
     /// The address the proxy listens on (useful when the config asked for port 0).
@@ -177,30 +111,44 @@ impl App {
     /// Serve until `shutdown` resolves, then drain in-flight requests within the configured
     /// grace.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        tracing::info!(proxy = %self.proxy_addr(), "sluice listening");
-        // One autoscale loop per service; a loop idles while its service has no autoscale.
-        let mut loops = tokio::task::JoinSet::new();
-        let notifier = autoscale::Notifier::default();
-        for service in &self.proxy.policy().services {
-            loops.spawn(autoscale::run(
-                Arc::clone(&self.proxy),
-                Arc::clone(&service.name),
-                Arc::clone(self.proxy.events()),
-                notifier.clone(),
-                chrono::Utc::now,
-            ));
+        tracing::info!(proxy = %self.proxy_addr(), admin = ?self.admin_addr(), "sluice listening");
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(autoscale::run(
+            Arc::clone(&self.proxy),
+            Arc::clone(self.proxy.events()),
+            autoscale::Notifier::default(),
+            chrono::Utc::now,
+        ));
+        tasks.spawn(reload_on_hangup(Arc::clone(&self.control)));
+        // The admin API keeps answering while the proxy drains (/readyz says 503 then), and
+        // stops with it.
+        let shutting_down = Arc::new(AtomicBool::new(false));
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        if let Some(listener) = self.admin_listener {
+            let access = admin::Access::new(self.admin_token);
+            let api = admin::Admin::new(
+                Arc::clone(&self.control),
+                access,
+                Arc::clone(&shutting_down),
+            );
+            tasks.spawn(admin::serve(listener, api, async move {
+                let _ = admin_stopped.await;
+            }));
         }
-        if let Some(reloader) = self.reloader.clone() {
-            loops.spawn(reload_on_hangup(reloader));
-        }
+        let flag = Arc::clone(&shutting_down);
+        let shutdown = async move {
+            shutdown.await;
+            flag.store(true, Ordering::Release);
+        };
         proxy::serve(self.proxy_listener, self.proxy, shutdown).await;
-        loops.abort_all();
+        let _ = admin_stop.send(());
+        tasks.abort_all();
         tracing::info!("sluice stopped");
     }
 }
 
 /// Reload the config on every SIGHUP.
-async fn reload_on_hangup(reloader: Arc<Reloader>) {
+async fn reload_on_hangup(control: Arc<Control>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -209,11 +157,11 @@ async fn reload_on_hangup(reloader: Arc<Reloader>) {
             return;
         };
         while hangups.recv().await.is_some() {
-            let _ = reloader.reload_and_log().await;
+            let _ = control.reload_and_log().await;
         }
     }
     #[cfg(not(unix))]
-    let _ = reloader;
+    let _ = control;
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

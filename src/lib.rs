@@ -1,14 +1,18 @@
 //! sluice: a rate-limiting reverse proxy for ML scoring APIs.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod autoscale;
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod limit;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod stats;
 pub mod telemetry;
 
 pub use app::App;

@@ -9,6 +9,7 @@ use crate::autoscale::{Event, ServiceAutoscaler};
 use crate::balance::{InvalidEndpointUrl, Pool, Shape};
 use crate::config::{Config, Timeouts};
 use crate::limit::RateLimiter;
+use crate::metrics::ServiceStats;
 
 /// One service as the request path sees it.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub struct Service {
     pub limits: Option<RateLimiter>,
     /// The autoscaler, when anything in the service autoscales.
     pub autoscale: Option<Arc<ServiceAutoscaler>>,
+    /// Counts for /metrics; kept across policy changes for a service that keeps its name.
+    pub stats: Arc<ServiceStats>,
 }
 
 /// A snapshot of everything a request needs to be routed and admitted.
@@ -34,6 +37,8 @@ pub struct Policy {
     routes: Vec<usize>,
     /// Time limits.
     pub timeouts: Timeouts,
+    /// The config this policy was built from (with live changes): what admin changes edit.
+    pub config: Config,
 }
 
 impl Policy {
@@ -97,7 +102,10 @@ impl Policy {
                     }
                     Arc::new(autoscaler)
                 });
+                let stats =
+                    find_previous(&s.name).map_or_else(Arc::default, |o| Arc::clone(&o.stats));
                 Arc::new(Service {
+                    stats,
                     name: s.name.as_str().into(),
                     path_prefix: s.path_prefix.clone(),
                     pool,
@@ -112,6 +120,7 @@ impl Policy {
             services,
             routes,
             timeouts: config.timeouts.clone(),
+            config: config.clone(),
         };
         Ok((policy, events))
     }

@@ -84,7 +84,6 @@ async fn sustained_overload_doubles_the_limit_every_five_minutes_up_to_1000() {
     let history = Arc::clone(proxy.events());
     let looping = tokio::spawn(autoscale::run(
         Arc::clone(&proxy),
-        "scoring".into(),
         Arc::clone(&history),
         Notifier::default(),
         chrono::Utc::now,
@@ -134,7 +133,6 @@ async fn a_busy_backend_defers_the_raise_and_looks_again_next_interval() {
     let history = Arc::clone(proxy.events());
     let looping = tokio::spawn(autoscale::run(
         Arc::clone(&proxy),
-        "scoring".into(),
         Arc::clone(&history),
         Notifier::default(),
         chrono::Utc::now,

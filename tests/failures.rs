@@ -343,9 +343,6 @@ async fn a_slow_upload_to_a_healthy_endpoint_is_not_cut_off_by_the_response_time
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect: since 4c6cf51 the response timer starts only once the whole request body \
-            was read (src/proxy/mod.rs:207-208, source.sent()), so an endpoint that stops \
-            reading a large body is never timed out: the client hangs and the slot is held"]
 async fn an_endpoint_that_stops_reading_the_request_gets_504_at_the_response_timeout() {
     // The endpoint takes the request head, then neither reads the body nor answers. 64 MB is
     // more than the socket buffers between client, sluice and endpoint hold, so the upload

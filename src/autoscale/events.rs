@@ -39,6 +39,12 @@ pub enum ScaleTarget {
     },
     /// The service's per-endpoint `max_concurrent`.
     EndpointConcurrency,
+    /// Another setting changed by an operator or a reload (`key` names it, e.g.
+    /// `queue_size`; `config` for a whole reload).
+    Setting {
+        /// The setting's key.
+        key: String,
+    },
 }
 
 /// One scale action or deferral.
@@ -75,7 +81,7 @@ impl Event {
     pub fn resource(&self) -> Option<&str> {
         match &self.target {
             ScaleTarget::Resource { resource } => Some(resource),
-            ScaleTarget::EndpointConcurrency => None,
+            ScaleTarget::EndpointConcurrency | ScaleTarget::Setting { .. } => None,
         }
     }
 }
@@ -100,6 +106,24 @@ struct Ring {
     max: usize,
     next_id: u64,
     events: VecDeque<Event>,
+    /// Events ever pushed, by kind (monotonic, for metrics).
+    totals: std::collections::BTreeMap<EventKindName, u64>,
+}
+
+type EventKindName = &'static str;
+
+impl EventKind {
+    /// The kind as written in JSON and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ScaleUp => "scale_up",
+            Self::ScaleDown => "scale_down",
+            Self::DeferredInsufficientCapacity => "deferred_insufficient_capacity",
+            Self::Manual => "manual",
+            Self::Reload => "reload",
+            Self::AutoscaleOff => "autoscale_off",
+        }
+    }
 }
 
 /// The last `max` events, oldest dropped first. Shared by the loop (writer) and the admin
@@ -124,6 +148,7 @@ impl EventHistory {
                 max,
                 next_id: 1,
                 events: VecDeque::with_capacity(max.min(DEFAULT_HISTORY)),
+                totals: std::collections::BTreeMap::new(),
             }),
         }
     }
@@ -134,6 +159,7 @@ impl EventHistory {
         let id = ring.next_id;
         ring.next_id += 1;
         event.id = id;
+        *ring.totals.entry(event.kind.as_str()).or_default() += 1;
         if ring.events.len() == ring.max {
             ring.events.pop_front();
         }
@@ -158,6 +184,11 @@ impl EventHistory {
             out.drain(..drop);
         }
         out
+    }
+
+    /// Events ever pushed, by kind.
+    pub fn totals(&self) -> Vec<(&'static str, u64)> {
+        self.lock().totals.iter().map(|(k, v)| (*k, *v)).collect()
     }
 
     /// Number of events held.

@@ -203,6 +203,8 @@ impl ServiceAutoscaler {
                 }
             }
             ScaleTarget::EndpointConcurrency => pool.set_default_cap(to.get()),
+            // The engine never decides other settings.
+            ScaleTarget::Setting { .. } => {}
         }
     }
 }
@@ -215,48 +217,52 @@ fn now() -> Instant {
 /// Where the loop reads the wall clock (profiles are scheduled in wall time).
 pub type WallClock = fn() -> DateTime<Utc>;
 
-/// Run one service's loop until the service disappears from the live policy.
+/// Run the autoscale loop of every service in the live policy (services added by a reload
+/// included) until aborted.
 pub async fn run(
     proxy: Arc<Proxy>,
-    service: Arc<str>,
     history: Arc<EventHistory>,
     notifier: Notifier,
     wall: WallClock,
 ) {
     let mut ticker = tokio::time::interval(SAMPLE_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_step = now();
+    let started = now();
+    // When each service last stepped; a service starts counting when the loop does.
+    let mut last_step: BTreeMap<Arc<str>, Instant> = BTreeMap::new();
     loop {
         ticker.tick().await;
         let policy = proxy.policy();
-        let Some(live) = policy.service(&service) else {
-            return; // removed by a reload
-        };
-        let Some(autoscaler) = &live.autoscale else {
-            continue; // autoscale off for now; a reload may turn it on
-        };
-        let at = now();
-        autoscaler.sample(&live.pool, at);
-        if at.duration_since(last_step) < autoscaler.settings().interval {
-            continue;
+        for live in &policy.services {
+            let Some(autoscaler) = &live.autoscale else {
+                continue;
+            };
+            let at = now();
+            autoscaler.sample(&live.pool, at);
+            let last = last_step.entry(Arc::clone(&live.name)).or_insert(started);
+            if at.duration_since(*last) < autoscaler.settings().interval {
+                continue;
+            }
+            *last = at;
+            let events = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall());
+            for event in events {
+                let id = history.push(event.clone());
+                tracing::info!(
+                    target: "sluice::autoscale",
+                    id,
+                    service = %event.service,
+                    resource = event.resource(),
+                    kind = ?event.kind,
+                    from = event.from,
+                    to = event.to,
+                    rule = event.rule.as_deref(),
+                    reason = %event.reason,
+                    "autoscale event"
+                );
+                notifier.send(&autoscaler.settings().notify, &Event { id, ..event });
+            }
         }
-        last_step = at;
-        let events = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall());
-        for event in events {
-            let id = history.push(event.clone());
-            tracing::info!(
-                target: "sluice::autoscale",
-                id,
-                service = %event.service,
-                resource = event.resource(),
-                kind = ?event.kind,
-                from = event.from,
-                to = event.to,
-                rule = event.rule.as_deref(),
-                reason = %event.reason,
-                "autoscale event"
-            );
-            notifier.send(&autoscaler.settings().notify, &Event { id, ..event });
-        }
+        // Forget services a reload removed.
+        last_step.retain(|name, _| policy.service(name).is_some());
     }
 }

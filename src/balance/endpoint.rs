@@ -9,6 +9,9 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use tokio::time::Instant;
 
+use crate::metrics::EndpointStats;
+use crate::stats::LatencyWindow;
+
 /// First back-off after a connect failure; doubles per consecutive failure.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 /// Longest back-off: an endpoint that came back is tried again within this time.
@@ -29,6 +32,10 @@ pub struct Endpoint {
     down_until_ms: AtomicU64,
     consecutive_failures: AtomicU32,
     epoch: Instant,
+    /// Time to response headers over the last minute.
+    pub latency: LatencyWindow,
+    /// Answers and latency since start, for /metrics.
+    pub stats: EndpointStats,
 }
 
 /// The endpoint URL could not be used (validation normally catches this first).
@@ -59,6 +66,8 @@ impl Endpoint {
             down_until_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             epoch: Instant::now(),
+            latency: LatencyWindow::default(),
+            stats: EndpointStats::default(),
         })
     }
 

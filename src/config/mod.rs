@@ -40,12 +40,15 @@ pub struct Config {
 pub struct Listen {
     /// Address of the proxy listener, e.g. "0.0.0.0:8080".
     pub proxy: String,
+    /// Address of the admin listener (API, metrics, dashboard); "" disables it.
+    pub admin: String,
 }
 
 impl Default for Listen {
     fn default() -> Self {
         Self {
             proxy: "0.0.0.0:8080".into(),
+            admin: "127.0.0.1:9090".into(),
         }
     }
 }

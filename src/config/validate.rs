@@ -84,6 +84,13 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
             ),
         );
     }
+    let admin = &config.listen.admin;
+    if !admin.is_empty() && admin.parse::<SocketAddr>().is_err() {
+        p.add(
+            "listen.admin",
+            format!("{admin:?} is not a socket address; expected IP:PORT such as \"127.0.0.1:9090\", or \"\" to disable"),
+        );
+    }
     let t = &config.timeouts;
     p.positive("timeouts.connect", t.connect);
     p.positive("timeouts.response", t.response);

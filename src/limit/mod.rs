@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::autoscale::ResourceMetrics;
 use crate::config::{MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys};
+use crate::stats::RecentCount;
 pub use gcra::{Bucket, Quota, Verdict};
 pub use headers::Status;
 pub use keys::{key_digest, KeySource, KeyTable};
@@ -30,7 +31,8 @@ pub const UNKNOWN: &str = "unknown";
 /// Name of the shared bucket of key-less requests when `missing_key = "anonymous"`.
 pub const ANONYMOUS: &str = "anonymous";
 
-/// Counts per resource; `succeeded` (2xx from the endpoint) is what a caller is billed for.
+/// Counts per resource, since start and over the last minute; `succeeded` (2xx from the
+/// endpoint) is what a caller is billed for.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Requests that passed the rate check.
@@ -39,6 +41,20 @@ pub struct Counters {
     pub throttled: AtomicU64,
     /// Admitted requests the endpoint answered with 2xx.
     pub succeeded: AtomicU64,
+    /// `admitted` over the last minute.
+    pub recent_admitted: RecentCount,
+    /// `throttled` over the last minute.
+    pub recent_throttled: RecentCount,
+    /// `succeeded` over the last minute.
+    pub recent_succeeded: RecentCount,
+}
+
+impl Counters {
+    /// Count an admitted request the endpoint answered with 2xx.
+    pub fn count_success(&self) {
+        self.succeeded.fetch_add(1, Ordering::Relaxed);
+        self.recent_succeeded.add();
+    }
 }
 
 /// A caller with a name, a base limit and a live (possibly autoscaled) limit.
@@ -112,12 +128,13 @@ impl Resource {
     }
 
     fn count(&self, admitted: bool, at: Instant) {
-        let counter = if admitted {
-            &self.counters.admitted
+        let (total, recent) = if admitted {
+            (&self.counters.admitted, &self.counters.recent_admitted)
         } else {
-            &self.counters.throttled
+            (&self.counters.throttled, &self.counters.recent_throttled)
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        total.fetch_add(1, Ordering::Relaxed);
+        recent.add();
         if let Some(metrics) = &*self.metrics.load() {
             let (a, t) = if admitted { (1, 0) } else { (0, 1) };
             metrics.record(at.into_std(), a, t);

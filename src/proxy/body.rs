@@ -3,14 +3,16 @@
 //! endpoint's streamed body holding its slot, or a small JSON answer built by sluice).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use tokio::sync::Notify;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::balance::Slot;
 
@@ -20,11 +22,13 @@ pub struct BodySource {
     shared: Option<Arc<Shared>>,
 }
 
-/// The body while it can still be replayed, and whether it has been read to its end.
+/// The body while it can still be replayed, and when a byte of it last moved.
 pub struct Shared {
     body: Mutex<Option<Incoming>>,
-    sent: AtomicBool,
-    sent_notify: Notify,
+    /// When the body was wrapped; `progress_ns` counts from here.
+    start: Instant,
+    /// When the last frame was read from the client (ns after `start`).
+    progress_ns: AtomicU64,
 }
 
 impl Shared {
@@ -33,10 +37,13 @@ impl Shared {
         self.body.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn mark_sent(&self) {
-        if !self.sent.swap(true, Ordering::AcqRel) {
-            self.sent_notify.notify_waiters();
-        }
+    fn mark_progress(&self) {
+        let ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.progress_ns.fetch_max(ns, Ordering::AcqRel);
+    }
+
+    fn last_progress(&self) -> Instant {
+        self.start + Duration::from_nanos(self.progress_ns.load(Ordering::Acquire))
     }
 }
 
@@ -46,8 +53,8 @@ impl BodySource {
         let shared = (!body.is_end_stream()).then(|| {
             Arc::new(Shared {
                 body: Mutex::new(Some(body)),
-                sent: AtomicBool::new(false),
-                sent_notify: Notify::new(),
+                start: Instant::now(),
+                progress_ns: AtomicU64::new(0),
             })
         });
         Self { shared }
@@ -71,16 +78,20 @@ impl BodySource {
         }
     }
 
-    /// Resolves once the client's body has been read to its end (at once for no body), i.e.
-    /// when the endpoint has the whole request and the wait for its response begins.
-    pub async fn sent(&self) {
-        let Some(shared) = &self.shared else { return };
+    /// Resolves once `limit` has passed without any of the body moving (from now when there
+    /// is no body): the endpoint has had the whole request, or stopped reading it, for that
+    /// long. A client's slow but steady upload keeps pushing the deadline back.
+    pub async fn idle_for(&self, limit: Duration) {
+        let Some(shared) = &self.shared else {
+            return tokio::time::sleep(limit).await;
+        };
+        shared.mark_progress();
         loop {
-            let notified = shared.sent_notify.notified();
-            if shared.sent.load(Ordering::Acquire) {
+            let last = shared.last_progress();
+            tokio::time::sleep_until(last + limit).await;
+            if shared.last_progress() <= last {
                 return;
             }
-            notified.await;
         }
     }
 }
@@ -114,8 +125,8 @@ impl Body for UpstreamBody {
         match this {
             Self::Reading(body, shared) => {
                 let polled = Pin::new(body).poll_frame(cx);
-                if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
-                    shared.mark_sent();
+                if polled.is_ready() {
+                    shared.mark_progress();
                 }
                 polled
             }
@@ -127,14 +138,7 @@ impl Body for UpstreamBody {
         match self {
             Self::Empty => true,
             Self::Shared(shared) => shared.lock().as_ref().is_none_or(Body::is_end_stream),
-            Self::Reading(body, shared) => {
-                // hyper stops polling once this says the end is reached.
-                let end = body.is_end_stream();
-                if end {
-                    shared.mark_sent();
-                }
-                end
-            }
+            Self::Reading(body, _) => body.is_end_stream(),
         }
     }
 

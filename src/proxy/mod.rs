@@ -7,7 +7,6 @@ pub mod reject;
 mod server;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -104,6 +103,15 @@ impl Proxy {
                     .await
             }
         };
+        let elapsed = started.elapsed();
+        if let Some(service) = service {
+            service.stats.duration.observe(elapsed);
+            match (outcome.reason, &outcome.endpoint) {
+                (Some(reason), _) => service.stats.count_own(reason),
+                (None, Some(endpoint)) => endpoint.stats.count_answer(response.status().as_u16()),
+                (None, None) => {}
+            }
+        }
         tracing::info!(
             target: "sluice::access",
             method = %method,
@@ -112,7 +120,7 @@ impl Proxy {
             resource = outcome.resource.as_deref(),
             endpoint = outcome.endpoint.as_ref().map(|e| e.url()),
             status = response.status().as_u16(),
-            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
             reason = outcome.reason.map(Reason::as_str),
         );
         response
@@ -163,7 +171,7 @@ impl Proxy {
                 let mut response = self.forward(policy, service, req, client, outcome).await;
                 limits.insert_headers(response.headers_mut(), &status);
                 if outcome.reason.is_none() && response.status().is_success() {
-                    resource.counters.succeeded.fetch_add(1, Ordering::Relaxed);
+                    resource.counters.count_success();
                 }
                 response
             }
@@ -204,11 +212,8 @@ impl Proxy {
             };
             let attempt_started = Instant::now();
             // `timeouts.response` bounds the wait for response headers once the endpoint has
-            // the whole request, not a client's slow upload.
-            let response_deadline = async {
-                source.sent().await;
-                tokio::time::sleep(policy.timeouts.response).await;
-            };
+            // the whole request (or has stopped reading it), not a client's slow upload.
+            let response_deadline = source.idle_for(policy.timeouts.response);
             let exchange = tokio::select! {
                 result = self.client.request(request) => Ok(result),
                 () = response_deadline => Err(()),
@@ -216,12 +221,11 @@ impl Proxy {
             match exchange {
                 Ok(Ok(response)) => {
                     endpoint.mark_reachable();
+                    let latency = attempt_started.elapsed();
+                    endpoint.latency.record(latency);
+                    endpoint.stats.duration.observe(latency);
                     if let Some(autoscale) = &service.autoscale {
-                        autoscale.record_latency(
-                            &service.pool,
-                            &endpoint,
-                            attempt_started.elapsed(),
-                        );
+                        autoscale.record_latency(&service.pool, &endpoint, latency);
                     }
                     let (mut head, body) = response.into_parts();
                     headers::to_client(&mut head);

@@ -32,6 +32,24 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Reason; 9] = [
+        Self::NoRoute,
+        Self::MissingKey,
+        Self::UnknownKey,
+        Self::RateLimited,
+        Self::EndpointsFull,
+        Self::QueueTimeout,
+        Self::UpstreamUnreachable,
+        Self::UpstreamTimeout,
+        Self::UpstreamError,
+    ];
+
+    /// Position in [`Reason::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The reason as it appears in bodies and logs.
     pub fn as_str(self) -> &'static str {
         match self {

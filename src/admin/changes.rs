@@ -1,0 +1,165 @@
+//! Live changes: a service's concurrency settings and a resource's limits. Each one edits a
+//! copy of the live config and goes through [`Control::change`], so it is validated exactly
+//! like the file and applied whole or not at all.
+
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{parse_body, Admin, ApiError, Peer};
+use crate::config::{Config, ResourceConfig, ServiceConfig};
+use crate::control::ChangeError;
+
+/// `PATCH /admin/services/{service}` body: the fields to change.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServicePatch {
+    max_concurrent: Option<u32>,
+    cluster_max_concurrent: Option<u32>,
+    queue_size: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    queue_timeout: Option<Duration>,
+}
+
+/// `PUT /admin/services/{service}/resources/{name}` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourcePut {
+    tps: Option<u32>,
+    burst: Option<u32>,
+    autoscale: Option<bool>,
+    key_sha256: Option<String>,
+}
+
+fn service_mut<'c>(
+    config: &'c mut Config,
+    name: &str,
+) -> Result<&'c mut ServiceConfig, ChangeError> {
+    config
+        .services
+        .iter_mut()
+        .find(|s| s.name == name)
+        .ok_or_else(|| ChangeError::NotFound(format!("no service named {name:?}")))
+}
+
+fn applied(events: Vec<crate::autoscale::Event>) -> Response {
+    Json(json!({ "applied": true, "events": events })).into_response()
+}
+
+pub(super) async fn patch_service(
+    State(admin): State<Admin>,
+    ConnectInfo(peer): Peer,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    admin.access.check(peer, &headers, true)?;
+    let patch: ServicePatch = parse_body(&body)?;
+    let reason = format!("operator changed {}", String::from_utf8_lossy(&body).trim());
+    let events = admin
+        .control
+        .change(&service, "service", reason, |config| {
+            let s = service_mut(config, &service)?;
+            if let Some(v) = patch.max_concurrent {
+                s.max_concurrent = v;
+            }
+            if let Some(v) = patch.cluster_max_concurrent {
+                s.cluster_max_concurrent = Some(v);
+            }
+            if let Some(v) = patch.queue_size {
+                s.queue_size = v;
+            }
+            if let Some(v) = patch.queue_timeout {
+                s.queue_timeout = v;
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(applied(events))
+}
+
+pub(super) async fn put_resource(
+    State(admin): State<Admin>,
+    ConnectInfo(peer): Peer,
+    Path((service, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    admin.access.check(peer, &headers, true)?;
+    let put: ResourcePut = parse_body(&body)?;
+    let reason = format!(
+        "operator set resource {name:?}: tps {:?}, burst {:?}, autoscale {:?}",
+        put.tps, put.burst, put.autoscale
+    );
+    let events = admin
+        .control
+        .change(&service, &format!("resource.{name}"), reason, |config| {
+            let s = service_mut(config, &service)?;
+            let resource = match s.resources.iter_mut().find(|r| r.name == name) {
+                Some(resource) => resource,
+                None => {
+                    let Some(key_sha256) = put.key_sha256.clone() else {
+                        return Err(ChangeError::NotFound(format!(
+                            "no resource named {name:?} in service {service:?}; give key_sha256 to create it"
+                        )));
+                    };
+                    s.resources.push(ResourceConfig {
+                        name: name.clone(),
+                        key_sha256: Some(key_sha256),
+                        key: None,
+                        tps: None,
+                        burst: None,
+                        autoscale: false,
+                    });
+                    s.resources.last_mut().expect("just pushed")
+                }
+            };
+            if let Some(key_sha256) = put.key_sha256 {
+                resource.key = None;
+                resource.key_sha256 = Some(key_sha256);
+            }
+            if let Some(tps) = put.tps {
+                resource.tps = Some(tps);
+            }
+            if let Some(burst) = put.burst {
+                resource.burst = Some(burst);
+            }
+            if let Some(autoscale) = put.autoscale {
+                resource.autoscale = autoscale;
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(applied(events))
+}
+
+pub(super) async fn delete_resource(
+    State(admin): State<Admin>,
+    ConnectInfo(peer): Peer,
+    Path((service, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin.access.check(peer, &headers, true)?;
+    let reason = format!("operator removed resource {name:?}");
+    let events = admin
+        .control
+        .change(&service, &format!("resource.{name}"), reason, |config| {
+            let s = service_mut(config, &service)?;
+            let before = s.resources.len();
+            s.resources.retain(|r| r.name != name);
+            if s.resources.len() == before {
+                return Err(ChangeError::NotFound(format!(
+                    "no resource named {name:?} in service {service:?}"
+                )));
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(applied(events))
+}

@@ -1,0 +1,195 @@
+//! The JSON the admin API shows: live capacity per service, endpoint and resource, and the
+//! live policy in the shape of the config file (without key material).
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::autoscale::{CapacityInput, EndpointCapacity, Event, EventHistory, EventQuery};
+use crate::policy::{Policy, Service};
+use crate::stats::LatencySummary;
+
+/// `GET /admin/capacity`.
+#[derive(Debug, Serialize)]
+pub struct Capacity {
+    /// One entry per service.
+    pub services: Vec<ServiceCapacity>,
+}
+
+/// One service's capacity and use.
+#[derive(Debug, Serialize)]
+pub struct ServiceCapacity {
+    /// Service name.
+    pub name: String,
+    /// min(cluster_max_concurrent, Σ endpoint caps).
+    pub capacity: u64,
+    /// Requests in flight now.
+    pub in_flight: u32,
+    /// Requests waiting for a slot.
+    pub queue_length: usize,
+    /// Age of the oldest waiting request.
+    pub queue_oldest_age_ms: u64,
+    /// Little's-law projection: Σ cap × 1000 / mean latency ms (expected latency where none
+    /// was observed), scaled by the service cap.
+    pub projected_tps: f64,
+    /// TPS admitted over the last minute, all resources together.
+    pub admitted_tps: f64,
+    /// projected − admitted, never negative.
+    pub headroom_tps: f64,
+    /// The service's endpoints.
+    pub endpoints: Vec<EndpointView>,
+    /// The service's resources (none when rate limiting is off).
+    pub resources: Vec<ResourceView>,
+}
+
+/// One endpoint.
+#[derive(Debug, Serialize)]
+pub struct EndpointView {
+    /// URL as configured.
+    pub url: String,
+    /// Its concurrency cap.
+    pub max_concurrent: u32,
+    /// In flight now.
+    pub in_flight: u32,
+    /// False while in its back-off after a refused connection.
+    pub healthy: bool,
+    /// Time to response headers over the last minute (`null` before any response).
+    pub latency: Option<LatencySummary>,
+    /// cap × 1000 / mean latency ms.
+    pub projected_tps: f64,
+}
+
+/// One resource.
+#[derive(Debug, Serialize)]
+pub struct ResourceView {
+    /// Resource name (never its key).
+    pub name: String,
+    /// Configured limit.
+    pub base_tps: u32,
+    /// Limit in force now.
+    pub limit_tps: u32,
+    /// Burst in force now.
+    pub burst: u32,
+    /// Whether autoscale may change the limit.
+    pub autoscale: bool,
+    /// Admitted in the last minute.
+    pub admitted_last_minute: u64,
+    /// Throttled (429 for rate) in the last minute.
+    pub throttled_last_minute: u64,
+    /// Answered 2xx by the endpoint in the last minute (what the caller is billed for).
+    pub succeeded_last_minute: u64,
+    /// Its latest event, if any.
+    pub last_event: Option<Event>,
+}
+
+/// The expected latency of a service without autoscale settings (the autoscale default).
+const EXPECTED_LATENCY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Build the capacity view of `policy`.
+pub fn capacity(policy: &Policy, history: &EventHistory) -> Capacity {
+    Capacity {
+        services: policy
+            .services
+            .iter()
+            .map(|s| service_capacity(s, history))
+            .collect(),
+    }
+}
+
+fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacity {
+    let shape = service.pool.shape();
+    let expected = service
+        .autoscale
+        .as_ref()
+        .map_or(EXPECTED_LATENCY, |a| a.settings().expected_latency);
+    let endpoints: Vec<EndpointView> = shape
+        .endpoints
+        .iter()
+        .map(|(endpoint, cap)| {
+            let latency = endpoint.latency.last_minute();
+            let mean_ms = latency.map_or(expected.as_secs_f64() * 1000.0, |l| l.mean_ms);
+            EndpointView {
+                url: endpoint.url().to_owned(),
+                max_concurrent: *cap,
+                in_flight: endpoint.in_flight(),
+                healthy: endpoint.is_healthy(),
+                latency,
+                projected_tps: f64::from(*cap) * 1000.0 / mean_ms.max(1.0),
+            }
+        })
+        .collect();
+    let resources: Vec<ResourceView> = service
+        .limits
+        .iter()
+        .flat_map(|limits| limits.all_resources())
+        .map(|r| {
+            let (base, limit) = (r.base(), r.limit());
+            let query = EventQuery {
+                service: Some(service.name.to_string()),
+                resource: Some(r.name.to_string()),
+                limit: Some(1),
+                ..EventQuery::default()
+            };
+            ResourceView {
+                name: r.name.to_string(),
+                base_tps: base.tps.get(),
+                limit_tps: limit.tps.get(),
+                burst: limit.burst.get(),
+                autoscale: r.autoscale(),
+                admitted_last_minute: r.counters.recent_admitted.last_minute(),
+                throttled_last_minute: r.counters.recent_throttled.last_minute(),
+                succeeded_last_minute: r.counters.recent_succeeded.last_minute(),
+                last_event: history.query(&query).pop(),
+            }
+        })
+        .collect();
+    let admitted: u64 = resources.iter().map(|r| r.admitted_last_minute).sum();
+    let admitted_tps = admitted as f64 / crate::stats::WINDOW_SECS as f64;
+    let projection = CapacityInput {
+        endpoints: endpoints
+            .iter()
+            .map(|e| EndpointCapacity {
+                max_concurrent: e.max_concurrent,
+                latency: e
+                    .latency
+                    .map(|l| std::time::Duration::from_secs_f64(l.mean_ms / 1000.0)),
+            })
+            .collect(),
+        cluster_max_concurrent: (shape.cluster_cap != u32::MAX).then_some(shape.cluster_cap),
+        expected_latency: expected,
+        admitted_tps,
+    };
+    let capacity: u64 = shape.endpoints.iter().map(|(_, cap)| u64::from(*cap)).sum();
+    ServiceCapacity {
+        name: service.name.to_string(),
+        capacity: capacity.min(u64::from(shape.cluster_cap)),
+        in_flight: service.pool.in_flight(),
+        queue_length: service.pool.queue_len(),
+        queue_oldest_age_ms: service
+            .pool
+            .queue_oldest_age()
+            .map_or(0, |a| a.as_millis() as u64),
+        projected_tps: projection.projected_tps(),
+        admitted_tps,
+        headroom_tps: projection.available_tps(),
+        endpoints,
+        resources,
+    }
+}
+
+/// `GET /admin/policy`: the live config as JSON, without key material.
+pub fn policy(policy: &Policy) -> Value {
+    let mut value = serde_json::to_value(&policy.config).unwrap_or(Value::Null);
+    if let Some(services) = value.get_mut("service").and_then(Value::as_array_mut) {
+        for service in services {
+            if let Some(resources) = service.get_mut("resource").and_then(Value::as_array_mut) {
+                for resource in resources {
+                    if let Some(resource) = resource.as_object_mut() {
+                        resource.remove("key");
+                        resource.remove("key_sha256");
+                    }
+                }
+            }
+        }
+    }
+    value
+}

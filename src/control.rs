@@ -1,0 +1,189 @@
+//! Every change to the live policy goes through here, one at a time: reloads of the config file
+//! (SIGHUP, `POST /admin/reload`) and live changes from the admin API. A live change edits a
+//! copy of the live config, which is validated exactly like the file and built into a new
+//! policy: it is applied whole, atomically, or not at all.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use chrono::Utc;
+use tokio::sync::Mutex;
+
+use crate::autoscale::{Event, EventKind, ScaleTarget};
+use crate::balance::InvalidEndpointUrl;
+use crate::config::{validate, Config, ConfigError, LoadError};
+use crate::metrics::ReloadStats;
+use crate::policy::Policy;
+use crate::proxy::Proxy;
+
+/// Why a change changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The changed config is invalid; every problem, keyed like the file.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<ConfigError>),
+    /// The service or resource named does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The change contradicts the live state (e.g. a resource created without a key).
+    #[error("{0}")]
+    Conflict(String),
+    /// The config file could not be read, parsed or validated.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// sluice was started without a config file to reload.
+    #[error("no config file to reload (sluice was started without one, e.g. by `sluice demo`)")]
+    NoFile,
+    /// An endpoint URL could not be used.
+    #[error(transparent)]
+    Endpoint(#[from] InvalidEndpointUrl),
+}
+
+/// What a successful reload did.
+#[derive(Debug)]
+pub struct Reloaded {
+    /// One-line summary of the new config.
+    pub summary: String,
+    /// Autoscale values the reload changed.
+    pub events: Vec<Event>,
+    /// Changed settings that only take effect after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+/// The single writer of the live policy.
+pub struct Control {
+    proxy: Arc<Proxy>,
+    path: Option<PathBuf>,
+    /// The config sluice started with: listeners and client settings come from it.
+    started: Config,
+    serial: Mutex<()>,
+    reloads: ReloadStats,
+}
+
+impl Control {
+    /// Control of `proxy`, started from `config`, reloadable from `path` when given.
+    pub fn new(proxy: Arc<Proxy>, config: Config, path: Option<PathBuf>) -> Self {
+        Self {
+            proxy,
+            path,
+            started: config,
+            serial: Mutex::new(()),
+            reloads: ReloadStats::default(),
+        }
+    }
+
+    /// Reloads applied and refused so far.
+    pub fn reloads(&self) -> &ReloadStats {
+        &self.reloads
+    }
+
+    /// The proxy it controls.
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// Re-read the config file. An invalid file is refused with every problem and the old
+    /// policy stays in force; a valid one replaces it (live admin changes included).
+    pub async fn reload(&self) -> Result<Reloaded, ChangeError> {
+        let path = self.path.as_ref().ok_or(ChangeError::NoFile)?;
+        let _one_at_a_time = self.serial.lock().await;
+        let config = Config::load(path)?;
+        let summary = config.summary();
+        let reason = format!("config reloaded from {}: {summary}", path.display());
+        let mut events = self.install(config.clone(), "*", "config", reason)?;
+        events.retain(|e| e.kind != EventKind::Manual);
+        let mut needs_restart = Vec::new();
+        let (old, new) = (&self.started, &config);
+        if old.listen != new.listen {
+            needs_restart.push("listen");
+        }
+        if old.timeouts.connect != new.timeouts.connect {
+            needs_restart.push("timeouts.connect");
+        }
+        if old.timeouts.client_header != new.timeouts.client_header {
+            needs_restart.push("timeouts.client_header");
+        }
+        Ok(Reloaded {
+            summary,
+            events,
+            needs_restart,
+        })
+    }
+
+    /// Reload and log the outcome.
+    pub async fn reload_and_log(&self) -> Result<Reloaded, ChangeError> {
+        let outcome = self.reload().await;
+        let counter = match &outcome {
+            Ok(_) => &self.reloads.ok,
+            Err(_) => &self.reloads.failed,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match &outcome {
+            Ok(done) => {
+                tracing::info!(summary = %done.summary, "config reloaded");
+                if !done.needs_restart.is_empty() {
+                    tracing::warn!(keys = ?done.needs_restart, "changed settings take effect after a restart");
+                }
+            }
+            Err(e) => tracing::error!("config reload refused, the old policy stays: {e}"),
+        }
+        outcome
+    }
+
+    /// Apply `edit` to a copy of the live config of `service`, validate it like the file and
+    /// make it live; `key` and `reason` describe the change in the event history.
+    pub async fn change(
+        &self,
+        service: &str,
+        key: &str,
+        reason: String,
+        edit: impl FnOnce(&mut Config) -> Result<(), ChangeError>,
+    ) -> Result<Vec<Event>, ChangeError> {
+        let _one_at_a_time = self.serial.lock().await;
+        let mut config = self.proxy.policy().config.clone();
+        edit(&mut config)?;
+        self.install(config, service, key, reason)
+    }
+
+    /// Validate, build and swap in `config`; record the change and what it caused.
+    fn install(
+        &self,
+        config: Config,
+        service: &str,
+        key: &str,
+        reason: String,
+    ) -> Result<Vec<Event>, ChangeError> {
+        validate(&config).map_err(ChangeError::Invalid)?;
+        let previous = self.proxy.policy();
+        let now = Utc::now();
+        let (policy, mut events) = Policy::reload(&config, Some(&previous), now)?;
+        self.proxy.set_policy(policy);
+        let kind = if key == "config" {
+            EventKind::Reload
+        } else {
+            EventKind::Manual
+        };
+        events.insert(
+            0,
+            Event {
+                id: 0,
+                at: now,
+                service: service.to_owned(),
+                target: ScaleTarget::Setting {
+                    key: key.to_owned(),
+                },
+                kind,
+                from: 0,
+                to: 0,
+                profile: None,
+                rule: None,
+                reason,
+            },
+        );
+        for event in &mut events {
+            event.id = self.proxy.events().push(event.clone());
+            tracing::info!(target: "sluice::autoscale", id = event.id, service = %event.service, kind = ?event.kind, reason = %event.reason, "policy changed");
+        }
+        Ok(events)
+    }
+}

@@ -1,0 +1,204 @@
+//! Recent-history recorders for the admin views: counts per second and latency distributions
+//! over the last minute. Cheap enough for every request; bounded by construction.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use crate::autoscale::CounterRing;
+
+/// Seconds kept: the last minute plus the second being filled.
+const SLOTS: usize = 61;
+/// The window the views report on.
+pub const WINDOW_SECS: u64 = 60;
+
+/// Whole seconds on tokio's clock since the first call (tests that pause time drive it too).
+pub fn now_secs() -> u64 {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    let now = tokio::time::Instant::now().into_std();
+    let epoch = *EPOCH.get_or_init(|| now);
+    now.saturating_duration_since(epoch).as_secs()
+}
+
+/// A count per second over the last minute (lock-free).
+#[derive(Debug)]
+pub struct RecentCount(CounterRing);
+
+impl Default for RecentCount {
+    fn default() -> Self {
+        Self(CounterRing::new(SLOTS))
+    }
+}
+
+impl RecentCount {
+    /// Count one event now.
+    pub fn add(&self) {
+        self.0.add(now_secs(), 1);
+    }
+
+    /// Events in the last `WINDOW_SECS` complete seconds plus the current one.
+    pub fn last_minute(&self) -> u64 {
+        let now = now_secs();
+        (now.saturating_sub(WINDOW_SECS - 1)..=now)
+            .map(|s| self.0.get(s))
+            .sum()
+    }
+}
+
+/// Latency histogram bucket bounds in microseconds: powers of √2 from 100 µs to ~100 s.
+fn bucket_of(micros: u64) -> usize {
+    if micros <= 100 {
+        return 0;
+    }
+    // log base √2 of (micros / 100), i.e. 2·log2.
+    let ratio = micros as f64 / 100.0;
+    ((ratio.log2() * 2.0).ceil() as usize).min(BUCKETS - 1)
+}
+
+fn bucket_upper_micros(bucket: usize) -> f64 {
+    100.0 * 2f64.powf(bucket as f64 / 2.0)
+}
+
+const BUCKETS: usize = 42;
+
+#[derive(Debug, Clone, Copy)]
+struct Second {
+    at: u64,
+    count: u64,
+    sum_micros: u64,
+    buckets: [u32; BUCKETS],
+}
+
+impl Second {
+    const EMPTY: Self = Self {
+        at: u64::MAX,
+        count: 0,
+        sum_micros: 0,
+        buckets: [0; BUCKETS],
+    };
+}
+
+/// Latencies over the last minute: mean and percentiles (within √2 of the truth).
+#[derive(Debug)]
+pub struct LatencyWindow {
+    seconds: Mutex<[Second; SLOTS]>,
+    /// Total observations ever, for cheap "anything yet?" checks.
+    total: AtomicU64,
+}
+
+impl Default for LatencyWindow {
+    fn default() -> Self {
+        Self {
+            seconds: Mutex::new([Second::EMPTY; SLOTS]),
+            total: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Mean and p99 of a window, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LatencySummary {
+    /// Responses observed.
+    pub count: u64,
+    /// Mean latency.
+    pub mean_ms: f64,
+    /// 99th percentile (bucket upper bound).
+    pub p99_ms: f64,
+}
+
+impl LatencyWindow {
+    /// Record one latency now.
+    pub fn record(&self, latency: Duration) {
+        let now = now_secs();
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let mut seconds = self.seconds.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut seconds[(now % SLOTS as u64) as usize];
+        if slot.at != now {
+            *slot = Second {
+                at: now,
+                ..Second::EMPTY
+            };
+        }
+        slot.count += 1;
+        slot.sum_micros = slot.sum_micros.saturating_add(micros);
+        slot.buckets[bucket_of(micros)] += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Mean and p99 over the last minute; `None` when nothing was observed.
+    pub fn last_minute(&self) -> Option<LatencySummary> {
+        if self.total.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let now = now_secs();
+        let oldest = now.saturating_sub(WINDOW_SECS - 1);
+        let seconds = self.seconds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut merged = Second::EMPTY;
+        for s in seconds
+            .iter()
+            .filter(|s| s.at != u64::MAX && s.at >= oldest && s.at <= now)
+        {
+            merged.count += s.count;
+            merged.sum_micros = merged.sum_micros.saturating_add(s.sum_micros);
+            for (m, b) in merged.buckets.iter_mut().zip(s.buckets) {
+                *m += b;
+            }
+        }
+        drop(seconds);
+        if merged.count == 0 {
+            return None;
+        }
+        let rank = (merged.count as f64 * 0.99).ceil() as u64;
+        let mut seen = 0;
+        let mut p99 = bucket_upper_micros(BUCKETS - 1);
+        for (i, n) in merged.buckets.iter().enumerate() {
+            seen += u64::from(*n);
+            if seen >= rank {
+                p99 = bucket_upper_micros(i);
+                break;
+            }
+        }
+        Some(LatencySummary {
+            count: merged.count,
+            mean_ms: merged.sum_micros as f64 / merged.count as f64 / 1000.0,
+            p99_ms: p99 / 1000.0,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn counts_age_out_after_a_minute() {
+        let count = RecentCount::default();
+        for _ in 0..5 {
+            count.add();
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        count.add();
+        assert_eq!(count.last_minute(), 6);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(count.last_minute(), 1);
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(count.last_minute(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_mean_and_p99() {
+        let window = LatencyWindow::default();
+        assert_eq!(window.last_minute(), None);
+        for _ in 0..99 {
+            window.record(Duration::from_millis(50));
+        }
+        window.record(Duration::from_millis(900));
+        let s = window.last_minute().unwrap();
+        assert_eq!(s.count, 100);
+        assert!((s.mean_ms - 58.5).abs() < 0.01, "{s:?}");
+        // p99 is the 99th value, 50 ms, reported as its bucket's bound (within √2 above).
+        assert!((50.0..=50.0 * 1.42).contains(&s.p99_ms), "{s:?}");
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(window.last_minute(), None);
+    }
+}
