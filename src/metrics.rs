@@ -82,6 +82,27 @@ impl ServiceStats {
     pub fn count_own(&self, reason: Reason) {
         self.own[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Every answer so far: sluice's own plus those of the endpoints in `shape`.
+    pub fn answers_total(&self, shape: &crate::balance::Shape) -> u64 {
+        let own: u64 = self.own.iter().map(|n| n.load(Ordering::Relaxed)).sum();
+        let endpoints: u64 = shape
+            .endpoints
+            .iter()
+            .flat_map(|(e, _)| e.stats.classes.iter())
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum();
+        own + endpoints
+    }
+
+    /// 429 answers so far, for any reason.
+    pub fn too_many_requests_total(&self) -> u64 {
+        Reason::ALL
+            .iter()
+            .filter(|r| r.status() == http::StatusCode::TOO_MANY_REQUESTS)
+            .map(|r| self.own[r.index()].load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// What an endpoint counts.

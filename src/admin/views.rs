@@ -35,6 +35,10 @@ pub struct ServiceCapacity {
     pub admitted_tps: f64,
     /// projected − admitted, never negative.
     pub headroom_tps: f64,
+    /// Answers since start, whoever gave them (poll and difference for a rate).
+    pub requests_total: u64,
+    /// 429 answers since start, any reason.
+    pub throttled_total: u64,
     /// The service's endpoints.
     pub endpoints: Vec<EndpointView>,
     /// The service's resources (none when rate limiting is off).
@@ -171,6 +175,8 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
         projected_tps: projection.projected_tps(),
         admitted_tps,
         headroom_tps: projection.available_tps(),
+        requests_total: service.stats.answers_total(&shape),
+        throttled_total: service.stats.too_many_requests_total(),
         endpoints,
         resources,
     }
