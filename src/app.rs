@@ -111,7 +111,10 @@ impl App {
     /// Serve until `shutdown` resolves, then drain in-flight requests within the configured
     /// grace.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        tracing::info!(proxy = %self.proxy_addr(), admin = ?self.admin_addr(), "sluice listening");
+        let admin = self
+            .admin_addr()
+            .map_or_else(|| "off".to_owned(), |a| a.to_string());
+        tracing::info!(proxy = %self.proxy_addr(), admin, "sluice listening");
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(autoscale::run(
             Arc::clone(&self.proxy),

@@ -54,3 +54,72 @@ impl Access {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Some(auth) = auth {
+            headers.insert(AUTHORIZATION, auth.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn without_a_token_only_loopback_reads() {
+        let access = Access::new(None);
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let local6: SocketAddr = "[::1]:5000".parse().unwrap();
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        assert!(access.check(local, &headers(None), false).is_ok());
+        assert!(access.check(local6, &headers(None), false).is_ok());
+        assert_eq!(
+            access
+                .check(remote, &headers(None), false)
+                .unwrap_err()
+                .status,
+            403
+        );
+        assert_eq!(
+            access
+                .check(local, &headers(None), true)
+                .unwrap_err()
+                .status,
+            403
+        );
+    }
+
+    #[test]
+    fn with_a_token_everyone_needs_it() {
+        let access = Access::new(Some("s3cret".into()));
+        let remote: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        assert!(access
+            .check(remote, &headers(Some("Bearer s3cret")), true)
+            .is_ok());
+        for wrong in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("s3cret"),
+            Some("Basic s3cret"),
+        ] {
+            assert_eq!(
+                access
+                    .check(remote, &headers(wrong), false)
+                    .unwrap_err()
+                    .status,
+                401
+            );
+        }
+        // An empty token is no token.
+        assert_eq!(
+            Access::new(Some(String::new()))
+                .check(remote, &headers(None), false)
+                .unwrap_err()
+                .status,
+            403
+        );
+    }
+}

@@ -2,8 +2,6 @@
 //! copy of the live config and goes through [`Control::change`], so it is validated exactly
 //! like the file and applied whole or not at all.
 
-use std::time::Duration;
-
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -23,8 +21,8 @@ struct ServicePatch {
     max_concurrent: Option<u32>,
     cluster_max_concurrent: Option<u32>,
     queue_size: Option<u32>,
-    #[serde(default, with = "humantime_serde")]
-    queue_timeout: Option<Duration>,
+    /// A duration like "500ms"; parsed here so an error can name the field.
+    queue_timeout: Option<String>,
 }
 
 /// `PUT /admin/services/{service}/resources/{name}` body.
@@ -61,6 +59,16 @@ pub(super) async fn patch_service(
 ) -> Result<Response, ApiError> {
     admin.access.check(peer, &headers, true)?;
     let patch: ServicePatch = parse_body(&body)?;
+    let queue_timeout = patch
+        .queue_timeout
+        .as_deref()
+        .map(humantime::parse_duration)
+        .transpose()
+        .map_err(|e| {
+            ApiError::bad_request(format!(
+                "queue_timeout: {e}; expected a duration like \"500ms\""
+            ))
+        })?;
     let reason = format!("operator changed {}", String::from_utf8_lossy(&body).trim());
     let events = admin
         .control
@@ -75,7 +83,7 @@ pub(super) async fn patch_service(
             if let Some(v) = patch.queue_size {
                 s.queue_size = v;
             }
-            if let Some(v) = patch.queue_timeout {
+            if let Some(v) = queue_timeout {
                 s.queue_timeout = v;
             }
             Ok(())

@@ -61,6 +61,8 @@ pub fn urls(mocks: &[&Mock]) -> Vec<String> {
 /// sluice running in this process.
 pub struct Sluice {
     pub addr: SocketAddr,
+    /// The admin API's address (`config()` enables it on an ephemeral port).
+    pub admin: Option<SocketAddr>,
     pub proxy: Arc<Proxy>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -68,12 +70,28 @@ pub struct Sluice {
 
 /// Start sluice in-process from TOML text (use [`config`] for an ephemeral port).
 pub async fn start_sluice(toml: &str) -> Sluice {
+    start_sluice_with(toml, None, None).await
+}
+
+/// Start sluice in-process with an admin `token` and, to reload from, its config `file`.
+pub async fn start_sluice_with(
+    toml: &str,
+    token: Option<&str>,
+    file: Option<std::path::PathBuf>,
+) -> Sluice {
     let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
     if let Err(errors) = validate(&config) {
         panic!("test config is invalid: {errors:?}\n{toml}");
     }
-    let app = App::bind(&config).await.expect("sluice binds");
+    let mut app = App::bind(&config)
+        .await
+        .expect("sluice binds")
+        .admin_token(token.map(str::to_owned));
+    if let Some(file) = file {
+        app = app.reload_from(file, config.clone());
+    }
     let addr = app.proxy_addr();
+    let admin = app.admin_addr();
     let proxy = app.proxy();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run(async move {
@@ -81,6 +99,7 @@ pub async fn start_sluice(toml: &str) -> Sluice {
     }));
     Sluice {
         addr,
+        admin,
         proxy,
         stop: Some(stop),
         task: Some(task),

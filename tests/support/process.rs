@@ -42,6 +42,8 @@ pub struct Running {
     child: Child,
     /// Where its proxy listens.
     pub addr: SocketAddr,
+    /// Where its admin API listens, if enabled.
+    pub admin: Option<SocketAddr>,
     lines: Arc<Mutex<Vec<String>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
 }
@@ -66,7 +68,7 @@ pub async fn start_binary(args: &[&str]) -> Running {
     let addr = tokio::task::spawn_blocking(move || listening_addr(&rx))
         .await
         .expect("reader thread");
-    let Some(addr) = addr else {
+    let Some((addr, admin)) = addr else {
         let _ = child.kill();
         let output = lines.lock().unwrap().join("\n");
         panic!("sluice did not report its address; output:\n{output}");
@@ -74,6 +76,7 @@ pub async fn start_binary(args: &[&str]) -> Running {
     Running {
         child,
         addr,
+        admin,
         lines,
         readers,
     }
@@ -94,8 +97,8 @@ fn collect_lines(
     })
 }
 
-/// The proxy address from the "sluice listening" log line.
-fn listening_addr(rx: &mpsc::Receiver<String>) -> Option<SocketAddr> {
+/// The proxy and admin addresses from the "sluice listening" log line.
+fn listening_addr(rx: &mpsc::Receiver<String>) -> Option<(SocketAddr, Option<SocketAddr>)> {
     let deadline = std::time::Instant::now() + super::DEADLINE;
     loop {
         let left = deadline.checked_duration_since(std::time::Instant::now())?;
@@ -104,7 +107,8 @@ fn listening_addr(rx: &mpsc::Receiver<String>) -> Option<SocketAddr> {
             continue;
         };
         if json["message"] == "sluice listening" {
-            return json["proxy"].as_str()?.parse().ok();
+            let admin = json["admin"].as_str().and_then(|a| a.parse().ok());
+            return Some((json["proxy"].as_str()?.parse().ok()?, admin));
         }
     }
 }
