@@ -247,3 +247,148 @@ cooldown = "1s"
     );
     sluice.stop().await;
 }
+
+const FAST_RULE: &str = r#"
+[service.autoscale]
+interval = "1s"
+[[service.autoscale.profile]]
+name = "fast"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_rule_raises_endpoint_concurrency_live() {
+    let backend = mock().hold(Duration::from_millis(200)).start().await;
+    let toml = config(&format!(
+        "{}{FAST_RULE}{}",
+        service(
+            &[backend.url()],
+            "max_concurrent = 2\nqueue_size = 50\nqueue_timeout = \"10s\""
+        ),
+        r#"[[service.autoscale.profile.rule]]
+metric = "queue_length"
+statistic = "max"
+time_grain = "1s"
+time_window = "1s"
+time_aggregation = "maximum"
+operator = "greater_than"
+threshold = 0
+direction = "increase"
+type = "change_count"
+value = 3
+cooldown = "1s"
+target = "endpoint_concurrency"
+"#
+    ));
+    let sluice = start_sluice(&toml).await;
+    let addr = sluice.addr;
+    // Ten clients in a loop keep the queue busy until the cap has grown.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..10)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            tokio::spawn(async move {
+                let client = pool();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(send(&client, get(addr, "/score")).await.status, 200);
+                }
+            })
+        })
+        .collect();
+    let pool_ = sluice.pool(0);
+    eventually("the cap to grow past 5", || {
+        pool_.shape().endpoints[0].1 >= 5
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        client.await.unwrap();
+    }
+    assert!(
+        backend.peak() > 2,
+        "the endpoint saw the raised cap: peak {}",
+        backend.peak()
+    );
+    let events = sluice.proxy.events().query(&EventQuery::default());
+    assert!(events
+        .iter()
+        .all(|e| e.target == autoscale::ScaleTarget::EndpointConcurrency
+            && e.kind == EventKind::ScaleUp));
+    assert_eq!((events[0].from, events[0].to), (2, 5));
+    sluice.assert_idle().await;
+    sluice.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_autoscale_off_returns_the_limit_to_base_at_once() {
+    let backend = mock().start().await;
+    let toml = config(&format!(
+        "{}\n[service.rate_limit]\ndefault_tps = 5\n\
+         [[service.resource]]\nname = \"team-a\"\nkey = \"key-a\"\ntps = 5\nautoscale = true\n\
+         {FAST_RULE}{}",
+        service(&[backend.url()], ""),
+        r#"[[service.autoscale.profile.rule]]
+metric = "throttled_requests"
+statistic = "sum"
+time_grain = "1s"
+time_window = "1s"
+time_aggregation = "total"
+operator = "greater_than"
+threshold = 0
+direction = "increase"
+type = "percent_change_count"
+value = 100
+cooldown = "1s"
+"#
+    ));
+    let sluice = start_sluice_with(&toml, Some("tok"), None).await;
+    let limit = || {
+        sluice.proxy.policy().services[0]
+            .limits
+            .as_ref()
+            .unwrap()
+            .find("team-a")
+            .unwrap()
+            .limit()
+            .tps
+            .get()
+    };
+    let client = pool();
+    let started = tokio::time::Instant::now();
+    while limit() < 10 {
+        assert!(started.elapsed() < DEADLINE, "no raise");
+        let mut req = get(sluice.addr, "/score");
+        req.headers_mut()
+            .insert("x-api-key", "key-a".parse().unwrap());
+        send(&client, req).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin = sluice.admin.unwrap();
+    let mut off = request(
+        "PUT",
+        admin,
+        "/admin/services/scoring/resources/team-a",
+        r#"{"autoscale": false}"#,
+    );
+    off.headers_mut()
+        .insert("authorization", "Bearer tok".parse().unwrap());
+    assert_eq!(once(admin, off).await.status, 200);
+    assert_eq!(limit(), 5, "back to base at once");
+    let kinds: Vec<EventKind> = sluice
+        .proxy
+        .events()
+        .query(&EventQuery::default())
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(kinds.contains(&EventKind::AutoscaleOff), "{kinds:?}");
+    // And it stays there, however throttled.
+    for _ in 0..30 {
+        let mut req = get(sluice.addr, "/score");
+        req.headers_mut()
+            .insert("x-api-key", "key-a".parse().unwrap());
+        send(&client, req).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(limit(), 5);
+    sluice.stop().await;
+}
