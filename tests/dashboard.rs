@@ -43,7 +43,7 @@ fn chromium() -> Option<&'static str> {
 }
 
 /// One service over two endpoints; team-a starts at 5 TPS and autoscales every second while
-/// throttled (5 → 10 → 20 …); team-b has a fixed 20 TPS.
+/// throttled (5 → 10 → 20 …); team-b and team-c have fixed limits of 20 and 2 TPS.
 fn dashboard_config(urls: &[String]) -> String {
     config(&format!(
         r#"{}
@@ -58,6 +58,10 @@ autoscale = true
 name = "team-b"
 key = "key-b"
 tps = 20
+[[service.resource]]
+name = "team-c"
+key = "key-c"
+tps = 2
 [service.autoscale]
 interval = "1s"
 [[service.autoscale.profile]]
@@ -79,8 +83,8 @@ cooldown = "1s"
     ))
 }
 
-/// Client load until `stop` is set: four callers with key-a (~40 req/s in all) and one with
-/// key-b (~8 req/s).
+/// Client load until `stop` is set: four callers with key-a (~40 req/s in all), one with key-b
+/// (~8 req/s, within its limit) and one with key-c (~8 req/s, mostly throttled).
 fn traffic(proxy: SocketAddr, stop: Arc<AtomicBool>) -> Vec<JoinHandle<()>> {
     let callers = [
         ("key-a", 100),
@@ -88,6 +92,7 @@ fn traffic(proxy: SocketAddr, stop: Arc<AtomicBool>) -> Vec<JoinHandle<()>> {
         ("key-a", 100),
         ("key-a", 100),
         ("key-b", 120),
+        ("key-c", 120),
     ];
     callers
         .into_iter()
@@ -153,6 +158,8 @@ async fn run_chromium(browser: &str, label: &str, args: &[String], url: &str) ->
             "--no-default-browser-check",
             "--mute-audio",
             "--hide-scrollbars",
+            // Console messages (script errors included) go to stderr.
+            "--enable-logging=stderr",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
@@ -184,6 +191,13 @@ async fn run_chromium(browser: &str, label: &str, args: &[String], url: &str) ->
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
+    let log = String::from_utf8_lossy(&output.stderr);
+    for line in log.lines().filter(|l| l.contains("CONSOLE")) {
+        assert!(
+            !line.contains("Uncaught") && !line.contains("Error"),
+            "a script error in the page ({label}): {line}"
+        );
+    }
     String::from_utf8(output.stdout).expect("the DOM is UTF-8")
 }
 
@@ -235,18 +249,24 @@ fn attributes(text: &str) -> HashMap<String, String> {
     attrs
 }
 
-/// The part of `html` from the resource card of `name` to the next card or the event log.
+/// The part of `html` from the opening tag of the resource `name` (a chart card or a row of
+/// the fixed-limit table) to the next resource or the event log.
 fn resource_card<'a>(html: &'a str, name: &str) -> &'a str {
-    let start = html
+    let found = html
         .find(&format!("class=\"resource\" data-resource=\"{name}\""))
-        .unwrap_or_else(|| panic!("no resource card for {name}"));
-    let rest = &html[start + 1..];
-    let end = ["class=\"resource\"", "id=\"event-log\""]
-        .iter()
-        .filter_map(|n| rest.find(n))
-        .min()
-        .unwrap_or(rest.len());
-    &rest[..end]
+        .unwrap_or_else(|| panic!("no resource {name} in the page"));
+    let start = html[..found].rfind('<').expect("inside an opening tag");
+    let rest = &html[found..];
+    let end = [
+        "<div class=\"resource\"",
+        "<tr class=\"resource\"",
+        "id=\"event-log\"",
+    ]
+    .iter()
+    .filter_map(|n| rest.find(n))
+    .min()
+    .unwrap_or(rest.len());
+    &html[start..found + end]
 }
 
 fn attr<'a>(element: &'a HashMap<String, String>, name: &str) -> &'a str {
@@ -370,7 +390,8 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
         );
     }
 
-    // team-a's chart: a step line with both raises marked; team-b: a flat line, no marker.
+    // team-a's chart: a step line with both raises marked; team-b, fixed and never changed,
+    // is a row of the compact table instead.
     let card = resource_card(&dom, "team-a");
     assert_eq!(elements(card, "svg", "limit-chart").len(), 1, "{card}");
     assert_eq!(elements(card, "polyline", "limit-line").len(), 1, "{card}");
@@ -385,9 +406,20 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
         "scale-up markers {ups:?}\n{card}"
     );
     let team_b = resource_card(&dom, "team-b");
-    assert_eq!(elements(team_b, "svg", "limit-chart").len(), 1, "{team_b}");
-    assert!(!team_b.contains("data-kind="), "{team_b}");
+    assert!(team_b.starts_with("<tr "), "{team_b}");
+    assert!(
+        elements(team_b, "svg", "limit-chart").is_empty(),
+        "{team_b}"
+    );
     assert!(team_b.contains(">20 TPS<"), "{team_b}");
+    let team_c = resource_card(&dom, "team-c");
+    let throttled: u64 = team_c
+        .split("data-count=\"throttled\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("team-c's throttled count: {team_c}"));
+    assert!(throttled > 0, "team-c is throttled: {team_c}");
 
     // The event list, newest first, with team-a's first raise.
     let events = elements(&dom, "tr", "event");
@@ -405,7 +437,7 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
     assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first: {ids:?}");
 
     // Keys are secrets, and the token stays out of the page.
-    for secret in ["key-a", "key-b", TOKEN] {
+    for secret in ["key-a", "key-b", "key-c", TOKEN] {
         assert!(!dom.contains(secret), "{secret:?} in the DOM {context}");
     }
 
@@ -433,18 +465,33 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
         "no data without the token"
     );
 
-    // A screenshot as a test artefact (the README's docs/dashboard.png is one of these).
+    // A screenshot as a test artefact (the README's docs/dashboard.png is one of these), in
+    // real time: under a virtual-time budget the page's clock races ahead of the traffic, so
+    // its rates (answers between polls / time between polls) would read near zero. Headless
+    // Chromium shoots at the load event, so a frame holds the dashboard and an image that
+    // loads for a few seconds holds the load event while the page polls for real.
+    let load_holder = mock().hold(Duration::from_secs(5)).start().await;
+    let frame = artifacts_dir().join("dashboard-frame.html");
+    std::fs::write(
+        &frame,
+        format!(
+            "<!doctype html><body style=\"margin:0\"><iframe src=\"{url}\" \
+             style=\"border:0;width:1280px;height:1000px\"></iframe>\
+             <img src=\"{}/hold-the-load-event\" alt=\"\" style=\"display:none\"></body>",
+            load_holder.url()
+        ),
+    )
+    .expect("write the screenshot frame");
     let shot = artifacts_dir().join("dashboard.png");
     let _ = std::fs::remove_file(&shot);
     run_chromium(
         browser,
         "screenshot",
         &[
-            "--virtual-time-budget=5000".into(),
             "--window-size=1280,1000".into(),
             format!("--screenshot={}", shot.display()),
         ],
-        &url,
+        &format!("file://{}", frame.display()),
     )
     .await;
     let png = std::fs::read(&shot).expect("chromium wrote the screenshot");
