@@ -34,10 +34,13 @@ fn chromium() -> Option<&'static str> {
         std::env::var_os("CI").is_none(),
         "{CHROMIUM} is missing: CI must install it (run .ci/install-chromium)"
     );
-    eprintln!(
-        "\n************************************************************************\n\
-         SKIPPED tests/dashboard.rs: chromium not installed; run .ci/install-chromium\n\
-         ************************************************************************\n"
+    // Straight to the process's stderr: the test harness captures `eprintln!` of passing
+    // tests, and this notice must be seen.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        b"\n************************************************************************\n\
+          SKIPPED tests/dashboard.rs: chromium not installed; run .ci/install-chromium\n\
+          ************************************************************************\n\n",
     );
     None
 }
@@ -322,6 +325,36 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(&scale_ups[..2], &[(5, 10), (10, 20)]);
+    // An operator raises team-b's limit by hand: a step on its chart.
+    let mut raise = request(
+        "PUT",
+        admin,
+        "/admin/services/scoring/resources/team-b",
+        r#"{"tps": 30}"#,
+    );
+    raise.headers_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("header value"),
+    );
+    raise.headers_mut().insert(
+        "content-type",
+        "application/json".parse().expect("header value"),
+    );
+    let raised = once(admin, raise).await;
+    assert_eq!(raised.status, 200, "{}", raised.text());
+    // The change's event about team-b (its kind is the server's business; the chart shows it).
+    let change = raised.json()["events"]
+        .as_array()
+        .expect("the change's events")
+        .iter()
+        .find(|e| e["resource"] == "team-b")
+        .cloned()
+        .unwrap_or_else(|| panic!("no event about team-b: {}", raised.text()));
+    assert_eq!(
+        (change["from"].as_u64(), change["to"].as_u64()),
+        (Some(20), Some(30))
+    );
+    let change_kind = change["kind"].as_str().expect("a kind").to_owned();
 
     // The page as rendered after a few polls (virtual time runs ahead while nothing loads).
     let url = format!("http://{}/#token={TOKEN}", admin);
@@ -390,8 +423,8 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
         );
     }
 
-    // team-a's chart: a step line with both raises marked; team-b, fixed and never changed,
-    // is a row of the compact table instead.
+    // team-a's chart: a step line with both raises marked; team-b's: the operator's change;
+    // team-c, fixed and never changed, is a row of the compact table instead.
     let card = resource_card(&dom, "team-a");
     assert_eq!(elements(card, "svg", "limit-chart").len(), 1, "{card}");
     assert_eq!(elements(card, "polyline", "limit-line").len(), 1, "{card}");
@@ -406,13 +439,26 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
         "scale-up markers {ups:?}\n{card}"
     );
     let team_b = resource_card(&dom, "team-b");
-    assert!(team_b.starts_with("<tr "), "{team_b}");
-    assert!(
-        elements(team_b, "svg", "limit-chart").is_empty(),
-        "{team_b}"
-    );
-    assert!(team_b.contains(">20 TPS<"), "{team_b}");
+    let team_b_markers = elements(team_b, "path", "marker");
+    let changed: Vec<(&str, &str, &str)> = team_b_markers
+        .iter()
+        .map(|m| {
+            (
+                attr(m, "data-kind"),
+                attr(m, "data-from"),
+                attr(m, "data-to"),
+            )
+        })
+        .collect();
+    assert_eq!(changed, [(change_kind.as_str(), "20", "30")], "{team_b}");
+    assert!(team_b.contains(">30 TPS<"), "{team_b}");
     let team_c = resource_card(&dom, "team-c");
+    assert!(team_c.starts_with("<tr "), "{team_c}");
+    assert!(
+        elements(team_c, "svg", "limit-chart").is_empty(),
+        "{team_c}"
+    );
+    assert!(team_c.contains(">2 TPS<"), "{team_c}");
     let throttled: u64 = team_c
         .split("data-count=\"throttled\">")
         .nth(1)
