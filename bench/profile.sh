@@ -56,9 +56,9 @@ profile() {
     echo "instructions per request (whole process, startup and shutdown included): $(awk -v t="$total" -v r="$reqs" 'BEGIN { printf("%.0f", t / r) }')"
     for f in $files; do
         echo; echo "### $f — inclusive, top 40"
-        callgrind_annotate --inclusive=yes "$f" 2>/dev/null | sed -n '/^Ir/,$p' | head -42
+        { callgrind_annotate --inclusive=yes "$f" 2>/dev/null | sed -n '/^Ir/,$p' | head -42; } || true
         echo; echo "### $f — self, top 30"
-        callgrind_annotate "$f" 2>/dev/null | sed -n '/^Ir/,$p' | head -32
+        { callgrind_annotate "$f" 2>/dev/null | sed -n '/^Ir/,$p' | head -32; } || true
     done
 }
 

@@ -9,7 +9,7 @@
 #      throughput vs the Little's-law ceiling, p99 of admitted and of refused answers apart
 #   5  memory: RSS idle and with 10k open idle client connections
 #   3, 4, 6 (rate accuracy, admission micro-benchmarks, Redis store) and the 100k-keys memory
-#   figure need per-key limits / the store, which sluice does not have yet: they print TODO.
+#   figure are not written yet (the Redis store does not exist yet): they print TODO.
 #
 # Env knobs:
 #   DUR=10        seconds per measured run (scenarios 1 and 2; "10s" accepted)
@@ -448,7 +448,7 @@ scenario5() {
         echo "|---|---|---|---|---|---|"
         awk 'NR > 1 { printf("| %s | %.1f | %.1f | %d | %.1f | %.1f |\n", $1, $2 / 1024, $3 / 1024, $4, ($4 > 0 ? ($3 - $2) / $4 : 0), $6 / 1024) }' "$rows"
         echo
-        echo "RSS with 100k tracked keys: TODO — sluice has no per-key state yet."
+        echo "RSS with 100k tracked keys: TODO — not driven by the harness yet (needs a load of 100k distinct keys against a [service.rate_limit] table)."
         echo
     } | tee "$OUT/s5.md"
 }
@@ -483,8 +483,8 @@ for s in "${SCENARIOS[@]}"; do
         1) scenario1 ;;
         2) scenario2 ;;
         5) scenario5 ;;
-        3) echo "### Scenario 3 — rate accuracy: TODO (needs per-key rate limits)"; echo ;;
-        4) echo "### Scenario 4 — admission micro-benchmarks: TODO (needs per-key rate limits; criterion benches)"; echo ;;
+        3) echo "### Scenario 3 — rate accuracy: TODO (not written yet)"; echo ;;
+        4) echo "### Scenario 4 — admission micro-benchmarks: TODO (criterion benches, not written yet)"; echo ;;
         6) echo "### Scenario 6 — Redis store: TODO (needs the store)"; echo ;;
     esac
 done
