@@ -55,6 +55,8 @@ impl App {
     /// Build the proxy from a validated `config` and bind its listeners. The admin token
     /// comes from env `SLUICE_ADMIN_TOKEN` (see [`App::admin_token`]).
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        // Start the uptime clock the admin views report.
+        let _ = crate::stats::uptime();
         let policy = Policy::from_config(config)?;
         let proxy = Proxy::new(policy, config.timeouts.connect);
         let proxy_listener = bind(&config.listen.proxy).await?;

@@ -90,8 +90,11 @@ impl Control {
         let config = Config::load(path)?;
         let summary = config.summary();
         let reason = format!("config reloaded from {}: {summary}", path.display());
-        let mut events = self.install(config.clone(), "*", "config", reason)?;
-        events.retain(|e| e.kind != EventKind::Manual);
+        let target = ScaleTarget::Setting {
+            key: "config".into(),
+        };
+        let mut events = self.install(config.clone(), "*", target, reason)?;
+        events.retain(|e| e.kind != EventKind::Reload || e.service != "*");
         let mut needs_restart = Vec::new();
         let (old, new) = (&self.started, &config);
         if old.listen != new.listen {
@@ -135,14 +138,14 @@ impl Control {
     pub async fn change(
         &self,
         service: &str,
-        key: &str,
+        target: ScaleTarget,
         reason: String,
         edit: impl FnOnce(&mut Config) -> Result<(), ChangeError>,
     ) -> Result<Vec<Event>, ChangeError> {
         let _one_at_a_time = self.serial.lock().await;
         let mut config = self.proxy.policy().config.clone();
         edit(&mut config)?;
-        self.install(config, service, key, reason)
+        self.install(config, service, target, reason)
     }
 
     /// Validate, build and swap in `config`; record the change and what it caused.
@@ -150,7 +153,7 @@ impl Control {
         &self,
         config: Config,
         service: &str,
-        key: &str,
+        target: ScaleTarget,
         reason: String,
     ) -> Result<Vec<Event>, ChangeError> {
         validate(&config).map_err(ChangeError::Invalid)?;
@@ -158,23 +161,23 @@ impl Control {
         let now = Utc::now();
         let (policy, mut events) = Policy::reload(&config, Some(&previous), now)?;
         self.proxy.set_policy(policy);
-        let kind = if key == "config" {
-            EventKind::Reload
-        } else {
-            EventKind::Manual
+        let kind = match (service, &target) {
+            ("*", _) => EventKind::Reload,
+            _ => EventKind::Manual,
         };
+        let from = setting_value(&previous.config, service, &target);
+        let to = setting_value(&config, service, &target);
+        // The change itself first, then what it caused.
         events.insert(
             0,
             Event {
                 id: 0,
                 at: now,
                 service: service.to_owned(),
-                target: ScaleTarget::Setting {
-                    key: key.to_owned(),
-                },
+                target,
                 kind,
-                from: 0,
-                to: 0,
+                from,
+                to,
                 profile: None,
                 rule: None,
                 reason,
@@ -185,5 +188,24 @@ impl Control {
             tracing::info!(target: "sluice::autoscale", id = event.id, service = %event.service, kind = ?event.kind, reason = %event.reason, "policy changed");
         }
         Ok(events)
+    }
+}
+
+/// The number an event about `target` reports: a resource's base TPS (0 when absent), the
+/// service's per-endpoint cap, or 0 for other settings.
+fn setting_value(config: &Config, service: &str, target: &ScaleTarget) -> u32 {
+    let Some(s) = config.services.iter().find(|s| s.name == service) else {
+        return 0;
+    };
+    match target {
+        ScaleTarget::Resource { resource } => {
+            let default_tps = s.rate_limit().map_or(0, |r| r.default_tps);
+            s.resources
+                .iter()
+                .find(|r| &r.name == resource)
+                .map_or(0, |r| r.tps.unwrap_or(default_tps))
+        }
+        ScaleTarget::EndpointConcurrency => s.max_concurrent,
+        ScaleTarget::Setting { .. } => 0,
     }
 }

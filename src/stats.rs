@@ -12,12 +12,17 @@ const SLOTS: usize = 61;
 /// The window the views report on.
 pub const WINDOW_SECS: u64 = 60;
 
-/// Whole seconds on tokio's clock since the first call (tests that pause time drive it too).
-pub fn now_secs() -> u64 {
+/// Time on tokio's clock since the first call (tests that pause time drive it too).
+pub fn uptime() -> Duration {
     static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
     let now = tokio::time::Instant::now().into_std();
     let epoch = *EPOCH.get_or_init(|| now);
-    now.saturating_duration_since(epoch).as_secs()
+    now.saturating_duration_since(epoch)
+}
+
+/// Whole seconds of [`uptime`].
+pub fn now_secs() -> u64 {
+    uptime().as_secs()
 }
 
 /// A count per second over the last minute (lock-free).

@@ -390,19 +390,21 @@ async fn resources_are_created_changed_and_removed_live() {
         .unwrap()
         .iter()
         .map(|e| {
+            let resource = e["resource"].as_str().unwrap_or("");
             format!(
-                "{}:{}",
+                "{}:{resource}:{}->{}",
                 e["kind"].as_str().unwrap(),
-                e["key"].as_str().unwrap_or("")
+                e["from"],
+                e["to"]
             )
         })
         .collect();
     assert_eq!(
         kinds,
         [
-            "manual:resource.team-b",
-            "manual:resource.team-a",
-            "manual:resource.team-b"
+            "manual:team-b:0->3",
+            "manual:team-a:5->8",
+            "manual:team-b:3->0"
         ]
     );
     let none = call(&sluice, "GET", "/admin/autoscale/events?service=other", "").await;

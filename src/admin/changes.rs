@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{parse_body, Admin, ApiError, Peer};
+use crate::autoscale::ScaleTarget;
 use crate::config::{Config, ResourceConfig, ServiceConfig};
 use crate::control::ChangeError;
 
@@ -25,6 +26,25 @@ struct ServicePatch {
     queue_timeout: Option<String>,
 }
 
+impl ServicePatch {
+    fn describe(&self) -> String {
+        let mut set = Vec::new();
+        if let Some(v) = self.max_concurrent {
+            set.push(format!("max_concurrent = {v}"));
+        }
+        if let Some(v) = self.cluster_max_concurrent {
+            set.push(format!("cluster_max_concurrent = {v}"));
+        }
+        if let Some(v) = self.queue_size {
+            set.push(format!("queue_size = {v}"));
+        }
+        if let Some(v) = &self.queue_timeout {
+            set.push(format!("queue_timeout = {v:?}"));
+        }
+        set.join(", ")
+    }
+}
+
 /// `PUT /admin/services/{service}/resources/{name}` body.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +53,25 @@ struct ResourcePut {
     burst: Option<u32>,
     autoscale: Option<bool>,
     key_sha256: Option<String>,
+}
+
+impl ResourcePut {
+    fn describe(&self) -> String {
+        let mut set = Vec::new();
+        if let Some(v) = self.tps {
+            set.push(format!("tps = {v}"));
+        }
+        if let Some(v) = self.burst {
+            set.push(format!("burst = {v}"));
+        }
+        if let Some(v) = self.autoscale {
+            set.push(format!("autoscale = {v}"));
+        }
+        if self.key_sha256.is_some() {
+            set.push("a new key".to_owned());
+        }
+        set.join(", ")
+    }
 }
 
 fn service_mut<'c>(
@@ -44,6 +83,12 @@ fn service_mut<'c>(
         .iter_mut()
         .find(|s| s.name == name)
         .ok_or_else(|| ChangeError::NotFound(format!("no service named {name:?}")))
+}
+
+fn resource_target(name: &str) -> ScaleTarget {
+    ScaleTarget::Resource {
+        resource: name.to_owned(),
+    }
 }
 
 fn applied(events: Vec<crate::autoscale::Event>) -> Response {
@@ -69,10 +114,16 @@ pub(super) async fn patch_service(
                 "queue_timeout: {e}; expected a duration like \"500ms\""
             ))
         })?;
-    let reason = format!("operator changed {}", String::from_utf8_lossy(&body).trim());
+    let reason = format!("operator changed service {service:?}: {}", patch.describe());
+    let target = match patch.max_concurrent {
+        Some(_) => ScaleTarget::EndpointConcurrency,
+        None => ScaleTarget::Setting {
+            key: "service".into(),
+        },
+    };
     let events = admin
         .control
-        .change(&service, "service", reason, |config| {
+        .change(&service, target, reason, |config| {
             let s = service_mut(config, &service)?;
             if let Some(v) = patch.max_concurrent {
                 s.max_concurrent = v;
@@ -101,13 +152,10 @@ pub(super) async fn put_resource(
 ) -> Result<Response, ApiError> {
     admin.access.check(peer, &headers, true)?;
     let put: ResourcePut = parse_body(&body)?;
-    let reason = format!(
-        "operator set resource {name:?}: tps {:?}, burst {:?}, autoscale {:?}",
-        put.tps, put.burst, put.autoscale
-    );
+    let reason = format!("operator set resource {name:?}: {}", put.describe());
     let events = admin
         .control
-        .change(&service, &format!("resource.{name}"), reason, |config| {
+        .change(&service, resource_target(&name), reason, |config| {
             let s = service_mut(config, &service)?;
             let resource = match s.resources.iter_mut().find(|r| r.name == name) {
                 Some(resource) => resource,
@@ -157,7 +205,7 @@ pub(super) async fn delete_resource(
     let reason = format!("operator removed resource {name:?}");
     let events = admin
         .control
-        .change(&service, &format!("resource.{name}"), reason, |config| {
+        .change(&service, resource_target(&name), reason, |config| {
             let s = service_mut(config, &service)?;
             let before = s.resources.len();
             s.resources.retain(|r| r.name != name);

@@ -11,6 +11,9 @@ use crate::stats::LatencySummary;
 /// `GET /admin/capacity`.
 #[derive(Debug, Serialize)]
 pub struct Capacity {
+    /// Milliseconds since sluice started (monotonic), so clients can compute rates between
+    /// two polls on the server's clock.
+    pub uptime_ms: u64,
     /// One entry per service.
     pub services: Vec<ServiceCapacity>,
 }
@@ -91,6 +94,7 @@ const EXPECTED_LATENCY: std::time::Duration = std::time::Duration::from_millis(5
 /// Build the capacity view of `policy`.
 pub fn capacity(policy: &Policy, history: &EventHistory) -> Capacity {
     Capacity {
+        uptime_ms: u64::try_from(crate::stats::uptime().as_millis()).unwrap_or(u64::MAX),
         services: policy
             .services
             .iter()

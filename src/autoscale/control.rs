@@ -87,7 +87,7 @@ impl ServiceEngine {
         })
     }
 
-    /// Take new settings and resource specs after a config reload. Resources keep their
+    /// Take new settings and resource specs after a config reload or an admin change. Resources keep their
     /// current limit when it is still allowed; otherwise it moves into [base, max_tps]
     /// (`reload` event), or to the base when autoscaling is now off (`autoscale_off`). New
     /// resources start at their base; missing ones are dropped. A changed
@@ -107,26 +107,25 @@ impl ServiceEngine {
                 self.add_resource(name, *spec);
                 continue;
             };
+            let was_enabled = state.spec.enabled;
             state.spec = *spec;
             let from = state.limit;
             let (kind, to, why) = if spec.enabled {
                 let upper = spec.max_tps.max(spec.base);
                 let to = from.clamp(spec.base, upper);
-                (
-                    EventKind::Reload,
-                    to,
-                    "outside the reloaded [base, max_tps]",
-                )
+                (EventKind::Reload, to, "outside the new [base, max_tps]")
             } else {
                 (
                     EventKind::AutoscaleOff,
                     spec.base,
-                    "autoscale turned off by reload",
+                    "autoscale turned off: back to the base limit",
                 )
             };
             state.limit = to;
             self.resources.insert(name.clone(), state);
-            if to != from {
+            // A resource that never autoscaled just follows its base: the change that set it
+            // is recorded by whoever made it, not as an autoscale event.
+            if to != from && (was_enabled || spec.enabled) {
                 events.push(Event {
                     reason: why.into(),
                     ..self.event(wall, resource(name), kind, from, to)
@@ -143,7 +142,7 @@ impl ServiceEngine {
             if from != endpoint_concurrency {
                 let target = ScaleTarget::EndpointConcurrency;
                 events.push(Event {
-                    reason: "max_concurrent changed by reload".into(),
+                    reason: "max_concurrent changed by the policy".into(),
                     ..self.event(wall, target, EventKind::Reload, from, endpoint_concurrency)
                 });
             }

@@ -192,6 +192,12 @@ fn check_endpoint_url(url: &str) -> Result<(), String> {
     if uri.host().is_none_or(str::is_empty) {
         return Err(format!("{url:?} has no host"));
     }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        // Credentials in a URL would travel nowhere useful and show up in logs and views.
+        return Err(
+            "credentials in endpoint URLs are not supported; expected http://host:port".into(),
+        );
+    }
     if uri.query().is_some() {
         return Err(format!("{url:?} must not have a query string"));
     }
