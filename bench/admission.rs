@@ -1,0 +1,279 @@
+//! Admission micro-benchmarks (issue 6, scenario 4): what sluice does for every request before
+//! it forwards or refuses it, measured through the public API.
+//!
+//! `cargo bench --bench admission` (add `-- FILTER` to run some). Groups:
+//! - `admit/N`: `RateLimiter::check(&HeaderMap)` + `Pool::acquire` + dropping the slot (release),
+//!   with N configured resources (1, 10k, 100k), keys rotating over all of them.
+//! - `check_only/N`: the rate check alone, same setup.
+//! - `refuse`: the rate check of a caller over its limit (the 429 path's decision).
+//! - `unknown_key/100k`: the check of 100k rotating unknown keys (the bounded LRU table).
+//! - `key_lookup`: key extraction + SHA-256 (`KeySource::extract`, `key_digest`), and both plus a
+//!   `HashMap<[u8; 32], _>` lookup of 100k entries like the limiter's (which is private).
+//! - `reject_429`: `Rejection::new(..).resource(..).retry_after(..).into_response()`.
+//! - `ratelimit_headers`: `RateLimiter::insert_headers` into a response's `HeaderMap`.
+//! - `acquire_block_on`: `Pool::acquire` driven by `Runtime::block_on` once per request, to show
+//!   what a runtime entry costs next to polling the future once (how `admit/N` drives it).
+//!
+//! The configured resources have `tps = 1_000_000_000` (above the validated ceiling of 1M, which
+//! only `Config::parse` without validation allows): a tight loop checks one resource up to ~10M
+//! times a second, and any validated limit would refuse most of them, so the `admit` group would
+//! measure refusals. The GCRA arithmetic and atomics are the same at any rate.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use sluice::balance::{Pool, Slot};
+use sluice::config::Config;
+use sluice::limit::{key_digest, Admission, KeySource, Quota, RateLimiter, Status};
+use sluice::policy::Policy;
+use sluice::proxy::reject::{Reason, Rejection};
+
+const SIZES: [usize; 3] = [1, 10_000, 100_000];
+
+fn key(i: usize) -> String {
+    format!("bench-key-{i:08}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A one-service config with `n` resources keyed `key(0..n)` at `tps` each.
+fn config_text(n: usize, tps: u64, max_tps: u64) -> String {
+    let mut text = format!(
+        r#"
+[[service]]
+name = "scoring"
+path_prefix = "/"
+max_concurrent = 200
+queue_size = 0
+endpoints = ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
+
+[service.rate_limit]
+key_header = "x-api-key"
+default_tps = 10
+max_tps = {max_tps}
+unknown_keys = "default"
+missing_key = "reject"
+max_tracked_keys = 100000
+"#
+    );
+    text.reserve(n * 150);
+    for i in 0..n {
+        let digest = hex(&key_digest(key(i).as_bytes()));
+        text.push_str(&format!(
+            "\n[[service.resource]]\nname = \"r{i}\"\nkey_sha256 = \"{digest}\"\ntps = {tps}\n"
+        ));
+    }
+    text
+}
+
+struct Setup {
+    /// Keeps the limiter and the pool alive.
+    policy: Policy,
+    headers: Vec<HeaderMap>,
+}
+
+impl Setup {
+    fn new(n: usize, tps: u64) -> Self {
+        let config =
+            Config::parse(&config_text(n, tps, tps.max(1000))).expect("bench config parses");
+        let policy = Policy::from_config(&config).expect("bench config builds");
+        let headers = (0..n.max(1)).map(|i| key_headers(&key(i))).collect();
+        Self { policy, headers }
+    }
+
+    fn limits(&self) -> &RateLimiter {
+        self.policy.services[0]
+            .limits
+            .as_ref()
+            .expect("the bench service has rate limits")
+    }
+
+    fn pool(&self) -> &Arc<Pool> {
+        &self.policy.services[0].pool
+    }
+}
+
+fn key_headers(key: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_static("127.0.0.1:8080"));
+    h.insert("user-agent", HeaderValue::from_static("bench/1"));
+    h.insert("accept", HeaderValue::from_static("*/*"));
+    h.insert("x-api-key", HeaderValue::from_str(key).expect("ASCII key"));
+    h
+}
+
+/// `Pool::acquire` polled once: with free slots and an empty queue it is ready at the first
+/// poll and needs no runtime (no timer, no waker).
+fn acquire_now(pool: &Arc<Pool>) -> Slot {
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut fut = std::pin::pin!(pool.acquire());
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(slot)) => slot,
+        Poll::Ready(Err(e)) => panic!("no slot in the bench pool: {e:?}"),
+        Poll::Pending => panic!("acquire waited with free slots"),
+    }
+}
+
+fn admission(c: &mut Criterion) {
+    let mut admit = c.benchmark_group("admit");
+    for n in SIZES {
+        let s = Setup::new(n, 1_000_000_000);
+        let (limits, pool) = (s.limits(), s.pool());
+        let mut i = 0;
+        admit.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                let h = &s.headers[i];
+                i = if i + 1 == s.headers.len() { 0 } else { i + 1 };
+                match limits.check(h) {
+                    Admission::Admitted { status, .. } => {
+                        let slot = acquire_now(pool);
+                        black_box(&status);
+                        drop(black_box(slot));
+                    }
+                    other => panic!("refused in the admit bench: {other:?}"),
+                }
+            })
+        });
+        assert_eq!(pool.in_flight(), 0, "every slot released");
+    }
+    admit.finish();
+
+    let mut check = c.benchmark_group("check_only");
+    for n in SIZES {
+        let s = Setup::new(n, 1_000_000_000);
+        let limits = s.limits();
+        let mut i = 0;
+        check.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                let h = &s.headers[i];
+                i = if i + 1 == s.headers.len() { 0 } else { i + 1 };
+                black_box(matches!(limits.check(h), Admission::Admitted { .. }))
+            })
+        });
+    }
+    check.finish();
+
+    // One resource at 1 TPS: after the first request every check is a refusal.
+    let s = Setup::new(1, 1);
+    let limits = s.limits();
+    let _ = limits.check(&s.headers[0]);
+    c.bench_function("refuse", |b| {
+        b.iter(|| match limits.check(&s.headers[0]) {
+            Admission::Limited { retry_after_ms, .. } => black_box(retry_after_ms),
+            other => panic!("admitted in the refuse bench: {other:?}"),
+        })
+    });
+
+    // 100k distinct unknown keys against a table of 100k: every key stays tracked.
+    let s = Setup::new(0, 1000);
+    let limits = s.limits();
+    let unknown: Vec<HeaderMap> = (0..100_000)
+        .map(|i| key_headers(&format!("unknown-{i}")))
+        .collect();
+    let mut i = 0;
+    c.bench_function("unknown_key/100000", |b| {
+        b.iter(|| {
+            let h = &unknown[i];
+            i = if i + 1 == unknown.len() { 0 } else { i + 1 };
+            black_box(matches!(limits.check(h), Admission::Admitted { .. }))
+        })
+    });
+}
+
+fn key_lookup(c: &mut Criterion) {
+    let n = 100_000;
+    let source = KeySource::new(HeaderName::from_static("x-api-key"));
+    let headers: Vec<HeaderMap> = (0..n).map(|i| key_headers(&key(i))).collect();
+    let map: HashMap<[u8; 32], usize> =
+        (0..n).map(|i| (key_digest(key(i).as_bytes()), i)).collect();
+    let mut g = c.benchmark_group("key_lookup");
+    let mut i = 0;
+    g.bench_function("extract+sha256", |b| {
+        b.iter(|| {
+            let h = &headers[i];
+            i = if i + 1 == n { 0 } else { i + 1 };
+            black_box(key_digest(source.extract(h).expect("key present")))
+        })
+    });
+    let mut i = 0;
+    g.bench_function("extract+sha256+map/100000", |b| {
+        b.iter(|| {
+            let h = &headers[i];
+            i = if i + 1 == n { 0 } else { i + 1 };
+            let digest = key_digest(source.extract(h).expect("key present"));
+            black_box(map.get(&digest).copied())
+        })
+    });
+    g.finish();
+}
+
+fn responses(c: &mut Criterion) {
+    c.bench_function("reject_429", |b| {
+        b.iter(|| {
+            Rejection::new(Reason::RateLimited, Some(black_box("scoring")))
+                .resource(black_box("team-a"), black_box(100))
+                .retry_after(black_box(370))
+                .into_response()
+        })
+    });
+
+    let s = Setup::new(1, 1000);
+    let limits = s.limits();
+    let tps = std::num::NonZeroU32::new(100).expect("non-zero");
+    let status = Status {
+        quota: Quota::new(tps, None),
+        remaining: 42,
+        reset_secs: 1,
+    };
+    c.bench_function("ratelimit_headers", |b| {
+        b.iter_batched_ref(
+            || {
+                let mut h = HeaderMap::with_capacity(8);
+                h.insert("content-type", HeaderValue::from_static("application/json"));
+                h.insert("content-length", HeaderValue::from_static("123"));
+                h
+            },
+            |h| limits.insert_headers(h, black_box(&status)),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
+fn runtime_overhead(c: &mut Criterion) {
+    let s = Setup::new(1, 1000);
+    let pool = s.pool();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime builds");
+    let mut g = c.benchmark_group("acquire_release");
+    g.bench_function("poll_once", |b| {
+        b.iter(|| drop(black_box(acquire_now(pool))))
+    });
+    g.bench_function("block_on", |b| {
+        b.iter(|| drop(black_box(rt.block_on(pool.acquire()).expect("free slot"))))
+    });
+    g.finish();
+}
+
+fn quick() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
+}
+
+criterion_group! {
+    name = benches;
+    config = quick();
+    targets = admission, key_lookup, responses, runtime_overhead
+}
+criterion_main!(benches);
