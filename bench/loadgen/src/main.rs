@@ -8,10 +8,19 @@
 //! `hold`: open N connections, make one request on each, then keep them all open and idle
 //! until killed (for RSS with many client connections).
 //!
+//! `rate`: open loop at a fixed rate: request k is sent at start + k/rps whatever the answers
+//! to earlier ones (a new connection is opened when every open one is busy), for the rate
+//! accuracy scenario. Answers are counted per second of their request's send time.
+//!
+//! `sweep`: every key of `key-PREFIX0 .. key-PREFIX(N-1)` exactly once, over `--conns` closed
+//! loops (to fill a proxy's table of tracked keys).
+//!
 //! The HTTP client is deliberately minimal: GET only, Content-Length or chunked bodies.
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,7 +30,9 @@ use tokio::time::{sleep, timeout_at, Instant};
 const USAGE: &str = "usage:
   sluice-bench-load run  --addr HOST:PORT [--path /] [--conns 200] [--duration 10]
                          [--keys 1000] [--backoff-ms 0]
-  sluice-bench-load hold --addr HOST:PORT [--conns 10000] [--batch 200]";
+  sluice-bench-load hold --addr HOST:PORT [--conns 10000] [--batch 200]
+  sluice-bench-load rate --addr HOST:PORT --rps N [--duration 30] [--header NAME:VALUE]...
+  sluice-bench-load sweep --addr HOST:PORT [--keys 100000] [--conns 50] [--prefix s]";
 
 #[derive(Clone)]
 struct Opts {
@@ -32,6 +43,9 @@ struct Opts {
     keys: usize,
     backoff: Duration,
     batch: usize,
+    rps: f64,
+    headers: Vec<String>,
+    prefix: String,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -43,6 +57,9 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         keys: 1000,
         backoff: Duration::ZERO,
         batch: 200,
+        rps: 0.0,
+        headers: Vec::new(),
+        prefix: String::new(),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -56,6 +73,14 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--keys" => o.keys = value.parse().map_err(bad)?,
             "--backoff-ms" => o.backoff = Duration::from_millis(value.parse().map_err(bad)?),
             "--batch" => o.batch = value.parse().map_err(bad)?,
+            "--rps" => o.rps = value.parse().map_err(|_| format!("bad {flag}"))?,
+            "--prefix" => o.prefix = value.clone(),
+            "--header" => {
+                let (name, val) = value
+                    .split_once(':')
+                    .ok_or_else(|| format!("--header wants NAME:VALUE, not {value}"))?;
+                o.headers.push(format!("{}: {}", name.trim(), val.trim()));
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -97,6 +122,25 @@ fn main() {
                 opts.conns = 10_000;
             }
             rt.block_on(hold(opts))
+        }
+        "rate" => {
+            if opts.rps <= 0.0 {
+                eprintln!("rate needs --rps > 0\n{USAGE}");
+                std::process::exit(2);
+            }
+            if opts.duration == 10.0 && !rest.iter().any(|a| a == "--duration") {
+                opts.duration = 30.0;
+            }
+            rt.block_on(rate(opts))
+        }
+        "sweep" => {
+            if opts.conns == 0 {
+                opts.conns = 50;
+            }
+            if !rest.iter().any(|a| a == "--keys") {
+                opts.keys = 100_000;
+            }
+            rt.block_on(sweep(opts))
         }
         _ => {
             eprintln!("{USAGE}");
@@ -392,4 +436,187 @@ async fn hold(o: Opts) {
     loop {
         sleep(Duration::from_secs(3600)).await;
     }
+}
+
+/// Per-second tallies of the `rate` mode, by the second of each request's send time.
+#[derive(Default)]
+struct RateTally {
+    sent: Vec<u64>,
+    ok: Vec<u64>,
+    refused: Vec<u64>,
+    errors: u64,
+    max_lag_us: u64,
+    lags_us: Vec<u32>,
+    opened: u64,
+}
+
+impl RateTally {
+    fn bump(v: &mut Vec<u64>, sec: usize) {
+        if v.len() <= sec {
+            v.resize(sec + 1, 0);
+        }
+        v[sec] += 1;
+    }
+}
+
+async fn rate(o: Opts) {
+    let mut req = format!("GET {} HTTP/1.1\r\nHost: {}\r\n", o.path, o.addr);
+    for h in &o.headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    let req: Arc<[u8]> = req.into_bytes().into();
+    let total = (o.rps * o.duration).round() as u64;
+    let idle: Arc<Mutex<Vec<Conn>>> = Arc::default();
+    let tally: Arc<Mutex<RateTally>> = Arc::default();
+    let secs = o.duration.ceil() as usize;
+    {
+        let mut t = tally.lock().expect("tally lock");
+        t.sent.resize(secs, 0);
+        t.ok.resize(secs, 0);
+        t.refused.resize(secs, 0);
+    }
+    // Open a few connections before the clock starts, so the first second is not spent connecting.
+    for _ in 0..((o.rps / 200.0).ceil() as usize).clamp(2, 64) {
+        if let Ok(c) = Conn::open(&o.addr).await {
+            idle.lock().expect("idle lock").push(c);
+        }
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(total as usize);
+    for k in 0..total {
+        let due = start + Duration::from_secs_f64(k as f64 / o.rps);
+        tokio::time::sleep_until(due).await;
+        let (idle, tally, req, addr) = (idle.clone(), tally.clone(), req.clone(), o.addr.clone());
+        tasks.push(tokio::spawn(async move {
+            let reused = idle.lock().expect("idle lock").pop();
+            let mut conn = match reused {
+                Some(c) => c,
+                None => match Conn::open(&addr).await {
+                    Ok(c) => {
+                        tally.lock().expect("tally lock").opened += 1;
+                        c
+                    }
+                    Err(_) => {
+                        tally.lock().expect("tally lock").errors += 1;
+                        return;
+                    }
+                },
+            };
+            let sent = Instant::now();
+            let sec = sent.saturating_duration_since(start).as_secs() as usize;
+            let lag = sent.saturating_duration_since(due).as_micros() as u64;
+            let result = conn.exchange(&req).await;
+            let mut t = tally.lock().expect("tally lock");
+            RateTally::bump(&mut t.sent, sec);
+            t.max_lag_us = t.max_lag_us.max(lag);
+            t.lags_us.push(lag.min(u32::MAX as u64) as u32);
+            match result {
+                Ok(head) => {
+                    if (200..300).contains(&head.status) {
+                        RateTally::bump(&mut t.ok, sec);
+                    } else {
+                        RateTally::bump(&mut t.refused, sec);
+                    }
+                    drop(t);
+                    if !head.close {
+                        idle.lock().expect("idle lock").push(conn);
+                    }
+                }
+                Err(_) => t.errors += 1,
+            }
+        }));
+    }
+    // Answers to the last requests still count: wait for them (5 s at most).
+    let grace = Instant::now() + Duration::from_secs(5);
+    for task in tasks {
+        let _ = timeout_at(grace, task).await;
+    }
+    let mut t = tally.lock().expect("tally lock");
+    t.lags_us.sort_unstable();
+    let sum = |v: &[u64]| v.iter().sum::<u64>();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "RATE rps={} dur_s={} scheduled={total} sent={} ok={} refused={} errors={} conns_opened={} lag_p99_ms={:.3} lag_max_ms={:.3}",
+        o.rps,
+        o.duration,
+        sum(&t.sent),
+        sum(&t.ok),
+        sum(&t.refused),
+        t.errors,
+        t.opened,
+        pct(&t.lags_us, 0.99),
+        t.max_lag_us as f64 / 1000.0,
+    );
+    let n = t.sent.len().max(t.ok.len()).max(t.refused.len());
+    for sec in 0..n {
+        let get = |v: &[u64]| v.get(sec).copied().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "SEC {sec} sent={} ok={} refused={}",
+            get(&t.sent),
+            get(&t.ok),
+            get(&t.refused)
+        );
+    }
+}
+
+async fn sweep(o: Opts) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let tally: Arc<Mutex<(u64, u64, u64)>> = Arc::default(); // ok, refused, errors
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..o.conns)
+        .map(|_| {
+            let (next, tally, o) = (next.clone(), tally.clone(), o.clone());
+            tokio::spawn(async move {
+                let mut conn: Option<Conn> = None;
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= o.keys {
+                        break;
+                    }
+                    if conn.is_none() {
+                        conn = Conn::open(&o.addr).await.ok();
+                    }
+                    let Some(c) = conn.as_mut() else {
+                        tally.lock().expect("tally lock").2 += 1;
+                        continue;
+                    };
+                    let req = format!(
+                        "GET {} HTTP/1.1\r\nHost: {}\r\nx-api-key: key-{}{k}\r\n\r\n",
+                        o.path, o.addr, o.prefix
+                    );
+                    let result = c.exchange(req.as_bytes()).await;
+                    let mut t = tally.lock().expect("tally lock");
+                    match result {
+                        Ok(head) => {
+                            if (200..300).contains(&head.status) {
+                                t.0 += 1;
+                            } else {
+                                t.1 += 1;
+                            }
+                            if head.close {
+                                conn = None;
+                            }
+                        }
+                        Err(_) => {
+                            t.2 += 1;
+                            conn = None;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let (ok, refused, errors) = *tally.lock().expect("tally lock");
+    println!(
+        "SWEEP keys={} ok={ok} refused={refused} errors={errors} secs={:.2}",
+        o.keys,
+        start.elapsed().as_secs_f64()
+    );
 }
