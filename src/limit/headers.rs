@@ -15,10 +15,12 @@ static LEGACY_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remai
 static LEGACY_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// The live state of a caller's bucket, as told to the client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
     /// The quota in force.
     pub quota: Quota,
+    /// `RateLimit-Policy` for that quota (built once per quota, see [`policy_value`]).
+    pub policy: HeaderValue,
     /// Requests that would pass right now.
     pub remaining: u32,
     /// Whole seconds until the bucket is full again (after a refusal: until the next request
@@ -26,30 +28,39 @@ pub struct Status {
     pub reset_secs: u64,
 }
 
-fn policy_value(quota: Quota) -> String {
+/// `RateLimit-Policy` for `quota`.
+pub fn policy_value(quota: Quota) -> HeaderValue {
     let (tps, burst) = (quota.tps.get(), quota.burst.get());
-    if burst > tps {
+    let text = if burst > tps {
         let refill_secs = burst.div_ceil(tps);
         format!("\"tps\";q={tps};w=1, \"burst\";q={burst};w={refill_secs}")
     } else {
         format!("\"tps\";q={tps};w=1")
-    }
+    };
+    HeaderValue::from_str(&text).expect("digits, quotes and ASCII punctuation")
 }
 
-fn status_value(status: &Status) -> String {
-    let name = if status.quota.burst > status.quota.tps {
-        "burst"
+/// `RateLimit` for `status`, written without the formatting machinery (every response).
+fn status_value(status: &Status) -> HeaderValue {
+    let name: &[u8] = if status.quota.burst > status.quota.tps {
+        b"\"burst\";r="
     } else {
-        "tps"
+        b"\"tps\";r="
     };
-    format!("\"{name}\";r={};t={}", status.remaining, status.reset_secs)
+    let mut digits = itoa::Buffer::new();
+    let mut text = Vec::with_capacity(40);
+    text.extend_from_slice(name);
+    text.extend_from_slice(digits.format(status.remaining).as_bytes());
+    text.extend_from_slice(b";t=");
+    text.extend_from_slice(digits.format(status.reset_secs).as_bytes());
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+        .expect("digits, quotes and ASCII punctuation")
 }
 
 /// Add `RateLimit-Policy` and `RateLimit` (and the `X-RateLimit-*` trio when `legacy`).
 pub fn insert(headers: &mut HeaderMap, status: &Status, legacy: bool) {
-    let text = |s: String| HeaderValue::from_str(&s).expect("digits, quotes and ASCII punctuation");
-    headers.insert(RATELIMIT_POLICY.clone(), text(policy_value(status.quota)));
-    headers.insert(RATELIMIT.clone(), text(status_value(status)));
+    headers.insert(RATELIMIT_POLICY.clone(), status.policy.clone());
+    headers.insert(RATELIMIT.clone(), status_value(status));
     if legacy {
         headers.insert(
             LEGACY_LIMIT.clone(),
@@ -77,6 +88,7 @@ mod tests {
         let mut h = HeaderMap::new();
         let status = Status {
             quota: quota(10, 10),
+            policy: policy_value(quota(10, 10)),
             remaining: 3,
             reset_secs: 1,
         };
@@ -91,6 +103,7 @@ mod tests {
         let mut h = HeaderMap::new();
         let status = Status {
             quota: quota(10, 25),
+            policy: policy_value(quota(10, 25)),
             remaining: 20,
             reset_secs: 1,
         };

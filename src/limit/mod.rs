@@ -14,16 +14,16 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
-use http::header::{HeaderMap, HeaderName};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::time::Instant;
 
 use crate::autoscale::ResourceMetrics;
 use crate::config::{MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys};
 use crate::stats::RecentCount;
 pub use gcra::{Bucket, Quota, Verdict};
-pub use headers::Status;
+pub use headers::{policy_value, Status};
 pub use keys::{key_digest, KeySource, KeyTable};
 
 /// Name under which requests with unknown keys are counted (keys themselves are never shown).
@@ -69,6 +69,8 @@ pub struct Resource {
     pub counters: Counters,
     /// Autoscale metric windows, when the service autoscales.
     metrics: ArcSwapOption<ResourceMetrics>,
+    /// `RateLimit-Policy` of the quota last seen: built once per limit, not per response.
+    policy_header: ArcSwap<(Quota, HeaderValue)>,
 }
 
 impl Resource {
@@ -81,7 +83,19 @@ impl Resource {
             autoscale: AtomicBool::new(autoscale),
             counters: Counters::default(),
             metrics: ArcSwapOption::empty(),
+            policy_header: ArcSwap::from_pointee((base, headers::policy_value(base))),
         }
+    }
+
+    /// `RateLimit-Policy` for `quota`, from the cache when the limit has not changed.
+    fn policy_header(&self, quota: Quota) -> HeaderValue {
+        let cached = self.policy_header.load();
+        if cached.0 == quota {
+            return cached.1.clone();
+        }
+        let value = headers::policy_value(quota);
+        self.policy_header.store(Arc::new((quota, value.clone())));
+        value
     }
 
     /// Feed these autoscale windows from now on.
@@ -174,12 +188,44 @@ pub enum Admission<'a> {
     Refused(KeyProblem),
 }
 
+/// Hashes SHA-256 digests by taking 8 of their bytes: they are uniform already, so a second
+/// hash (SipHash) would only cost time. An attacker cannot aim at a bucket without breaking
+/// SHA-256.
+#[derive(Debug, Clone, Copy, Default)]
+struct DigestHasher;
+
+impl std::hash::BuildHasher for DigestHasher {
+    type Hasher = DigestHash;
+    fn build_hasher(&self) -> DigestHash {
+        DigestHash(0)
+    }
+}
+
+#[derive(Debug)]
+struct DigestHash(u64);
+
+impl std::hash::Hasher for DigestHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Arrays hash as a length prefix (`write_usize`) then their bytes.
+        let mut word = [0u8; 8];
+        let n = bytes.len().min(8);
+        word[..n].copy_from_slice(&bytes[..n]);
+        self.0 ^= u64::from_le_bytes(word);
+    }
+
+    fn write_usize(&mut self, _length: usize) {}
+}
+
 /// A service's rate limits: its resources by key digest, the unknown-key table, the settings.
 #[derive(Debug)]
 pub struct RateLimiter {
     settings: RateLimitConfig,
     keys: KeySource,
-    by_digest: HashMap<[u8; 32], Arc<Resource>>,
+    by_digest: HashMap<[u8; 32], Arc<Resource>, DigestHasher>,
     resources: Vec<Arc<Resource>>,
     unknown: Arc<Resource>,
     anonymous: Arc<Resource>,
@@ -214,7 +260,7 @@ impl RateLimiter {
             }
         };
         let default = base_quota(settings, None);
-        let mut by_digest = HashMap::with_capacity(resources.len());
+        let mut by_digest = HashMap::with_capacity_and_hasher(resources.len(), DigestHasher);
         let mut list = Vec::with_capacity(resources.len());
         for config in resources {
             let resource = reuse(
@@ -317,6 +363,7 @@ impl RateLimiter {
                 resource.count(true, at);
                 let status = Status {
                     quota,
+                    policy: resource.policy_header(quota),
                     remaining,
                     reset_secs: reset_ns.div_ceil(1_000_000_000),
                 };
@@ -327,6 +374,7 @@ impl RateLimiter {
                 let retry_after_ms = retry_after_ns.div_ceil(1_000_000);
                 let status = Status {
                     quota,
+                    policy: resource.policy_header(quota),
                     remaining: 0,
                     reset_secs: crate::proxy::reject::retry_after_secs(retry_after_ms),
                 };

@@ -23,20 +23,54 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == PROXY_CONNECTION
+}
+
 /// Remove hop-by-hop headers, including every header named in `Connection`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Collect first: the names borrow from the Connection values we are about to remove.
-    let named: Vec<HeaderName> = headers
+    // One pass over the names, without hashing, settles the usual case: nothing to strip.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let mut doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    let named = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
+    doomed.extend(named);
+    for name in doomed {
         headers.remove(name);
     }
-    headers.remove(&PROXY_CONNECTION);
+}
+
+/// The client address as an `X-Forwarded-For` element.
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    match ip {
+        // Dotted quads by hand: this runs on every request, and `Display` is slow.
+        IpAddr::V4(v4) => {
+            let mut text = [0u8; 15];
+            let mut len = 0;
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    text[len] = b'.';
+                    len += 1;
+                }
+                let octet = digits.format(octet).as_bytes();
+                text[len..len + octet.len()].copy_from_slice(octet);
+                len += octet.len();
+            }
+            HeaderValue::from_bytes(&text[..len]).expect("digits and dots")
+        }
+        IpAddr::V6(v6) => HeaderValue::from_str(&v6.to_string()).expect("hex digits and colons"),
+    }
 }
 
 fn via_value(version: Version) -> HeaderValue {
@@ -64,14 +98,19 @@ pub fn to_upstream(parts: &mut request::Parts, client_ip: IpAddr) {
     strip_hop_by_hop(headers);
 
     // Several X-Forwarded-For lines are one list (RFC 9110 §5.3): join them and append.
-    let mut list = Vec::new();
-    for earlier in headers.get_all(&X_FORWARDED_FOR) {
-        list.extend_from_slice(earlier.as_bytes());
-        list.extend_from_slice(b", ");
-    }
-    list.extend_from_slice(client_ip.to_string().as_bytes());
-    if let Ok(value) = HeaderValue::from_bytes(&list) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+    let client = ip_value(client_ip);
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut list = Vec::new();
+        for earlier in headers.get_all(&X_FORWARDED_FOR) {
+            list.extend_from_slice(earlier.as_bytes());
+            list.extend_from_slice(b", ");
+        }
+        list.extend_from_slice(client.as_bytes());
+        if let Ok(value) = HeaderValue::from_bytes(&list) {
+            headers.insert(X_FORWARDED_FOR.clone(), value);
+        }
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), client);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     match original_host {
@@ -91,6 +130,37 @@ pub fn to_client(parts: &mut response::Parts) {
 mod tests {
     use super::*;
     use http::Request;
+
+    #[test]
+    fn client_addresses() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.200.3.255",
+            "255.255.255.255",
+            "::1",
+            "fe80::1:2",
+        ] {
+            assert_eq!(ip_value(ip.parse().unwrap()), ip);
+        }
+    }
+
+    #[test]
+    fn responses_without_hop_by_hop_headers_are_untouched() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.insert("x-model", HeaderValue::from_static("v3"));
+        let before = headers.clone();
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers, before);
+        headers.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-model"),
+        );
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["content-type"]);
+    }
 
     #[test]
     fn request_hygiene() {

@@ -92,10 +92,12 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let policy = self.policy.load_full();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // The access line needs the method and path after the request is gone; copy them only
+        // when it will be written.
+        let logged = tracing::enabled!(target: "sluice::access", tracing::Level::INFO)
+            .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let mut outcome = Outcome::default();
-        let service = policy.route(&path);
+        let service = policy.route(req.uri().path());
         let response = match service {
             None => outcome.reject(Reason::NoRoute, None),
             Some(service) => {
@@ -112,6 +114,9 @@ impl Proxy {
                 (None, None) => {}
             }
         }
+        let Some((method, path)) = logged else {
+            return response;
+        };
         tracing::info!(
             target: "sluice::access",
             method = %method,
