@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # bench/run.sh — sluice side by side with nginx and HAProxy on this machine (issue 6).
 #
-#   bench/run.sh [SCENARIO...]      default: every scenario that exists today (1 2 5)
+#   bench/run.sh [SCENARIO...]      default: every scenario that exists today (1 2 3 4 5)
 #
 #   1  overhead: two instant endpoints, keyed requests (wrk), req/s, p50/p99, non-2xx and
 #      proxy CPU time per request, each proxy alone on one core with one worker
 #   2  scoring: three 50 ms endpoints, cap 20 each, 200 closed-loop clients; admitted
 #      throughput vs the Little's-law ceiling, p99 of admitted and of refused answers apart
-#   5  memory: RSS idle and with 10k open idle client connections
-#   3, 4, 6 (rate accuracy, admission micro-benchmarks, Redis store) and the 100k-keys memory
-#   figure are not written yet (the Redis store does not exist yet): they print TODO.
+#   3  rate accuracy: one resource at 10, 100 and 1000 TPS (burst = tps), each driven alone at
+#      3x its limit by an open-loop client at a fixed rate; admitted/expected per second and
+#      overall, expected = tps x duration + burst
+#   4  admission micro-benchmarks: `cargo bench --bench admission` (criterion), pinned, REPS times
+#   5  memory: RSS idle, with 10k open idle client connections, and with 100k tracked keys
+#   6 (Redis store) is not written yet (the store does not exist yet): it prints TODO.
 #
 # Env knobs:
 #   DUR=10        seconds per measured run (scenarios 1 and 2; "10s" accepted)
@@ -20,7 +23,11 @@
 #   S2_CONNS=200  clients in scenario 2;  S2_BACKOFFS="0 50": ms a client waits after a
 #                 refusal before its next request (0 = retry at once, a 429 storm)
 #   S2_TARGETS    default "sluice sluice-queue nginx haproxy"
+#   S3_LIMITS="10 100 1000"  TPS limits in scenario 3; S3_DUR=30 seconds per run; S3_FACTOR=3
+#                 (driven at S3_FACTOR x the limit)
+#   BENCH_SRC     source tree scenario 4 runs `cargo bench` in (default: this one)
 #   HOLD_CONNS=10000  idle connections in scenario 5; S5_TARGETS default "sluice nginx haproxy"
+#   S5_KEYS=100000    distinct keys sent through sluice for the tracked-keys figure (0: skip)
 #   WARMUP=2      seconds of warm-up per target before the reps (0: none)
 #   PIN=1         proxy alone on PROXY_CPU=0, load generator + endpoints on LOAD_CPU=1
 #   SLUICE_BIN    use this sluice binary instead of building (cargo build --release)
@@ -53,6 +60,11 @@ S2_CONNS=${S2_CONNS:-200}
 S2_BACKOFFS=${S2_BACKOFFS:-"0 50"}
 S5_TARGETS=${S5_TARGETS:-"sluice nginx haproxy"}
 HOLD_CONNS=${HOLD_CONNS:-10000}
+S3_LIMITS=${S3_LIMITS:-"10 100 1000"}
+S3_DUR=${S3_DUR:-30}; S3_DUR=${S3_DUR%s}
+S3_FACTOR=${S3_FACTOR:-3}
+S5_KEYS=${S5_KEYS:-100000}
+BENCH_SRC=${BENCH_SRC:-$ROOT}
 CEILING=1200   # 3 endpoints x 20 slots x 1000 ms / 50 ms
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
@@ -410,6 +422,104 @@ scenario2() {
     } | tee "$OUT/s2.md"
 }
 
+# ---------------------------------------------------------------- scenario 3: rate accuracy
+# One sluice (sluice-s3.toml) with a resource per limit; each run drives one resource alone with
+# `loadgen rate` (open loop: request k leaves at start + k/rate whatever the answers) at
+# S3_FACTOR x its limit for S3_DUR s, and counts 2xx per second of send time. Expected admitted:
+# tps x S3_DUR + burst overall; tps + burst in second 0 (the full bucket), tps in each later one.
+scenario3() {
+    local rows=$OUT/s3.tsv secrows=$OUT/s3-seconds.tsv addr=127.0.0.1:8390 p
+    local limits=($S3_LIMITS) n rep i tps rps out
+    start_proxy sluice sluice-s3.toml
+    p=$LAST_PID
+    wait_up "$addr" sluice-s3
+    for tps in "${limits[@]}"; do
+        grep -q "key = \"s3-key-$tps\"" "$CONF/sluice-s3.toml" || die "scenario 3: no resource for $tps TPS in sluice-s3.toml"
+    done
+    echo "tps rep rps sent ok refused errors expected ok_of_expected sec0_ok sec0_of_expected lag_p99_ms lag_max_ms conns_opened" >"$rows"
+    echo "tps rep sec sent ok expected ok_of_expected" >"$secrows"
+    n=${#limits[@]}
+    for rep in $(seq "$REPS"); do
+        for i in $(seq 0 $((n - 1))); do
+            tps=${limits[$(((i + rep - 1) % n))]}
+            rps=$((tps * S3_FACTOR))
+            wait_quiet
+            sleep 2 # the bucket of the previous run of this resource is full again after burst/tps = 1 s
+            out=$(pinned "$LOAD_CPU" timeout $((S3_DUR + 30)) "$LOADGEN_BIN" rate --addr "$addr" --rps "$rps" \
+                --duration "$S3_DUR" --header "x-api-key:s3-key-$tps" || true)
+            echo "$out" >"$OUT/s3-raw-$tps-r$rep.txt"
+            awk -v tps="$tps" -v rep="$rep" -v dur="$S3_DUR" -v rows="$rows" -v secrows="$secrows" '
+                function val(line, k) { if (match(line, k "=[^ ]*")) return substr(line, RSTART + length(k) + 1, RLENGTH - length(k) - 1); return 0 }
+                /^RATE/ { rps = val($0, "rps"); sent = val($0, "sent"); ok = val($0, "ok"); ref = val($0, "refused")
+                          err = val($0, "errors"); l99 = val($0, "lag_p99_ms"); lmax = val($0, "lag_max_ms"); conns = val($0, "conns_opened") }
+                /^SEC/ { s = $2; if (s >= dur) next   # answers counted by send time: only full seconds
+                         e = (s == 0) ? 2 * tps : tps; sok = val($0, "ok"); if (s == 0) s0 = sok
+                         printf("%s %s %s %s %s %s %.4f\n", tps, rep, s, val($0, "sent"), sok, e, sok / e) >> secrows }
+                END {
+                    expct = tps * dur + tps
+                    printf("%s %s %s %s %s %s %s %s %.4f %s %.4f %s %s %s\n", tps, rep, rps, sent + 0, ok + 0, ref + 0, err + 0, expct, ok / expct, s0 + 0, s0 / (2 * tps), l99, lmax, conns) >> rows
+                }' <<<"$out"
+            log "scenario 3 rep $rep/$REPS ${tps} TPS at ${rps}/s: $(tail -1 "$rows")"
+        done
+    done
+    stop "$p"
+
+    {
+        echo "### Scenario 3 — rate accuracy (one resource, burst = tps, driven open-loop at ${S3_FACTOR}× its limit for ${S3_DUR}s; $REPS reps)"
+        echo
+        echo "Expected admitted: tps × ${S3_DUR} + burst overall; per second of send time, tps + burst in second 0 and tps after."
+        echo "Overall: median (min–max) over reps. Per second: min / median / max over every second of every rep."
+        echo
+        echo "| limit TPS | sent req/s | admitted (median rep) | expected | admitted / expected overall | per second: min | median | max | second 0 / (tps + burst) | per second, seconds 1–$((S3_DUR - 1)): min | max | client lag p99 / max ms |"
+        echo "|---|---|---|---|---|---|---|---|---|---|---|---|"
+        local tps
+        for tps in "${limits[@]}"; do
+            local all steady
+            all=$(awk -v t="$tps" 'NR > 1 && $1 == t { print $7 }' "$secrows" | sort -g | awk '{ v[NR] = $1 } END { if (NR) printf("%.3f %.3f %.3f", v[1], (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2, v[NR]); else print "- - -" }')
+            steady=$(awk -v t="$tps" 'NR > 1 && $1 == t && $3 > 0 { print $7 }' "$secrows" | sort -g | awk '{ v[NR] = $1 } END { if (NR) printf("%.3f %.3f", v[1], v[NR]); else print "- -" }')
+            read -r amin amed amax <<<"$all"
+            read -r smin smax <<<"$steady"
+            echo "| $tps | $((tps * S3_FACTOR)) | $(fmt 0 "$(stat "$rows" 1 "$tps" 5)") | $((tps * S3_DUR + tps)) | $(fmt 4 "$(stat "$rows" 1 "$tps" 9)") | $amin | $amed | $amax | $(fmt 3 "$(stat "$rows" 1 "$tps" 11)") | $smin | $smax | $(fmt 2 "$(stat "$rows" 1 "$tps" 12)") / $(fmt 2 "$(stat "$rows" 1 "$tps" 13)") |"
+        done
+        echo
+    } | tee "$OUT/s3.md"
+}
+
+# ---------------------------------------------------------------- scenario 4: micro-benchmarks
+# `cargo bench --bench admission` (bench/admission.rs), pinned on the proxy core, REPS times;
+# the table holds criterion's point estimate (the middle of its [low est high]) per run.
+scenario4() {
+    local rows=$OUT/s4.tsv rep out
+    log "scenario 4: cargo bench --no-run (in $BENCH_SRC)"
+    (cd "$BENCH_SRC" && cargo bench --bench admission --no-run --quiet) >&2
+    echo "bench rep ns" >"$rows"
+    for rep in $(seq "$REPS"); do
+        wait_quiet
+        out=$(cd "$BENCH_SRC" && pinned "$PROXY_CPU" cargo bench --quiet --bench admission 2>&1) ||
+            { log "$out"; die "scenario 4: cargo bench failed"; }
+        echo "$out" >"$OUT/s4-raw-r$rep.txt"
+        awk -v rep="$rep" '
+            function ns(v, unit) { return unit == "ps" ? v / 1000 : unit == "ns" ? v : (unit == "µs" || unit == "us") ? v * 1000 : unit == "ms" ? v * 1e6 : v * 1e9 }
+            /time:/ {
+                name = ($1 == "time:") ? prev : $1
+                sub(/.*time: *\[/, ""); split($0, a, " ")
+                printf("%s %s %.2f\n", name, rep, ns(a[3], a[4]))
+            }
+            NF && !/time:/ { prev = $1 }' <<<"$out" >>"$rows"
+        log "scenario 4 rep $rep/$REPS: $(awk -v r="$rep" '$2 == r { printf("%s=%s ", $1, $3) }' "$rows")"
+    done
+    {
+        echo "### Scenario 4 — admission micro-benchmarks (criterion, \`cargo bench --bench admission\`, pinned on cpu $PROXY_CPU; ns per operation, median (min–max) of criterion's estimate over $REPS runs)"
+        echo
+        echo "| benchmark | ns |"
+        echo "|---|---|"
+        awk 'NR > 1 && !seen[$1]++ { print $1 }' "$rows" | while read -r b; do
+            echo "| \`$b\` | $(fmt 1 "$(stat "$rows" 1 "$b" 3)") |"
+        done
+        echo
+    } | tee "$OUT/s4.md"
+}
+
 # ---------------------------------------------------------------- scenario 5: memory
 scenario5() {
     local rows=$OUT/s5.tsv
@@ -448,19 +558,46 @@ scenario5() {
         echo "|---|---|---|---|---|---|"
         awk 'NR > 1 { printf("| %s | %.1f | %.1f | %d | %.1f | %.1f |\n", $1, $2 / 1024, $3 / 1024, $4, ($4 > 0 ? ($3 - $2) / $4 : 0), $6 / 1024) }' "$rows"
         echo
-        echo "RSS with 100k tracked keys: TODO — not driven by the harness yet (needs a load of 100k distinct keys against a [service.rate_limit] table)."
-        echo
     } | tee "$OUT/s5.md"
+    [ "$S5_KEYS" -gt 0 ] && scenario5_keys
+    return 0
+}
+
+# RSS of sluice after S5_KEYS distinct unknown keys, each with its own bucket in a table bounded
+# at 100 000 (sluice-s5-keys.toml); then after as many other keys again (the table full, the
+# first ones evicted): what a key costs, and whether the bound holds.
+scenario5_keys() {
+    local rows=$OUT/s5-keys.tsv addr=127.0.0.1:8291 p idle one two out1 out2
+    start_proxy sluice sluice-s5-keys.toml
+    p=$LAST_PID
+    wait_up "$addr" sluice-keys
+    sleep 1
+    idle=$(rss_kib "$p")
+    sweep() { pinned "$LOAD_CPU" "$LOADGEN_BIN" sweep --addr "$addr" --keys "$S5_KEYS" --conns 50 --prefix "$1"; }
+    out1=$(sweep a); sleep 2; one=$(rss_kib "$p")
+    out2=$(sweep b); sleep 2; two=$(rss_kib "$p")
+    stop "$p"
+    echo "idle_kib after_keys_kib after_twice_kib sweep1 sweep2" >"$rows"
+    echo "$idle $one $two ${out1// /,} ${out2// /,}" >>"$rows"
+    log "scenario 5 tracked keys: idle ${idle} KiB, ${one} KiB after $S5_KEYS keys ($out1), ${two} KiB after $S5_KEYS more ($out2)"
+    {
+        echo "#### RSS of sluice with tracked keys (max_tracked_keys = 100000, unknown_keys = \"default\": one bucket per key)"
+        echo
+        echo "| RSS idle MiB | RSS after $S5_KEYS distinct keys MiB | bytes per key | RSS after $S5_KEYS more (table full, LRU evicts) MiB | load client |"
+        echo "|---|---|---|---|---|"
+        awk -v n="$S5_KEYS" -v o1="$out1" -v o2="$out2" 'NR == 2 { printf("| %.1f | %.1f | %.0f | %.1f | %s; %s |\n", $1 / 1024, $2 / 1024, ($2 - $1) * 1024 / n, $3 / 1024, o1, o2) }' "$rows"
+        echo
+    } | tee "$OUT/s5b.md"
 }
 
 # ---------------------------------------------------------------- main
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 5)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 3 4 5)
 for s in "${SCENARIOS[@]}"; do
     case $s in
-        1 | 2 | 5) ;;
-        3 | 4 | 6) ;;
-        *) die "unknown scenario $s (1 2 5 today; 3 4 6 are TODO)" ;;
+        1 | 2 | 3 | 4 | 5) ;;
+        6) ;;
+        *) die "unknown scenario $s (1 to 5; 6 is TODO)" ;;
     esac
 done
 [ "$REPS" -ge 3 ] || log "bench: REPS=$REPS < 3: fine for a smoke run, not for published numbers"
@@ -482,12 +619,12 @@ for s in "${SCENARIOS[@]}"; do
     case $s in
         1) scenario1 ;;
         2) scenario2 ;;
+        3) scenario3 ;;
+        4) scenario4 ;;
         5) scenario5 ;;
-        3) echo "### Scenario 3 — rate accuracy: TODO (not written yet)"; echo ;;
-        4) echo "### Scenario 4 — admission micro-benchmarks: TODO (criterion benches, not written yet)"; echo ;;
         6) echo "### Scenario 6 — Redis store: TODO (needs the store)"; echo ;;
     esac
 done
 echo "Runs that started on a busy machine (see QUIET): $NOISY" | tee "$OUT/noisy.md"
-cat "$OUT/header.md" "$OUT"/s[0-9].md "$OUT/noisy.md" >"$OUT/report.md" 2>/dev/null || true
+cat "$OUT/header.md" "$OUT"/s[0-9]*.md "$OUT/noisy.md" >"$OUT/report.md" 2>/dev/null || true
 log "bench: results in $OUT (report.md, raw rows *.tsv); logs in $WORK/logs"
