@@ -1,6 +1,7 @@
 //! The configuration file: raw serde structs (unknown keys are errors, durations as "250ms"),
 //! loading, and validation that gathers every problem with its key path before answering.
 
+mod limits;
 mod rate_limit;
 mod validate;
 
@@ -11,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autoscale::AutoscaleSettings;
 
+pub use limits::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 pub use rate_limit::{
     parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys, TPS_CEILING,
 };
@@ -29,6 +31,9 @@ pub struct Config {
     /// Client- and upstream-side time limits.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Bounds on what one client may make the proxy hold (heads, streams, connections).
+    #[serde(default)]
+    pub limits: Limits,
     /// The services requests are routed to, by path prefix.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,

@@ -1,34 +1,49 @@
-//! The accept loop: HTTP/1.1 and HTTP/2 (prior knowledge) on one listener, a header timeout
-//! for clients, and a graceful drain on shutdown.
+//! The accept loop: HTTP/1.1 and HTTP/2 (prior knowledge) on one listener, the `[limits]`
+//! every client connection is held to (head size, header count, HTTP/2 streams and resets,
+//! open connections, idle time), a header timeout, and a graceful drain on shutdown.
+//!
+//! What hyper enforces for us (see README "Limits" for the answers a client gets): the
+//! request head size and header count (431), the URI length (414), request framing
+//! (conflicting or invalid `Content-Length`/`Transfer-Encoding`: 400 and close), the header
+//! timeout (connection closed), HTTP/2 stream and reset bounds (REFUSED_STREAM, GOAWAY). What
+//! this module adds: the bound on open connections and the idle timeout.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::Proxy;
+use crate::config::{Limits, HYPER_DEFAULT_MAX_HEADERS};
+
+/// How often refused connections are logged at most (a flood must not flood the log).
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// Accept connections on `listener` until `shutdown` resolves, then stop accepting and give
 /// in-flight exchanges up to `grace` to finish. Returns once drained or the grace ran out.
+///
+/// Limits and the header timeout are read from the live policy at each accept, so a reload
+/// applies them to new connections; connections already open keep the ones they started with.
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Future<Output = ()>) {
-    let timeouts = proxy.policy().timeouts.clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.client_header)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(256);
-    let graceful = GracefulShutdown::new();
+    let mut settings = Settings::from_proxy(&proxy);
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut refused: u64 = 0;
+    let mut refused_logged: Option<Instant> = None;
+    // Dropped receivers tell the drain below that every connection has ended.
+    let (stop, _) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -43,31 +58,298 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             },
             () = &mut shutdown => break,
         };
+        settings.refresh(&proxy);
+        if open.load(Ordering::Acquire) >= settings.max_connections {
+            // Accept-and-close rather than stop accepting: the client learns at once, and the
+            // listen backlog never fills with connections nobody will serve.
+            drop(stream);
+            refused += 1;
+            if refused_logged.is_none_or(|at| at.elapsed() >= REFUSED_LOG_EVERY) {
+                tracing::warn!(
+                    max_connections = settings.max_connections,
+                    refused,
+                    "connection limit reached: closing new connections"
+                );
+                refused_logged = Some(Instant::now());
+            }
+            continue;
+        }
+        let open_guard = OpenGuard::new(&open);
         // Small request/response exchanges: send them without Nagle's delay.
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(Activity::default());
+        let io = Watched {
+            stream,
+            activity: Arc::clone(&activity),
+        };
         let connection_proxy = Arc::clone(&proxy);
+        let service_activity = Arc::clone(&activity);
         let service = service_fn(move |req| {
             let proxy = Arc::clone(&connection_proxy);
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            // Counted from here until the response body is dropped (sent or abandoned).
+            let guard = InFlightGuard::new(&service_activity);
+            async move {
+                let response = proxy.handle(req, peer).await;
+                Ok::<_, Infallible>(response.map(|body| InFlight {
+                    body,
+                    _guard: guard,
+                }))
+            }
         });
-        let connection = builder
-            .serve_connection(TokioIo::new(stream), service)
+        let connection = settings
+            .builder
+            .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let mut stopped = stop.subscribe();
+        let idle_timeout = settings.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let _open = open_guard;
+            tokio::pin!(connection);
+            let idle = idle(&activity, idle_timeout);
+            let ended = tokio::select! {
+                result = connection.as_mut() => Some(result),
+                _ = stopped.changed() => {
+                    // Shutdown: finish what is in flight (serve bounds the wait by the grace).
+                    connection.as_mut().graceful_shutdown();
+                    Some(connection.as_mut().await)
+                }
+                () = idle => {
+                    tracing::debug!(?idle_timeout, "closing an idle client connection");
+                    connection.as_mut().graceful_shutdown();
+                    // An HTTP/2 client that never acknowledges the GOAWAY's PING would keep
+                    // the connection: after one more idle period, drop it.
+                    tokio::time::timeout(idle_timeout, connection.as_mut())
+                        .await
+                        .ok()
+                }
+            };
+            if let Some(Err(e)) = ended {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
+            // Held until the connection ended: the drain waits for every receiver to go.
+            drop(stopped);
         });
     }
     drop(listener);
     // The grace in force now: a reload may have changed it.
     let grace = proxy.policy().timeouts.shutdown_grace;
     tracing::info!(?grace, "shutting down: draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let _ = stop.send(());
+    if tokio::time::timeout(grace, stop.closed()).await.is_err() {
         tracing::warn!("shutdown grace elapsed with requests still in flight");
+    }
+}
+
+/// The connection builder for the limits in force, rebuilt when a reload changes them.
+struct Settings {
+    client_header: Duration,
+    limits: Limits,
+    max_connections: usize,
+    idle_timeout: Duration,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl Settings {
+    fn from_proxy(proxy: &Proxy) -> Self {
+        let policy = proxy.policy();
+        Self::new(policy.timeouts.client_header, &policy.config.limits)
+    }
+
+    fn new(client_header: Duration, limits: &Limits) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's HTTP/1 buffer bound is the head bound: a head that does not fit gets 431.
+        let head_bytes = usize::try_from(limits.max_header_bytes).unwrap_or(usize::MAX);
+        let mut http1 = builder.http1();
+        http1
+            .timer(TokioTimer::new())
+            // Also bounds the wait for the next request on a keep-alive connection.
+            .header_read_timeout(client_header)
+            .keep_alive(true)
+            .max_buf_size(head_bytes);
+        if limits.max_headers != HYPER_DEFAULT_MAX_HEADERS {
+            // Any value but hyper's default moves the header array to the heap: only pay for
+            // it when asked to.
+            http1.max_headers(limits.max_headers as usize);
+        }
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes)
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(
+                limits.http2_max_pending_accept_reset_streams as usize,
+            )
+            .max_local_error_reset_streams(limits.http2_max_local_error_reset_streams as usize);
+        Self {
+            client_header,
+            limits: limits.clone(),
+            max_connections: limits.max_connections as usize,
+            idle_timeout: limits.idle_timeout,
+            builder,
+        }
+    }
+
+    /// Rebuild if the live policy's limits differ from these.
+    fn refresh(&mut self, proxy: &Proxy) {
+        let policy = proxy.policy();
+        if policy.timeouts.client_header != self.client_header
+            || policy.config.limits != self.limits
+        {
+            *self = Self::new(policy.timeouts.client_header, &policy.config.limits);
+        }
+    }
+}
+
+/// Counts one open connection until dropped.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What the idle check looks at: bytes moved either way and requests in flight.
+#[derive(Default)]
+struct Activity {
+    bytes: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// Resolves once the connection has had no request in flight and moved no byte for
+/// `timeout` (checked every quarter of it, so it closes within 1.25 × `timeout`).
+async fn idle(activity: &Activity, timeout: Duration) {
+    let tick = (timeout / 4).max(Duration::from_millis(1));
+    let mut quiet_since = Instant::now();
+    let mut last_bytes = activity.bytes.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(tick).await;
+        let bytes = activity.bytes.load(Ordering::Relaxed);
+        let now = Instant::now();
+        if bytes != last_bytes || activity.in_flight.load(Ordering::Acquire) > 0 {
+            last_bytes = bytes;
+            quiet_since = now;
+        } else if now.duration_since(quiet_since) >= timeout {
+            return;
+        }
+    }
+}
+
+/// Counts one request in flight on its connection until dropped.
+struct InFlightGuard(Arc<Activity>);
+
+impl InFlightGuard {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(activity))
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its request counted as in flight while it is being sent.
+struct InFlight<B> {
+    body: B,
+    _guard: InFlightGuard,
+}
+
+impl<B: Body + Unpin> Body for InFlight<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The client's TCP stream, counting the bytes it moves for the idle check.
+struct Watched {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl Watched {
+    fn moved(&self, n: usize) {
+        if n > 0 {
+            self.activity.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.moved(buf.filled().len() - before);
+        }
+        result
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = result {
+            this.moved(n);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = result {
+            this.moved(n);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
