@@ -31,7 +31,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sluice::balance::{Pool, Slot};
 use sluice::config::Config;
-use sluice::limit::{key_digest, Admission, KeySource, Quota, RateLimiter, Status};
+use sluice::limit::{key_digest, Admission, KeySource, RateLimiter};
 use sluice::policy::Policy;
 use sluice::proxy::reject::{Reason, Rejection};
 
@@ -231,13 +231,11 @@ fn responses(c: &mut Criterion) {
         })
     });
 
+    // The status of a real admission (built by the limiter, whatever fields `Status` has).
     let s = Setup::new(1, 1000);
     let limits = s.limits();
-    let tps = std::num::NonZeroU32::new(100).expect("non-zero");
-    let status = Status {
-        quota: Quota::new(tps, None),
-        remaining: 42,
-        reset_secs: 1,
+    let Admission::Admitted { status, .. } = limits.check(&s.headers[0]) else {
+        panic!("the first request of a full bucket is admitted")
     };
     c.bench_function("ratelimit_headers", |b| {
         b.iter_batched_ref(
