@@ -10,6 +10,7 @@ use http::Uri;
 use tokio::time::Instant;
 
 use crate::metrics::EndpointStats;
+use crate::proxy::upstream::IdleConnections;
 use crate::stats::LatencyWindow;
 
 /// First back-off after a connect failure; doubles per consecutive failure.
@@ -36,6 +37,10 @@ pub struct Endpoint {
     pub latency: LatencyWindow,
     /// Answers and latency since start, for /metrics.
     pub stats: EndpointStats,
+    /// Keep-alive connections not in use.
+    pub idle: IdleConnections,
+    /// `scheme://authority`, what connections are made to.
+    base_uri: Uri,
 }
 
 /// The endpoint URL could not be used (validation normally catches this first).
@@ -56,6 +61,12 @@ impl Endpoint {
             .map(|p| p.path().trim_end_matches('/').to_owned())
             .unwrap_or_default();
         let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid())?;
+        let base_uri = Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|_| invalid())?;
         Ok(Self {
             host_header,
             url: url.to_owned(),
@@ -68,12 +79,19 @@ impl Endpoint {
             epoch: Instant::now(),
             latency: LatencyWindow::default(),
             stats: EndpointStats::default(),
+            idle: IdleConnections::default(),
+            base_uri,
         })
     }
 
     /// The URL as configured.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// `scheme://host:port/`, where connections go.
+    pub fn base_uri(&self) -> &Uri {
+        &self.base_uri
     }
 
     /// `host:port` as the `Host` header of requests sent to this endpoint.

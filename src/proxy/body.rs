@@ -1,10 +1,10 @@
-//! Body types: the request body sent upstream (replayable until its first byte is read, so a
-//! refused connection can be retried elsewhere) and the response body sent to the client (an
-//! endpoint's streamed body holding its slot, or a small JSON answer built by sluice).
+//! Body types: the request body sent upstream (watched, so the response timeout counts from
+//! when it stopped moving) and the response body sent to the client (an endpoint's streamed
+//! body holding its slot and connection, or a small JSON answer built by sluice).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -14,96 +14,68 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::upstream::Reuse;
 use crate::balance::Slot;
 
-/// The client's request body, kept so that it can be sent to a second endpoint if the first
-/// refused the connection before any byte was read from it.
-pub struct BodySource {
-    shared: Option<Arc<Shared>>,
-}
-
-/// The body while it can still be replayed, and when a byte of it last moved.
-pub struct Shared {
-    body: Mutex<Option<Incoming>>,
-    /// When the body was wrapped; `progress_ns` counts from here.
+/// When a byte of the request body last moved, shared between the body (which notes it) and
+/// the wait for the response (which times out only when nothing moved for long enough).
+pub struct Progress {
     start: Instant,
     /// When the last frame was read from the client (ns after `start`).
-    progress_ns: AtomicU64,
+    latest_ns: AtomicU64,
 }
 
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Incoming>> {
-        // The lock guards a plain Option move; a poisoned one holds a valid value.
-        self.body.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn mark_progress(&self) {
+impl Progress {
+    fn mark(&self) {
         let ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.progress_ns.fetch_max(ns, Ordering::AcqRel);
+        self.latest_ns.fetch_max(ns, Ordering::AcqRel);
     }
 
-    fn last_progress(&self) -> Instant {
-        self.start + Duration::from_nanos(self.progress_ns.load(Ordering::Acquire))
+    fn latest(&self) -> Instant {
+        self.start + Duration::from_nanos(self.latest_ns.load(Ordering::Acquire))
     }
 }
 
-impl BodySource {
-    /// Wrap the client's body. Empty bodies need no sharing.
-    pub fn new(body: Incoming) -> Self {
-        let shared = (!body.is_end_stream()).then(|| {
-            Arc::new(Shared {
-                body: Mutex::new(Some(body)),
-                start: Instant::now(),
-                progress_ns: AtomicU64::new(0),
-            })
-        });
-        Self { shared }
+/// Wrap the client's body for the endpoint, and get the handle that watches it move.
+pub fn track(body: Incoming) -> (UpstreamBody, BodyWatch) {
+    if body.is_end_stream() {
+        return (UpstreamBody { body: None }, BodyWatch(None));
     }
+    let progress = Arc::new(Progress {
+        start: Instant::now(),
+        latest_ns: AtomicU64::new(0),
+    });
+    let upstream = UpstreamBody {
+        body: Some((body, Arc::clone(&progress))),
+    };
+    (upstream, BodyWatch(Some(progress)))
+}
 
-    /// True while no attempt has read any of the body.
-    pub fn is_untouched(&self) -> bool {
-        self.shared
-            .as_ref()
-            .is_none_or(|shared| shared.lock().is_some())
-    }
+/// Watches a request body on its way to the endpoint.
+pub struct BodyWatch(Option<Arc<Progress>>);
 
-    /// A body for one attempt, or `None` if an earlier attempt started reading it.
-    pub fn attempt(&self) -> Option<UpstreamBody> {
-        match &self.shared {
-            None => Some(UpstreamBody::Empty),
-            Some(shared) => {
-                let untouched = shared.lock().is_some();
-                untouched.then(|| UpstreamBody::Shared(Arc::clone(shared)))
-            }
-        }
-    }
-
+impl BodyWatch {
     /// Resolves once `limit` has passed without any of the body moving (from now when there
     /// is no body): the endpoint has had the whole request, or stopped reading it, for that
     /// long. A client's slow but steady upload keeps pushing the deadline back.
     pub async fn idle_for(&self, limit: Duration) {
-        let Some(shared) = &self.shared else {
+        let Some(progress) = &self.0 else {
             return tokio::time::sleep(limit).await;
         };
-        shared.mark_progress();
+        progress.mark();
         loop {
-            let last = shared.last_progress();
-            tokio::time::sleep_until(last + limit).await;
-            if shared.last_progress() <= last {
+            let latest = progress.latest();
+            tokio::time::sleep_until(latest + limit).await;
+            if progress.latest() <= latest {
                 return;
             }
         }
     }
 }
 
-/// The request body as the upstream client sees it.
-pub enum UpstreamBody {
-    /// No body.
-    Empty,
-    /// Not read yet: still in the shared source.
-    Shared(Arc<Shared>),
-    /// Being read: taken out of the source, so it cannot be replayed any more.
-    Reading(Incoming, Arc<Shared>),
+/// The request body as the endpoint connection reads it.
+pub struct UpstreamBody {
+    body: Option<(Incoming, Arc<Progress>)>,
 }
 
 impl Body for UpstreamBody {
@@ -114,43 +86,26 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        if let Self::Shared(shared) = this {
-            let taken = shared.lock().take();
-            *this = match taken {
-                Some(body) => Self::Reading(body, Arc::clone(shared)),
-                None => Self::Empty,
-            };
+        let Some((body, progress)) = &mut self.get_mut().body else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(body).poll_frame(cx);
+        if polled.is_ready() {
+            progress.mark();
         }
-        match this {
-            Self::Reading(body, shared) => {
-                let polled = Pin::new(body).poll_frame(cx);
-                if polled.is_ready() {
-                    shared.mark_progress();
-                }
-                polled
-            }
-            _ => Poll::Ready(None),
-        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Empty => true,
-            Self::Shared(shared) => shared.lock().as_ref().is_none_or(Body::is_end_stream),
-            Self::Reading(body, _) => body.is_end_stream(),
-        }
+        self.body
+            .as_ref()
+            .is_none_or(|(body, _)| body.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Empty => SizeHint::with_exact(0),
-            Self::Shared(shared) => shared
-                .lock()
-                .as_ref()
-                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
-            Self::Reading(body, _) => body.size_hint(),
-        }
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |(body, _)| body.size_hint())
     }
 }
 
@@ -163,12 +118,21 @@ pub enum ResponseBody {
         body: Incoming,
         /// Held for the body's lifetime.
         slot: Slot,
+        /// The connection, back to the pool once the body was read to its end.
+        reuse: Reuse,
     },
     /// A complete body built by sluice (`None` once sent).
     Full(Option<Bytes>),
 }
 
 impl ResponseBody {
+    /// An endpoint's body, holding its slot and connection.
+    pub fn upstream(body: Incoming, slot: Slot, mut reuse: Reuse) -> Self {
+        // A body that is empty from the start may never be polled.
+        reuse.finished = body.is_end_stream();
+        Self::Upstream { body, slot, reuse }
+    }
+
     /// A complete body.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         Self::Full(Some(bytes.into()))
@@ -184,7 +148,16 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Self::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+            Self::Upstream { body, reuse, .. } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                // hyper stops polling once the body says it is at its end.
+                if matches!(polled, Poll::Ready(None))
+                    || (matches!(polled, Poll::Ready(Some(Ok(_)))) && body.is_end_stream())
+                {
+                    reuse.finished = true;
+                }
+                polled
+            }
             Self::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }

@@ -5,6 +5,7 @@ pub mod body;
 pub mod headers;
 pub mod reject;
 mod server;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,27 +16,24 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot};
 use crate::limit::{Admission, KeyProblem};
 use crate::policy::{Policy, Service};
-use body::{BodySource, ResponseBody, UpstreamBody};
+use body::{ResponseBody, UpstreamBody};
 use reject::{Reason, Rejection};
 pub use server::serve;
+use upstream::{Reuse, SendError, Upstream};
 
 /// How long a client is asked to wait after a 429 for full endpoints.
 const FULL_RETRY_AFTER_MS: u64 = 1000;
 
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, UpstreamBody>;
-
 /// The proxy: the live policy and the upstream connection pools.
 pub struct Proxy {
     policy: ArcSwap<Policy>,
-    client: UpstreamClient,
+    upstream: Upstream,
     events: Arc<EventHistory>,
 }
 
@@ -56,15 +54,9 @@ pub fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
 impl Proxy {
     /// A proxy serving `policy`; `connect_timeout` bounds each upstream TCP connect.
     pub fn new(policy: Policy, connect_timeout: Duration) -> Arc<Self> {
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .build(connector(connect_timeout));
         Arc::new(Self {
             policy: ArcSwap::from_pointee(policy),
-            client,
+            upstream: Upstream::new(connector(connect_timeout)),
             events: Arc::new(EventHistory::new(DEFAULT_HISTORY)),
         })
     }
@@ -204,60 +196,67 @@ impl Proxy {
         };
         let (mut head, body) = req.into_parts();
         headers::to_upstream(&mut head, client.ip());
-        let source = BodySource::new(body);
-        let mut retried = false;
-        loop {
-            let endpoint = Arc::clone(slot.endpoint());
-            outcome.endpoint = Some(Arc::clone(&endpoint));
-            let Some(body) = source.attempt() else {
-                return outcome.reject(Reason::UpstreamUnreachable, Some(service));
-            };
-            let Ok(request) = upstream_request(&head, &endpoint, body) else {
-                return outcome.reject(Reason::UpstreamError, Some(service));
-            };
-            let attempt_started = Instant::now();
-            // `timeouts.response` bounds the wait for response headers once the endpoint has
-            // the whole request (or has stopped reading it), not a client's slow upload.
-            let response_deadline = source.idle_for(policy.timeouts.response);
-            let exchange = tokio::select! {
-                result = self.client.request(request) => Ok(result),
-                () = response_deadline => Err(()),
-            };
-            match exchange {
-                Ok(Ok(response)) => {
-                    endpoint.mark_reachable();
-                    let latency = attempt_started.elapsed();
-                    endpoint.latency.record(latency);
-                    endpoint.stats.duration.observe(latency);
-                    if let Some(autoscale) = &service.autoscale {
-                        autoscale.record_latency(&service.pool, &endpoint, latency);
-                    }
-                    let (mut head, body) = response.into_parts();
-                    headers::to_client(&mut head);
-                    let body = ResponseBody::Upstream { body, slot };
-                    return Response::from_parts(head, body);
-                }
-                Ok(Err(e)) if e.is_connect() => {
-                    endpoint.mark_unreachable();
-                    tracing::warn!(endpoint = endpoint.url(), error = %error_chain(&e), "endpoint unreachable");
-                    // The request never reached the endpoint, so sending it to another one is
-                    // safe: once, and only if its body was not read.
-                    let other = (!retried && source.is_untouched())
-                        .then(|| service.pool.try_acquire_other(&endpoint))
-                        .flatten();
-                    match other {
-                        Some(other) => {
-                            slot = other;
-                            retried = true;
-                        }
-                        None => return outcome.reject(Reason::UpstreamUnreachable, Some(service)),
+        // A connection first, the request only then: a refused connect leaves the request
+        // untouched, so it can go to another endpoint with a free slot (once).
+        let connection = match self.upstream.connection(slot.endpoint()).await {
+            Ok(connection) => connection,
+            Err(e) => {
+                let failed = Arc::clone(slot.endpoint());
+                failed.mark_unreachable();
+                tracing::warn!(endpoint = failed.url(), error = %e, "endpoint unreachable");
+                outcome.endpoint = Some(Arc::clone(&failed));
+                let Some(other) = service.pool.try_acquire_other(&failed) else {
+                    return outcome.reject(Reason::UpstreamUnreachable, Some(service));
+                };
+                slot = other;
+                match self.upstream.connection(slot.endpoint()).await {
+                    Ok(connection) => connection,
+                    Err(e) => {
+                        let failed = slot.endpoint();
+                        failed.mark_unreachable();
+                        tracing::warn!(endpoint = failed.url(), error = %e, "endpoint unreachable");
+                        outcome.endpoint = Some(Arc::clone(failed));
+                        return outcome.reject(Reason::UpstreamUnreachable, Some(service));
                     }
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(endpoint = endpoint.url(), error = %error_chain(&e), "upstream error");
-                    return outcome.reject(Reason::UpstreamError, Some(service));
+            }
+        };
+        let endpoint = Arc::clone(slot.endpoint());
+        outcome.endpoint = Some(Arc::clone(&endpoint));
+        let (body, watch) = body::track(body);
+        let Ok(request) = upstream_request(head, &endpoint, body) else {
+            return outcome.reject(Reason::UpstreamError, Some(service));
+        };
+        let started = Instant::now();
+        // `timeouts.response` bounds the wait for response headers once the endpoint has the
+        // whole request (or has stopped reading it), not a client's slow upload.
+        let response_deadline = watch.idle_for(policy.timeouts.response);
+        let exchange = tokio::select! {
+            result = self.upstream.send(&endpoint, connection, request) => result,
+            () = response_deadline => return outcome.reject(Reason::UpstreamTimeout, Some(service)),
+        };
+        match exchange {
+            Ok((response, connection)) => {
+                endpoint.mark_reachable();
+                let latency = started.elapsed();
+                endpoint.latency.record(latency);
+                endpoint.stats.duration.observe(latency);
+                if let Some(autoscale) = &service.autoscale {
+                    autoscale.record_latency(&service.pool, &endpoint, latency);
                 }
-                Err(()) => return outcome.reject(Reason::UpstreamTimeout, Some(service)),
+                let (mut head, body) = response.into_parts();
+                headers::to_client(&mut head);
+                let reuse = Reuse::new(connection, Arc::clone(&endpoint));
+                Response::from_parts(head, ResponseBody::upstream(body, slot, reuse))
+            }
+            Err(SendError::Connect(e)) => {
+                endpoint.mark_unreachable();
+                tracing::warn!(endpoint = endpoint.url(), error = %e, "endpoint unreachable");
+                outcome.reject(Reason::UpstreamUnreachable, Some(service))
+            }
+            Err(SendError::Exchange(e)) => {
+                tracing::warn!(endpoint = endpoint.url(), error = %error_chain(&e), "upstream error");
+                outcome.reject(Reason::UpstreamError, Some(service))
             }
         }
     }
@@ -286,26 +285,26 @@ impl Outcome {
     }
 }
 
-/// The request for one attempt at `endpoint`: the client's (already cleaned) head, addressed
-/// to the endpoint.
+/// The request for `endpoint`: the client's (already cleaned) head, addressed to it.
 fn upstream_request(
-    head: &http::request::Parts,
+    head: http::request::Parts,
     endpoint: &Endpoint,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, http::Error> {
-    let mut request = Request::builder()
-        .method(head.method.clone())
-        .uri(endpoint.upstream_uri(head.uri.path_and_query())?)
-        .version(http::Version::HTTP_11)
-        .body(body)?;
-    let headers = request.headers_mut();
-    *headers = head.headers.clone();
-    headers.insert(http::header::HOST, endpoint.host_header().clone());
+    let uri = endpoint.upstream_uri(head.uri.path_and_query())?;
+    let mut request = Request::new(body);
+    *request.method_mut() = head.method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = http::Version::HTTP_11;
+    *request.headers_mut() = head.headers;
+    request
+        .headers_mut()
+        .insert(http::header::HOST, endpoint.host_header().clone());
     Ok(request)
 }
 
 /// An error with its causes, for logs ("client error (Connect): tcp connect error: ...").
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
