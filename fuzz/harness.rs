@@ -243,7 +243,9 @@ fn check_ratelimit(value: &str, policy: &str) {
         "{value}: {name} is not a quoted policy name"
     );
     assert!(
-        policy.split(',').any(|item| item.trim().starts_with(&format!("{name};"))),
+        policy
+            .split(',')
+            .any(|item| item.trim().starts_with(&format!("{name};"))),
         "{value}: {name} is not in RateLimit-Policy {policy}"
     );
     for prefix in ["r=", "t="] {

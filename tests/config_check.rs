@@ -162,8 +162,8 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
         ),
         (
             "unknown table",
-            format!("[limits]\nrps = 10\n\n{}", with_service_keys("")),
-            vec!["limits"],
+            format!("[throttle]\nrps = 10\n\n{}", with_service_keys("")),
+            vec!["throttle"],
         ),
         (
             "unknown timeout",
