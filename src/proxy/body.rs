@@ -12,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::time::Duration;
 
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::upstream::Reuse;
@@ -36,10 +37,11 @@ impl Progress {
     }
 }
 
-/// Wrap the client's body for the endpoint, and get the handle that watches it move.
-pub fn track(body: Incoming) -> (UpstreamBody, BodyWatch) {
+/// Wrap the client's body for the endpoint connection that `cut` aborts, and get the handle
+/// that watches it move.
+pub fn track(body: Incoming, cut: AbortHandle) -> (UpstreamBody, BodyWatch) {
     if body.is_end_stream() {
-        return (UpstreamBody { body: None }, BodyWatch(None));
+        return (UpstreamBody { body: None, cut }, BodyWatch(None));
     }
     let progress = Arc::new(Progress {
         start: Instant::now(),
@@ -47,6 +49,7 @@ pub fn track(body: Incoming) -> (UpstreamBody, BodyWatch) {
     });
     let upstream = UpstreamBody {
         body: Some((body, Arc::clone(&progress))),
+        cut,
     };
     (upstream, BodyWatch(Some(progress)))
 }
@@ -76,6 +79,8 @@ impl BodyWatch {
 /// The request body as the endpoint connection reads it.
 pub struct UpstreamBody {
     body: Option<(Incoming, Arc<Progress>)>,
+    /// Aborts the endpoint connection.
+    cut: AbortHandle,
 }
 
 impl Body for UpstreamBody {
@@ -86,10 +91,20 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let Some((body, progress)) = &mut self.get_mut().body else {
+        let this = self.get_mut();
+        let Some((body, progress)) = &mut this.body else {
             return Poll::Ready(None);
         };
         let polled = Pin::new(body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            // The client's body broke. Handing the error to the connection could still end
+            // the request cleanly (a final empty chunk after what was sent), and the endpoint
+            // would take a truncated request for a whole one: cut the connection instead. This
+            // runs inside the connection's task, which stops at its next await.
+            tracing::debug!(error = %e, "client body broke: cutting the endpoint connection");
+            this.cut.abort();
+            return Poll::Pending;
+        }
         if polled.is_ready() {
             progress.mark();
         }

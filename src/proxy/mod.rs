@@ -223,7 +223,7 @@ impl Proxy {
         };
         let endpoint = Arc::clone(slot.endpoint());
         outcome.endpoint = Some(Arc::clone(&endpoint));
-        let (body, watch) = body::track(body);
+        let (body, watch) = body::track(body, connection.abort_handle());
         let Ok(request) = upstream_request(head, &endpoint, body) else {
             return outcome.reject(Reason::UpstreamError, Some(service));
         };

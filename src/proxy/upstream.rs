@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tower::Service;
 
@@ -30,11 +31,21 @@ const IDLE_AT_MOST: usize = 256;
 /// A ready HTTP/1.1 connection to one endpoint.
 pub struct Connection {
     sender: SendRequest<UpstreamBody>,
+    /// The task driving the connection: aborting it drops the TCP connection at once.
+    task: AbortHandle,
+}
+
+impl Connection {
+    /// A handle that cuts the connection (used when the client's body breaks, so the
+    /// endpoint never sees a truncated request as a complete one).
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.task.clone()
+    }
 }
 
 /// The idle connections of one endpoint.
 #[derive(Default)]
-pub struct IdleConnections(Mutex<Vec<(SendRequest<UpstreamBody>, Instant)>>);
+pub struct IdleConnections(Mutex<Vec<(Connection, Instant)>>);
 
 impl std::fmt::Debug for IdleConnections {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -43,17 +54,17 @@ impl std::fmt::Debug for IdleConnections {
 }
 
 impl IdleConnections {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(SendRequest<UpstreamBody>, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Connection, Instant)>> {
         // Pushing and popping senders cannot leave the list inconsistent.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The most recently used idle connection that is still open.
-    fn take(&self) -> Option<SendRequest<UpstreamBody>> {
+    fn take(&self) -> Option<Connection> {
         let mut idle = self.lock();
-        while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_FOR_AT_MOST {
-                return Some(sender);
+        while let Some((connection, since)) = idle.pop() {
+            if !connection.sender.is_closed() && since.elapsed() < IDLE_FOR_AT_MOST {
+                return Some(connection);
             }
         }
         None
@@ -66,7 +77,7 @@ impl IdleConnections {
         }
         let mut idle = self.lock();
         if idle.len() < IDLE_AT_MOST {
-            idle.push((connection.sender, Instant::now()));
+            idle.push((connection, Instant::now()));
         }
     }
 }
@@ -101,10 +112,10 @@ impl Upstream {
 
     /// A ready connection to `endpoint`: an idle one if any, else a new one.
     pub async fn connection(&self, endpoint: &Endpoint) -> Result<Connection, ConnectError> {
-        while let Some(mut sender) = endpoint.idle.take() {
-            // Idle senders are ready at once unless their connection just closed.
-            if sender.ready().await.is_ok() {
-                return Ok(Connection { sender });
+        while let Some(mut connection) = endpoint.idle.take() {
+            // Idle connections are ready at once unless they just closed.
+            if connection.sender.ready().await.is_ok() {
+                return Ok(connection);
             }
         }
         self.connect(endpoint).await
@@ -122,12 +133,13 @@ impl Upstream {
             .handshake(io)
             .await
             .map_err(|e| ConnectError(super::error_chain(&e)))?;
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "endpoint connection ended with an error");
             }
-        });
-        Ok(Connection { sender })
+        })
+        .abort_handle();
+        Ok(Connection { sender, task })
     }
 
     /// Send `request` on `connection`. If the connection closed before the request went out

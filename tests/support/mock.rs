@@ -36,6 +36,8 @@ pub struct Received {
     pub body_len: u64,
     /// The body itself when it is at most 64 KiB.
     pub body: Option<Bytes>,
+    /// False when the body ended in an error (the sender broke off) rather than cleanly.
+    pub complete: bool,
 }
 
 impl Received {
@@ -321,12 +323,22 @@ async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Moc
     // alive until the answer, so an ignored body is back-pressure, not a closed connection.
     let mut body_len = 0u64;
     let mut kept = Vec::new();
+    let mut complete = !state.read_body;
     if state.read_body {
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Ok(data) = frame.into_data() {
-                body_len += data.len() as u64;
-                if kept.len() + data.len() <= KEEP_BODY {
-                    kept.extend_from_slice(&data);
+        loop {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        body_len += data.len() as u64;
+                        if kept.len() + data.len() <= KEEP_BODY {
+                            kept.extend_from_slice(&data);
+                        }
+                    }
+                }
+                Some(Err(_)) => break,
+                None => {
+                    complete = true;
+                    break;
                 }
             }
         }
@@ -338,6 +350,7 @@ async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Moc
         headers: head.headers,
         body_len,
         body: (body_len as usize <= KEEP_BODY).then(|| Bytes::from(kept)),
+        complete,
     };
     let reply = (state.reply)(&received);
     state.received.lock().unwrap().push(received);
