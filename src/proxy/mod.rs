@@ -19,13 +19,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
 
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
-use crate::balance::{Endpoint, NoSlot};
+use crate::balance::{Endpoint, NoSlot, Slot};
 use crate::limit::{Admission, KeyProblem};
 use crate::policy::{Policy, Service};
 use body::{ResponseBody, UpstreamBody};
 use reject::{Reason, Rejection};
 pub use server::serve;
-use upstream::{Reuse, SendError, Upstream};
+use upstream::{Connection, Reuse, SendError, Upstream};
 
 /// How long a client is asked to wait after a 429 for full endpoints.
 const FULL_RETRY_AFTER_MS: u64 = 1000;
@@ -175,6 +175,21 @@ impl Proxy {
         }
     }
 
+    /// A ready connection to the slot's endpoint; on failure the endpoint goes into its
+    /// back-off.
+    async fn connect(&self, slot: &Slot, outcome: &mut Outcome) -> Option<Connection> {
+        let endpoint = slot.endpoint();
+        outcome.endpoint = Some(Arc::clone(endpoint));
+        match self.upstream.connection(endpoint).await {
+            Ok(connection) => Some(connection),
+            Err(e) => {
+                endpoint.mark_unreachable();
+                tracing::warn!(endpoint = endpoint.url(), error = %e, "endpoint unreachable");
+                None
+            }
+        }
+    }
+
     /// Take a slot and forward the request to its endpoint, retrying once elsewhere if the
     /// connection is refused.
     async fn forward(
@@ -198,26 +213,16 @@ impl Proxy {
         headers::to_upstream(&mut head, client.ip());
         // A connection first, the request only then: a refused connect leaves the request
         // untouched, so it can go to another endpoint with a free slot (once).
-        let connection = match self.upstream.connection(slot.endpoint()).await {
-            Ok(connection) => connection,
-            Err(e) => {
-                let failed = Arc::clone(slot.endpoint());
-                failed.mark_unreachable();
-                tracing::warn!(endpoint = failed.url(), error = %e, "endpoint unreachable");
-                outcome.endpoint = Some(Arc::clone(&failed));
-                let Some(other) = service.pool.try_acquire_other(&failed) else {
+        let connection = match self.connect(&slot, outcome).await {
+            Some(connection) => connection,
+            None => {
+                let Some(other) = service.pool.try_acquire_other(slot.endpoint()) else {
                     return outcome.reject(Reason::UpstreamUnreachable, Some(service));
                 };
                 slot = other;
-                match self.upstream.connection(slot.endpoint()).await {
-                    Ok(connection) => connection,
-                    Err(e) => {
-                        let failed = slot.endpoint();
-                        failed.mark_unreachable();
-                        tracing::warn!(endpoint = failed.url(), error = %e, "endpoint unreachable");
-                        outcome.endpoint = Some(Arc::clone(failed));
-                        return outcome.reject(Reason::UpstreamUnreachable, Some(service));
-                    }
+                match self.connect(&slot, outcome).await {
+                    Some(connection) => connection,
+                    None => return outcome.reject(Reason::UpstreamUnreachable, Some(service)),
                 }
             }
         };
