@@ -375,3 +375,36 @@ async fn an_endpoint_that_stops_reading_the_request_gets_504_at_the_response_tim
     assert_eq!(backend.requests(), 1);
     sluice.assert_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_body_stalls_gets_504_at_the_response_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = mock().start().await;
+    let sluice = start_sluice(&config(&format!(
+        "[timeouts]\nresponse = \"300ms\"\n\n{}",
+        service(&[backend.url()], "")
+    )))
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
+    // 10 of the 100 announced bytes, then nothing (the connection stays open).
+    stream
+        .write_all(b"POST /score HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(DEADLINE, stream.read(&mut answer))
+        .await
+        .expect("an answer, not a hang")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
+    assert!(answer.contains("upstream_timeout"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    sluice.assert_idle().await;
+    sluice.stop().await;
+}
