@@ -73,14 +73,16 @@ async fn overload(proxy: &Proxy, minutes: u64, b_stops_at: u64) -> (Vec<(u64, u3
     (changes, team_b)
 }
 
-#[tokio::test(start_paused = true)]
-async fn sustained_overload_doubles_the_limit_every_five_minutes_up_to_1000() {
-    let config = Config::parse(OVERLOADED).unwrap();
-    sluice::config::validate(&config).unwrap();
-    let proxy = Proxy::new(
-        Policy::from_config(&config).unwrap(),
-        Duration::from_secs(1),
-    );
+/// A proxy for `config` (no listener: the tests call its limiter directly) with the autoscale
+/// loop running.
+fn start_autoscaling(
+    config: &Config,
+) -> (
+    Arc<Proxy>,
+    Arc<autoscale::EventHistory>,
+    tokio::task::JoinHandle<()>,
+) {
+    let proxy = Proxy::new(Policy::from_config(config).unwrap(), Duration::from_secs(1));
     let history = Arc::clone(proxy.events());
     let looping = tokio::spawn(autoscale::run(
         Arc::clone(&proxy),
@@ -88,6 +90,14 @@ async fn sustained_overload_doubles_the_limit_every_five_minutes_up_to_1000() {
         Notifier::default(),
         chrono::Utc::now,
     ));
+    (proxy, history, looping)
+}
+
+#[tokio::test(start_paused = true)]
+async fn sustained_overload_doubles_the_limit_every_five_minutes_up_to_1000() {
+    let config = Config::parse(OVERLOADED).unwrap();
+    sluice::config::validate(&config).unwrap();
+    let (proxy, history, looping) = start_autoscaling(&config);
 
     let (changes, team_b) = overload(&proxy, 40, u64::MAX).await;
     looping.abort();
@@ -126,17 +136,7 @@ async fn a_busy_backend_defers_the_raise_and_looks_again_next_interval() {
         .replace("key = \"key-b\"\ntps = 10", "key = \"key-b\"\ntps = 385");
     let config = Config::parse(&toml).unwrap();
     sluice::config::validate(&config).unwrap();
-    let proxy = Proxy::new(
-        Policy::from_config(&config).unwrap(),
-        Duration::from_secs(1),
-    );
-    let history = Arc::clone(proxy.events());
-    let looping = tokio::spawn(autoscale::run(
-        Arc::clone(&proxy),
-        Arc::clone(&history),
-        Notifier::default(),
-        chrono::Utc::now,
-    ));
+    let (proxy, history, looping) = start_autoscaling(&config);
     // team-b goes quiet after 17 minutes.
     let (changes, _) = overload(&proxy, 26, 17 * 60).await;
     looping.abort();
@@ -188,19 +188,7 @@ interval = "1s"
 notify = ["{}/dead", "{}/hook"]
 [[service.autoscale.profile]]
 name = "fast"
-[[service.autoscale.profile.rule]]
-metric = "throttled_requests"
-statistic = "sum"
-time_grain = "1s"
-time_window = "1s"
-time_aggregation = "total"
-operator = "greater_than"
-threshold = 0
-direction = "increase"
-type = "percent_change_count"
-value = 100
-cooldown = "1s"
-"#,
+{DOUBLE_WHILE_THROTTLED}"#,
         service(&[backend.url()], ""),
         stalled.url(),
         webhook.url()
@@ -324,21 +312,8 @@ async fn turning_autoscale_off_returns_the_limit_to_base_at_once() {
     let toml = config(&format!(
         "{}\n[service.rate_limit]\ndefault_tps = 5\n\
          [[service.resource]]\nname = \"team-a\"\nkey = \"key-a\"\ntps = 5\nautoscale = true\n\
-         {FAST_RULE}{}",
+         {FAST_RULE}{DOUBLE_WHILE_THROTTLED}",
         service(&[backend.url()], ""),
-        r#"[[service.autoscale.profile.rule]]
-metric = "throttled_requests"
-statistic = "sum"
-time_grain = "1s"
-time_window = "1s"
-time_aggregation = "total"
-operator = "greater_than"
-threshold = 0
-direction = "increase"
-type = "percent_change_count"
-value = 100
-cooldown = "1s"
-"#
     ));
     let sluice = start_sluice_with(&toml, Some("tok"), None).await;
     let limit = || {

@@ -69,19 +69,7 @@ tps = 2
 interval = "1s"
 [[service.autoscale.profile]]
 name = "fast"
-[[service.autoscale.profile.rule]]
-metric = "throttled_requests"
-statistic = "sum"
-time_grain = "1s"
-time_window = "1s"
-time_aggregation = "total"
-operator = "greater_than"
-threshold = 0
-direction = "increase"
-type = "percent_change_count"
-value = 100
-cooldown = "1s"
-"#,
+{DOUBLE_WHILE_THROTTLED}"#,
         service(urls, "max_concurrent = 8")
     ))
 }

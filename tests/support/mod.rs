@@ -38,6 +38,22 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// An autoscale rule for tests that want steps in seconds: +100% whenever the resource was
+/// throttled in the last second (cooldown 1 s). Append after a `[[service.autoscale.profile]]`.
+pub const DOUBLE_WHILE_THROTTLED: &str = r#"[[service.autoscale.profile.rule]]
+metric = "throttled_requests"
+statistic = "sum"
+time_grain = "1s"
+time_window = "1s"
+time_aggregation = "total"
+operator = "greater_than"
+threshold = 0
+direction = "increase"
+type = "percent_change_count"
+value = 100
+cooldown = "1s"
+"#;
+
 /// A config with the proxy and the admin API on ephemeral ports of 127.0.0.1, followed by
 /// `rest`.
 pub fn config(rest: &str) -> String {
