@@ -701,16 +701,6 @@ async fn huge_and_binary_keys_are_judged_without_echo() {
     sluice.stop().await;
 }
 
-/// VmRSS of this process in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// The million-key flood, run alone in a child process (see below) so that RSS is this
 /// flood's and not the socket tests' running next to it.
 #[test]
@@ -745,9 +735,9 @@ fn million_key_flood_child() {
         });
     };
     flood(0..100_000);
-    let before = rss_kib();
+    let before = proc_status_kb("self", "VmRSS");
     flood(100_000..1_000_000);
-    let after = rss_kib();
+    let after = proc_status_kb("self", "VmRSS");
     assert!(
         limits.tracked_keys() <= 50_000,
         "{} keys tracked",

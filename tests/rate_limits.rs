@@ -256,16 +256,6 @@ async fn endpoints_full_answers_carry_the_callers_ratelimit_headers() {
     sluice.stop().await;
 }
 
-/// VmRSS of this process in KiB.
-fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_flood_of_unknown_keys_stays_within_max_tracked_keys() {
     let toml = limited_service("http://127.0.0.1:1", "max_tracked_keys = 5000", TEAM_A);
@@ -280,9 +270,9 @@ async fn a_flood_of_unknown_keys_stays_within_max_tracked_keys() {
         }
     };
     flood(0..20_000);
-    let before = rss_kib();
+    let before = proc_status_kb("self", "VmRSS");
     flood(20_000..200_000);
-    let after = rss_kib();
+    let after = proc_status_kb("self", "VmRSS");
     assert!(
         limits.tracked_keys() <= 5000,
         "{} keys tracked",

@@ -54,6 +54,17 @@ value = 100
 cooldown = "1s"
 "#;
 
+/// A `kB` field ("VmRSS", "VmHWM") of /proc/PID/status; `pid` may be "self".
+pub fn proc_status_kb(pid: &str, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// A config with the proxy and the admin API on ephemeral ports of 127.0.0.1, followed by
 /// `rest`.
 pub fn config(rest: &str) -> String {

@@ -120,13 +120,7 @@ impl Running {
 
     /// A `kB` field of /proc/PID/status, e.g. "VmRSS" or "VmHWM".
     pub fn status_kb(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/PID/status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
+        super::proc_status_kb(&self.pid().to_string(), field)
     }
 
     /// Send a signal by name ("TERM", "INT").
