@@ -3,6 +3,7 @@
 
 mod limits;
 mod rate_limit;
+mod store;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ pub use limits::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 pub use rate_limit::{
     parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys, TPS_CEILING,
 };
+pub use store::{Backend, OnError, StoreConfig};
 pub use validate::{validate, ConfigError, MAX_CONCURRENT_RANGE};
 
 /// Where `run` and `check` look when neither `--config` nor `SLUICE_CONFIG` says otherwise.
@@ -34,6 +36,9 @@ pub struct Config {
     /// Bounds on what one client may make the proxy hold (heads, streams, connections).
     #[serde(default)]
     pub limits: Limits,
+    /// Where limit state lives: this process, or Redis for a fleet of replicas.
+    #[serde(default)]
+    pub store: StoreConfig,
     /// The services requests are routed to, by path prefix.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,

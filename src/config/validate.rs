@@ -97,6 +97,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
     p.positive("timeouts.client_header", t.client_header);
     p.positive("timeouts.shutdown_grace", t.shutdown_grace);
     super::limits::validate(&mut p, &config.limits);
+    super::store::validate(&mut p, &config.store);
 
     if config.services.is_empty() {
         p.add("service", "at least one [[service]] is required");
