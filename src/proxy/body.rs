@@ -3,7 +3,7 @@
 //! body holding its slot and connection, or a small JSON answer built by sluice).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -24,6 +24,8 @@ pub struct Progress {
     start: Instant,
     /// When the last frame was read from the client (ns after `start`).
     latest_ns: AtomicU64,
+    /// Set when the client's body ended in an error rather than cleanly.
+    broken: AtomicBool,
 }
 
 impl Progress {
@@ -41,14 +43,21 @@ impl Progress {
 /// that watches it move.
 pub fn track(body: Incoming, cut: AbortHandle) -> (UpstreamBody, BodyWatch) {
     if body.is_end_stream() {
-        return (UpstreamBody { body: None, cut }, BodyWatch(None));
+        return (
+            UpstreamBody {
+                state: Upload::Empty,
+                cut,
+            },
+            BodyWatch(None),
+        );
     }
     let progress = Arc::new(Progress {
         start: Instant::now(),
         latest_ns: AtomicU64::new(0),
+        broken: AtomicBool::new(false),
     });
     let upstream = UpstreamBody {
-        body: Some((body, Arc::clone(&progress))),
+        state: Upload::Streaming(body, Arc::clone(&progress)),
         cut,
     };
     (upstream, BodyWatch(Some(progress)))
@@ -74,11 +83,29 @@ impl BodyWatch {
             }
         }
     }
+
+    /// True once the client's body ended in an error (malformed chunked framing, a
+    /// connection lost mid-body): the exchange failed because of the client, not the endpoint.
+    pub fn client_broke(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|p| p.broken.load(Ordering::Acquire))
+    }
+}
+
+/// Where the upload stands.
+enum Upload {
+    /// No body at all.
+    Empty,
+    /// Frames still come from the client.
+    Streaming(Incoming, Arc<Progress>),
+    /// The client's body broke: nothing more is ever yielded, not even its end.
+    Broken,
 }
 
 /// The request body as the endpoint connection reads it.
 pub struct UpstreamBody {
-    body: Option<(Incoming, Arc<Progress>)>,
+    state: Upload,
     /// Aborts the endpoint connection.
     cut: AbortHandle,
 }
@@ -92,35 +119,48 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let Some((body, progress)) = &mut this.body else {
-            return Poll::Ready(None);
+        let (body, progress) = match &mut this.state {
+            Upload::Empty => return Poll::Ready(None),
+            // hyper's client polls the body again within the same task poll (its write loop
+            // runs several rounds), and a client `Incoming` that yielded an error answers
+            // `None` after it: were that passed on, the connection would write the last
+            // chunk of a chunked upload and flush it before the abort below takes effect
+            // (an abort only stops a task once its current poll returns).
+            Upload::Broken => return Poll::Pending,
+            Upload::Streaming(body, progress) => (body, progress),
         };
         let polled = Pin::new(body).poll_frame(cx);
-        if let Poll::Ready(Some(Err(e))) = &polled {
-            // The client's body broke. Handing the error to the connection could still end
-            // the request cleanly (a final empty chunk after what was sent), and the endpoint
-            // would take a truncated request for a whole one: cut the connection instead. This
-            // runs inside the connection's task, which stops at its next await.
-            tracing::debug!(error = %e, "client body broke: cutting the endpoint connection");
-            this.cut.abort();
-            return Poll::Pending;
-        }
-        if polled.is_ready() {
-            progress.mark();
+        match &polled {
+            Poll::Ready(Some(Err(e))) => {
+                // The client's body broke. The endpoint must not take what it got for a whole
+                // request: the error goes to the connection (hyper then closes it without
+                // ending the body), and the connection's task is aborted as well.
+                tracing::debug!(error = %e, "client body broke: cutting the endpoint connection");
+                progress.broken.store(true, Ordering::Release);
+                progress.mark();
+                this.state = Upload::Broken;
+                this.cut.abort();
+            }
+            Poll::Ready(_) => progress.mark(),
+            Poll::Pending => {}
         }
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body
-            .as_ref()
-            .is_none_or(|(body, _)| body.is_end_stream())
+        match &self.state {
+            Upload::Empty => true,
+            Upload::Streaming(body, _) => body.is_end_stream(),
+            Upload::Broken => false,
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |(body, _)| body.size_hint())
+        match &self.state {
+            Upload::Empty => SizeHint::with_exact(0),
+            Upload::Streaming(body, _) => body.size_hint(),
+            Upload::Broken => SizeHint::default(),
+        }
     }
 }
 

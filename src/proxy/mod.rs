@@ -259,6 +259,10 @@ impl Proxy {
                 tracing::warn!(endpoint = endpoint.url(), error = %e, "endpoint unreachable");
                 outcome.reject(Reason::UpstreamUnreachable, Some(service))
             }
+            Err(SendError::Exchange(_)) if watch.client_broke() => {
+                // The client's fault, not the endpoint's (whose connection was cut).
+                outcome.reject(Reason::ClientBodyError, Some(service))
+            }
             Err(SendError::Exchange(e)) => {
                 tracing::warn!(endpoint = endpoint.url(), error = %error_chain(&e), "upstream error");
                 outcome.reject(Reason::UpstreamError, Some(service))

@@ -1,4 +1,4 @@
-//! Every answer sluice gives on its own behalf (404, 429, 502, 504) is built here, with a JSON
+//! Every answer sluice gives on its own behalf (400, 404, 429, 502, 504) is built here, with a JSON
 //! body that says why, so clients can tell a refusal from an endpoint's answer.
 
 use http::header::{self, HeaderValue};
@@ -29,11 +29,14 @@ pub enum Reason {
     UpstreamTimeout,
     /// The endpoint broke the exchange (reset, invalid response).
     UpstreamError,
+    /// The client's request body broke (malformed chunked framing, or the connection lost
+    /// mid-body): the endpoint's connection was cut, so it never took it for a whole request.
+    ClientBodyError,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Self::NoRoute,
         Self::MissingKey,
         Self::UnknownKey,
@@ -43,6 +46,7 @@ impl Reason {
         Self::UpstreamUnreachable,
         Self::UpstreamTimeout,
         Self::UpstreamError,
+        Self::ClientBodyError,
     ];
 
     /// Position in [`Reason::ALL`].
@@ -62,6 +66,7 @@ impl Reason {
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamError => "upstream_error",
+            Self::ClientBodyError => "client_body_error",
         }
     }
 
@@ -75,6 +80,7 @@ impl Reason {
             }
             Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::ClientBodyError => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -84,6 +90,7 @@ impl Reason {
             StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
             StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
+            StatusCode::BAD_REQUEST => "bad_request",
             _ => "bad_gateway",
         }
     }
