@@ -2,6 +2,7 @@
 //! Answers sluice gives itself are built in [`reject`].
 
 pub mod body;
+mod framing;
 pub mod headers;
 pub mod reject;
 mod server;

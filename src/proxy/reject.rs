@@ -32,11 +32,14 @@ pub enum Reason {
     /// The client's request body broke (malformed chunked framing, or the connection lost
     /// mid-body): the endpoint's connection was cut, so it never took it for a whole request.
     ClientBodyError,
+    /// The request head carried both `Content-Length` and `Transfer-Encoding` (a
+    /// request-smuggling shape): refused before routing, the connection closed.
+    ConflictingFraming,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Self::NoRoute,
         Self::MissingKey,
         Self::UnknownKey,
@@ -47,6 +50,7 @@ impl Reason {
         Self::UpstreamTimeout,
         Self::UpstreamError,
         Self::ClientBodyError,
+        Self::ConflictingFraming,
     ];
 
     /// Position in [`Reason::ALL`].
@@ -67,6 +71,7 @@ impl Reason {
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamError => "upstream_error",
             Self::ClientBodyError => "client_body_error",
+            Self::ConflictingFraming => "conflicting_framing",
         }
     }
 
@@ -80,7 +85,7 @@ impl Reason {
             }
             Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::ClientBodyError => StatusCode::BAD_REQUEST,
+            Self::ClientBodyError | Self::ConflictingFraming => StatusCode::BAD_REQUEST,
         }
     }
 

@@ -3,20 +3,24 @@
 //! open connections, idle time), a header timeout, and a graceful drain on shutdown.
 //!
 //! What hyper enforces for us (see README "Limits" for the answers a client gets): the
-//! request head size and header count (431), the URI length (414), request framing
-//! (conflicting or invalid `Content-Length`/`Transfer-Encoding`: 400 and close), the header
-//! timeout (connection closed), HTTP/2 stream and reset bounds (REFUSED_STREAM, GOAWAY). What
-//! this module adds: the bound on open connections and the idle timeout.
+//! request head size and header count (431), the URI length (414), invalid request framing
+//! (differing or malformed `Content-Length`, a `Transfer-Encoding` other than chunked: 400
+//! and close), the header timeout (connection closed), HTTP/2 stream and reset bounds
+//! (REFUSED_STREAM, GOAWAY). What this module adds: the bound on open connections, the idle
+//! timeout, and a 400 for a head with both `Content-Length` and `Transfer-Encoding`, which
+//! hyper would forward framed by chunked (see [`super::framing`]).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::{HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +30,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::body::ResponseBody;
+use super::framing::Framing;
+use super::reject::{Reason, Rejection};
 use super::Proxy;
 use crate::config::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 
@@ -81,6 +88,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let io = Watched {
             stream,
             activity: Arc::clone(&activity),
+            framing: Framing::default(),
         };
         let connection_proxy = Arc::clone(&proxy);
         let service_activity = Arc::clone(&activity);
@@ -88,8 +96,13 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             let proxy = Arc::clone(&connection_proxy);
             // Counted from here until the response body is dropped (sent or abandoned).
             let guard = InFlightGuard::new(&service_activity);
+            let conflicting = service_activity.is_conflicting();
             async move {
-                let response = proxy.handle(req, peer).await;
+                let response = if conflicting {
+                    refuse_conflicting_framing(peer)
+                } else {
+                    proxy.handle(req, peer).await
+                };
                 Ok::<_, Infallible>(response.map(|body| InFlight {
                     body,
                     _guard: guard,
@@ -216,11 +229,51 @@ impl Drop for OpenGuard {
     }
 }
 
-/// What the idle check looks at: bytes moved either way and requests in flight.
-#[derive(Default)]
+/// What the idle check looks at (bytes moved either way, requests in flight), and what the
+/// service needs from the framing watch.
 struct Activity {
     bytes: AtomicU64,
     in_flight: AtomicUsize,
+    /// Requests handed to the service so far on this connection.
+    requests: AtomicU64,
+    /// Position of the first request whose head had both `Content-Length` and
+    /// `Transfer-Encoding` (`u64::MAX`: none).
+    conflicting: AtomicU64,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self {
+            bytes: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            requests: AtomicU64::new(0),
+            conflicting: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+impl Activity {
+    /// Count the request just handed to the service; true when its head had both framing
+    /// headers. HTTP/1 hands requests over one at a time and in order, and its head was read
+    /// (and watched) before hyper parsed it. HTTP/2 connections are never flagged.
+    fn is_conflicting(&self) -> bool {
+        let position = self.requests.fetch_add(1, Ordering::AcqRel);
+        position == self.conflicting.load(Ordering::Acquire)
+    }
+}
+
+/// hyper frames a request with both `Content-Length` and `Transfer-Encoding` by chunked and
+/// closes the connection after the answer; sluice refuses it instead of forwarding it.
+fn refuse_conflicting_framing(peer: SocketAddr) -> Response<ResponseBody> {
+    tracing::debug!(
+        client = %peer.ip(),
+        "request with both Content-Length and Transfer-Encoding: 400, connection closed"
+    );
+    let mut response = Rejection::new(Reason::ConflictingFraming, None).into_response();
+    response
+        .headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// Resolves once the connection has had no request in flight and moved no byte for
@@ -284,10 +337,12 @@ impl<B: Body + Unpin> Body for InFlight<B> {
     }
 }
 
-/// The client's TCP stream, counting the bytes it moves for the idle check.
+/// The client's TCP stream, counting the bytes it moves for the idle check and watching the
+/// framing of the requests read from it.
 struct Watched {
     stream: TcpStream,
     activity: Arc<Activity>,
+    framing: Framing,
 }
 
 impl Watched {
@@ -308,7 +363,14 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let result = Pin::new(&mut this.stream).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            this.moved(buf.filled().len() - before);
+            let read = &buf.filled()[before..];
+            this.moved(read.len());
+            if this.framing.conflicting().is_none() {
+                this.framing.feed(read);
+                if let Some(position) = this.framing.conflicting() {
+                    this.activity.conflicting.store(position, Ordering::Release);
+                }
+            }
         }
         result
     }
