@@ -282,6 +282,51 @@ async fn a_client_that_leaves_mid_body_never_makes_a_complete_request_upstream()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_before_the_body_was_read_reaches_a_client_still_uploading() {
+    // The only slot is taken, so a large upload is refused (429) as soon as its head arrives,
+    // while the client is still sending the body. The answer says `connection: close`, and
+    // sluice reads and discards the rest before closing: a close with unread data would send
+    // a TCP reset, and the client would lose the answer (a write error, or a reset on read).
+    let backend = mock().gated().start().await;
+    let sluice = start_sluice(&limited(&backend, "", "").replace(
+        "path_prefix = \"/\"\n",
+        "path_prefix = \"/\"\nmax_concurrent = 1\n",
+    ))
+    .await;
+    let addr = sluice.addr;
+    let held = tokio::spawn(async move { once(addr, get(addr, "/held")).await });
+    backend.wait_current(1).await;
+
+    const BODY: usize = 8 << 20;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {BODY}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'u'; 64 << 10];
+    for _ in 0..BODY / chunk.len() {
+        stream
+            .write_all(&chunk)
+            .await
+            .expect("sluice reads the body it refused instead of resetting");
+    }
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+        .await
+        .expect("sluice closes after the answer")
+        .expect("the answer arrives whole, without a reset");
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status_of(&answer), 429, "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(answer.contains(r#""reason":"endpoints_full""#), "{answer}");
+
+    backend.open_gate();
+    assert_eq!(held.await.unwrap().status, 200);
+    assert_eq!(backend.arrivals(), ["/held"]);
+    sluice.assert_idle().await;
+    sluice.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_dropped_at_client_header() {
     let backend = mock().start().await;
     let sluice = start_sluice(&limited(&backend, "", "client_header = \"400ms\"")).await;

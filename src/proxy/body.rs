@@ -26,6 +26,8 @@ pub struct Progress {
     latest_ns: AtomicU64,
     /// Set when the client's body ended in an error rather than cleanly.
     broken: AtomicBool,
+    /// Set when the client's body was read to its end.
+    ended: AtomicBool,
 }
 
 impl Progress {
@@ -55,6 +57,7 @@ pub fn track(body: Incoming, cut: AbortHandle) -> (UpstreamBody, BodyWatch) {
         start: Instant::now(),
         latest_ns: AtomicU64::new(0),
         broken: AtomicBool::new(false),
+        ended: AtomicBool::new(false),
     });
     let upstream = UpstreamBody {
         state: Upload::Streaming(body, Arc::clone(&progress)),
@@ -64,6 +67,7 @@ pub fn track(body: Incoming, cut: AbortHandle) -> (UpstreamBody, BodyWatch) {
 }
 
 /// Watches a request body on its way to the endpoint.
+#[derive(Clone)]
 pub struct BodyWatch(Option<Arc<Progress>>);
 
 impl BodyWatch {
@@ -82,6 +86,13 @@ impl BodyWatch {
                 return;
             }
         }
+    }
+
+    /// True when there was no body, or it was read to its end.
+    pub fn finished(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|p| p.ended.load(Ordering::Acquire))
     }
 
     /// True once the client's body ended in an error (malformed chunked framing, a
@@ -129,7 +140,7 @@ impl Body for UpstreamBody {
             Upload::Broken => return Poll::Pending,
             Upload::Streaming(body, progress) => (body, progress),
         };
-        let polled = Pin::new(body).poll_frame(cx);
+        let polled = Pin::new(&mut *body).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Err(e))) => {
                 // The client's body broke. The endpoint must not take what it got for a whole
@@ -141,7 +152,12 @@ impl Body for UpstreamBody {
                 this.state = Upload::Broken;
                 this.cut.abort();
             }
-            Poll::Ready(_) => progress.mark(),
+            Poll::Ready(frame) => {
+                progress.mark();
+                if frame.is_none() || body.is_end_stream() {
+                    progress.ended.store(true, Ordering::Release);
+                }
+            }
             Poll::Pending => {}
         }
         polled

@@ -86,6 +86,21 @@ impl Framing {
         self.conflicting
     }
 
+    /// True while the client is in the middle of sending a request body (or of one that
+    /// was refused for its framing): closing now leaves bytes of it unread.
+    pub fn mid_body(&self) -> bool {
+        self.conflicting.is_some()
+            || matches!(
+                self.stage,
+                Stage::Body(_)
+                    | Stage::ChunkSize
+                    | Stage::ChunkData(_)
+                    | Stage::ChunkDataCr
+                    | Stage::ChunkDataLf
+                    | Stage::Trailers
+            )
+    }
+
     /// Follow `bytes`, the next ones read from the client.
     pub fn feed(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {

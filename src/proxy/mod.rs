@@ -23,7 +23,7 @@ use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot, Slot};
 use crate::limit::{Admission, KeyProblem};
 use crate::policy::{Policy, Service};
-use body::{ResponseBody, UpstreamBody};
+use body::{BodyWatch, ResponseBody, UpstreamBody};
 use reject::{Reason, Rejection};
 pub use server::serve;
 use upstream::{Connection, Reuse, SendError, Upstream};
@@ -90,14 +90,25 @@ impl Proxy {
         let logged = tracing::enabled!(target: "sluice::access", tracing::Level::INFO)
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
         let mut outcome = Outcome::default();
+        let unread_body_closes =
+            !http_body::Body::is_end_stream(req.body()) && req.version() <= http::Version::HTTP_11;
         let service = policy.route(req.uri().path());
-        let response = match service {
+        let mut response = match service {
             None => outcome.reject(Reason::NoRoute, None),
             Some(service) => {
                 self.serve(&policy, service, req, client, &mut outcome)
                     .await
             }
         };
+        if unread_body_closes && !outcome.upload.as_ref().is_some_and(BodyWatch::finished) {
+            // hyper closes an HTTP/1 connection whose request body was not read to its end,
+            // after the answer; say so in it, or the client would send its next request on a
+            // connection about to close (and lose it).
+            response.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         let elapsed = started.elapsed();
         if let Some(service) = service {
             service.stats.duration.observe(elapsed);
@@ -230,6 +241,7 @@ impl Proxy {
         let endpoint = Arc::clone(slot.endpoint());
         outcome.endpoint = Some(Arc::clone(&endpoint));
         let (body, watch) = body::track(body, connection.abort_handle());
+        outcome.upload = Some(watch.clone());
         let Ok(request) = upstream_request(head, &endpoint, body) else {
             return outcome.reject(Reason::UpstreamError, Some(service));
         };
@@ -278,6 +290,8 @@ struct Outcome {
     resource: Option<Arc<str>>,
     endpoint: Option<Arc<Endpoint>>,
     reason: Option<Reason>,
+    /// The request body on its way to the endpoint, once forwarded.
+    upload: Option<BodyWatch>,
 }
 
 impl Outcome {

@@ -25,7 +25,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -38,6 +38,11 @@ use crate::config::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 
 /// How often refused connections are logged at most (a flood must not flood the log).
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(1);
+/// How long a connection closed in the middle of a request body goes on reading (and
+/// discarding) what the client still sends. Closing a socket with unread data sends a TCP
+/// reset, and a client that is still uploading then loses the answer it was just given (a 429
+/// before the body was read, say): its stack drops what it had not read yet.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Accept connections on `listener` until `shutdown` resolves, then stop accepting and give
 /// in-flight exchanges up to `grace` to finish. Returns once drained or the grace ran out.
@@ -86,9 +91,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::default());
         let io = Watched {
-            stream,
+            stream: Some(stream),
             activity: Arc::clone(&activity),
             framing: Framing::default(),
+            _open: Some(open_guard),
         };
         let connection_proxy = Arc::clone(&proxy);
         let service_activity = Arc::clone(&activity);
@@ -116,7 +122,6 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
         let mut stopped = stop.subscribe();
         let idle_timeout = settings.idle_timeout;
         tokio::spawn(async move {
-            let _open = open_guard;
             tokio::pin!(connection);
             let idle = idle(&activity, idle_timeout);
             let ended = tokio::select! {
@@ -340,9 +345,12 @@ impl<B: Body + Unpin> Body for InFlight<B> {
 /// The client's TCP stream, counting the bytes it moves for the idle check and watching the
 /// framing of the requests read from it.
 struct Watched {
-    stream: TcpStream,
+    /// Taken only when dropped.
+    stream: Option<TcpStream>,
     activity: Arc<Activity>,
     framing: Framing,
+    /// Counted as open until the stream is closed, lingering included.
+    _open: Option<OpenGuard>,
 }
 
 impl Watched {
@@ -351,6 +359,40 @@ impl Watched {
             self.activity.bytes.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
+
+    fn stream(&mut self) -> Pin<&mut TcpStream> {
+        Pin::new(
+            self.stream
+                .as_mut()
+                .expect("the stream is only taken on drop"),
+        )
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        // hyper closes a connection whose request body it did not read to its end (an early
+        // answer): keep reading for a while so that the answer reaches the client.
+        if !self.framing.mid_body() {
+            return;
+        }
+        if let (Some(stream), Ok(runtime)) =
+            (self.stream.take(), tokio::runtime::Handle::try_current())
+        {
+            runtime.spawn(linger(stream, self._open.take()));
+        }
+    }
+}
+
+/// Send FIN (if hyper did not), then discard what the client sends until it closes too or
+/// [`LINGER`] passed.
+async fn linger(mut stream: TcpStream, _open: Option<OpenGuard>) {
+    let _ = stream.shutdown().await;
+    let mut sink = vec![0u8; 16 * 1024];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(1..) = stream.read(&mut sink).await {}
+    })
+    .await;
 }
 
 impl AsyncRead for Watched {
@@ -361,7 +403,7 @@ impl AsyncRead for Watched {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let result = this.stream().poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
             let read = &buf.filled()[before..];
             this.moved(read.len());
@@ -383,7 +425,7 @@ impl AsyncWrite for Watched {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let result = Pin::new(&mut this.stream).poll_write(cx, buf);
+        let result = this.stream().poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = result {
             this.moved(n);
         }
@@ -396,7 +438,7 @@ impl AsyncWrite for Watched {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        let result = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        let result = this.stream().poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = result {
             this.moved(n);
         }
@@ -404,14 +446,16 @@ impl AsyncWrite for Watched {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.stream
+            .as_ref()
+            .is_some_and(TcpStream::is_write_vectored)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        self.get_mut().stream().poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        self.get_mut().stream().poll_shutdown(cx)
     }
 }
