@@ -159,6 +159,8 @@ impl MockBuilder {
             peak: AtomicUsize::new(0),
             arrivals: Mutex::new(Vec::new()),
             received: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+            spans: Mutex::new(Vec::new()),
         });
         let accept = tokio::spawn(accept_loop(listener, Arc::clone(&state)));
         Mock {
@@ -180,6 +182,9 @@ struct State {
     peak: AtomicUsize,
     arrivals: Mutex<Vec<String>>,
     received: Mutex<Vec<Received>>,
+    /// The connection tasks, for [`Mock::kill`].
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    spans: Mutex<Vec<Span>>,
 }
 
 /// A running mock endpoint; stops accepting when dropped.
@@ -221,6 +226,11 @@ impl Mock {
         self.state.peak.load(Ordering::SeqCst)
     }
 
+    /// When each request was being served, in arrival order.
+    pub fn spans(&self) -> Vec<Span> {
+        self.state.spans.lock().unwrap().clone()
+    }
+
     /// Path and query of every request, in arrival order.
     pub fn arrivals(&self) -> Vec<String> {
         self.state.arrivals.lock().unwrap().clone()
@@ -229,6 +239,15 @@ impl Mock {
     /// Every request whose body has been read, in that order.
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
+    }
+
+    /// Die like a crashed process: stop listening and drop every open connection, in the
+    /// middle of whatever exchange it carries.
+    pub fn kill(&self) {
+        self.accept.abort();
+        for task in self.state.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
     }
 
     /// Release every held request, now and from now on.
@@ -270,6 +289,14 @@ impl DeadPort {
         let listener = self.socket.listen(1024).expect("listen on the dead port");
         builder.start_on(listener)
     }
+
+    /// The port a killed mock listened on, bound again (`None` if someone else took it).
+    pub fn again(addr: SocketAddr) -> Option<Self> {
+        let socket = TcpSocket::new_v4().ok()?;
+        socket.set_reuseaddr(true).ok()?;
+        socket.bind(addr).ok()?;
+        Some(Self { socket, addr })
+    }
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
@@ -279,32 +306,65 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         };
         state.connections.fetch_add(1, Ordering::SeqCst);
         let _ = stream.set_nodelay(true);
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let service = service_fn(move |req| serve(req, Arc::clone(&state)));
+        let connection_state = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            let service = service_fn(move |req| serve(req, Arc::clone(&connection_state)));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+        let mut tasks = state.tasks.lock().unwrap();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task.abort_handle());
     }
 }
 
+/// When a mock served one request: from its head's arrival until its answer's head was sent
+/// or the exchange was dropped (the peer closed, or the mock was killed).
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub uri: String,
+    pub start: std::time::Instant,
+    /// `None` while still being served.
+    pub end: Option<std::time::Instant>,
+    /// False when the exchange was dropped without an answer.
+    pub answered: bool,
+}
+
 /// Counts a request as being served for as long as it lives.
-struct Serving(Arc<State>);
+struct Serving {
+    state: Arc<State>,
+    span: usize,
+    answered: bool,
+}
 
 impl Serving {
-    fn new(state: &Arc<State>) -> Self {
+    fn new(state: &Arc<State>, uri: &str) -> Self {
         let now = state.current.fetch_add(1, Ordering::SeqCst) + 1;
         state.peak.fetch_max(now, Ordering::SeqCst);
-        Self(Arc::clone(state))
+        let mut spans = state.spans.lock().unwrap();
+        spans.push(Span {
+            uri: uri.to_owned(),
+            start: std::time::Instant::now(),
+            end: None,
+            answered: false,
+        });
+        Self {
+            state: Arc::clone(state),
+            span: spans.len() - 1,
+            answered: false,
+        }
     }
 }
 
 impl Drop for Serving {
     fn drop(&mut self) {
-        self.0.current.fetch_sub(1, Ordering::SeqCst);
+        let span = &mut self.state.spans.lock().unwrap()[self.span];
+        span.end = Some(std::time::Instant::now());
+        span.answered = self.answered;
+        self.state.current.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -317,7 +377,7 @@ async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Moc
         .to_owned();
     state.arrivals.lock().unwrap().push(uri.clone());
     state.requests.fetch_add(1, Ordering::SeqCst);
-    let serving = Serving::new(&state);
+    let mut serving = Serving::new(&state, &uri);
 
     // Consume the body as it streams in: count it, keep it only when small. The body stays
     // alive until the answer, so an ignored body is back-pressure, not a closed connection.
@@ -398,6 +458,7 @@ async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Moc
             })
             .unwrap(),
     };
+    serving.answered = true;
     drop(serving);
     Ok(response)
 }

@@ -50,7 +50,13 @@ pub struct Running {
 
 /// Start `sluice --log-format json ARGS...` and wait until its proxy listens.
 pub async fn start_binary(args: &[&str]) -> Running {
+    start_binary_with_env(args, &[]).await
+}
+
+/// [`start_binary`] with environment variables (e.g. `SLUICE_ADMIN_TOKEN`).
+pub async fn start_binary_with_env(args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut child = sluice_bin()
+        .envs(env.iter().copied())
         .arg("--log-format")
         .arg("json")
         .args(args)
