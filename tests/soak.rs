@@ -419,7 +419,7 @@ impl Endpoints {
     }
 
     fn gather(&self, mock: &Mock, violations: &Violations) {
-        let effective = effective_peak(&mock.spans(), &self.client_done.lock().unwrap());
+        let (effective, detail) = effective_peak(&mock.spans(), &self.client_done.lock().unwrap());
         {
             let mut peak = self.max_peak.lock().unwrap();
             peak.0 = peak.0.max(mock.peak());
@@ -428,7 +428,7 @@ impl Endpoints {
         if effective > CAP_HIGH as usize {
             violations.add(
                 "endpoint over its cap",
-                format!("{} served {effective} at once", mock.addr),
+                format!("{} served {effective} at once: {detail}", mock.addr),
             );
         }
         let mut arrivals = self.arrivals.lock().unwrap();
@@ -480,31 +480,58 @@ const ABANDON_SLACK: Duration = Duration::from_millis(25);
 /// its client was done, less [`ABANDON_SLACK`], or until the endpoint noticed, whichever
 /// came first: the endpoint only notices a dropped connection some time after sluice freed
 /// the slot, and may take the next request before it does.
-fn effective_peak(spans: &[Span], client_done: &HashMap<u64, Instant>) -> usize {
+fn effective_peak(spans: &[Span], client_done: &HashMap<u64, Instant>) -> (usize, String) {
     let now = Instant::now();
-    let mut events: Vec<(Instant, i32)> = Vec::with_capacity(spans.len() * 2);
-    for span in spans {
-        let mut end = span.end.unwrap_or(now);
-        if !span.answered {
-            let done = param(&span.uri, "id")
-                .and_then(|id| id.parse::<u64>().ok())
-                .and_then(|id| client_done.get(&id));
-            if let Some(&done) = done {
-                end = end.min(done.checked_sub(ABANDON_SLACK).unwrap_or(done));
+    let ends: Vec<Instant> = spans
+        .iter()
+        .map(|span| {
+            let mut end = span.end.unwrap_or(now);
+            if !span.answered {
+                let done = param(&span.uri, "id")
+                    .and_then(|id| id.parse::<u64>().ok())
+                    .and_then(|id| client_done.get(&id));
+                if let Some(&done) = done {
+                    end = end.min(done.checked_sub(ABANDON_SLACK).unwrap_or(done));
+                }
             }
-        }
+            end.max(span.start)
+        })
+        .collect();
+    let mut events: Vec<(Instant, i32)> = Vec::with_capacity(spans.len() * 2);
+    for (span, &end) in spans.iter().zip(&ends) {
         events.push((span.start, 1));
-        events.push((end.max(span.start), -1));
+        events.push((end, -1));
     }
     // At the same instant an end comes before a start.
     events.sort();
     let mut current = 0i32;
-    let mut peak = 0i32;
-    for (_, step) in events {
+    let mut peak = (0i32, now);
+    for (at, step) in events {
         current += step;
-        peak = peak.max(current);
+        if current > peak.0 {
+            peak = (current, at);
+        }
     }
-    usize::try_from(peak).unwrap_or(0)
+    // The exchanges being served at the peak, for the report when it is too high.
+    let at = peak.1;
+    let mut detail = String::new();
+    for (span, &end) in spans.iter().zip(&ends) {
+        if span.start <= at && at < end {
+            let ms = |t: Instant| {
+                t.saturating_duration_since(at).as_secs_f64() * 1e3
+                    - at.saturating_duration_since(t).as_secs_f64() * 1e3
+            };
+            let _ = write!(
+                detail,
+                "[{} from {:.1} ms to {:.1} ms{}] ",
+                span.uri,
+                ms(span.start),
+                ms(end),
+                if span.answered { "" } else { ", unanswered" }
+            );
+        }
+    }
+    (usize::try_from(peak.0).unwrap_or(0), detail)
 }
 
 /// An endpoint that answers every request with garbage and closes.

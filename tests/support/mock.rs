@@ -329,7 +329,8 @@ pub struct Span {
     pub start: std::time::Instant,
     /// `None` while still being served.
     pub end: Option<std::time::Instant>,
-    /// False when the exchange was dropped without an answer.
+    /// False when the exchange was dropped without an answer, or its request body broke
+    /// (the sender gave it up; the mock still answers into the void).
     pub answered: bool,
 }
 
@@ -458,7 +459,7 @@ async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Moc
             })
             .unwrap(),
     };
-    serving.answered = true;
+    serving.answered = complete;
     drop(serving);
     Ok(response)
 }
