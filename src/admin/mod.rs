@@ -126,6 +126,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::Load(_) => (StatusCode::BAD_REQUEST, "invalid_config"),
             ChangeError::NoFile => (StatusCode::CONFLICT, "no_config_file"),
             ChangeError::Endpoint(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            ChangeError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         };
         Self::new(status, error, e.to_string())
     }

@@ -18,6 +18,7 @@ use crate::balance::{Endpoint, Pool};
 use crate::config::ServiceConfig;
 use crate::limit::RateLimiter;
 use crate::proxy::Proxy;
+use crate::store::{Fleet, ScaleDoc};
 
 /// How often gauges (in flight, queue, headroom) are sampled into the metric windows.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -169,6 +170,38 @@ impl ServiceAutoscaler {
             .record_gauge(Metric::CapacityHeadroomTps, headroom, now);
     }
 
+    /// Take the values the fleet's leader decided, and apply them like a step of its own.
+    pub fn follow(
+        &self,
+        doc: &ScaleDoc,
+        pool: &Arc<Pool>,
+        limits: Option<&RateLimiter>,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Vec<Event> {
+        let events = self
+            .engine()
+            .follow(&doc.limits, doc.endpoint_concurrency, now, wall);
+        for event in &events {
+            self.apply(event, pool, limits);
+        }
+        events
+    }
+
+    /// The values a leader publishes after a step.
+    pub fn scale_doc(&self, stepped_at: DateTime<Utc>) -> ScaleDoc {
+        let engine = self.engine();
+        ScaleDoc {
+            stepped_at_ms: u64::try_from(stepped_at.timestamp_millis()).unwrap_or(0),
+            limits: engine
+                .resources()
+                .filter(|(_, state)| state.spec.enabled)
+                .map(|(name, state)| (name.to_owned(), state.limit))
+                .collect(),
+            endpoint_concurrency: engine.endpoint_concurrency(),
+        }
+    }
+
     /// One interval: decide, then apply each decision to the live `limits` and `pool`.
     pub fn step(
         &self,
@@ -218,7 +251,8 @@ fn now() -> Instant {
 pub type WallClock = fn() -> DateTime<Utc>;
 
 /// Run the autoscale loop of every service in the live policy (services added by a reload
-/// included) until aborted.
+/// included) until aborted. In a fleet, only the leader steps (when the fleet's last step is an
+/// interval old) and publishes the values; the other replicas follow them.
 pub async fn run(
     proxy: Arc<Proxy>,
     history: Arc<EventHistory>,
@@ -240,11 +274,15 @@ pub async fn run(
             let at = now();
             autoscaler.sample(&live.pool, at);
             let last = last_step.entry(Arc::clone(&live.name)).or_insert(started);
-            if at.duration_since(*last) < autoscaler.settings().interval {
-                continue;
-            }
-            *last = at;
-            let events = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall());
+            let due = at.duration_since(*last) >= autoscaler.settings().interval;
+            let events = match proxy.fleet() {
+                None if due => {
+                    *last = at;
+                    autoscaler.step(&live.pool, live.limits.as_ref(), at, wall())
+                }
+                None => continue,
+                Some(fleet) => fleet_turn(fleet, live, autoscaler, last, due, at, wall()).await,
+            };
             for event in events {
                 let id = history.push(event.clone());
                 tracing::info!(
@@ -264,5 +302,47 @@ pub async fn run(
         }
         // Forget services a reload removed.
         last_step.retain(|name, _| policy.service(name).is_some());
+    }
+}
+
+/// One tick of a service in a fleet: the leader steps when the fleet's last step (by whichever
+/// replica led then) is an interval old, and publishes the outcome; the others follow the
+/// published values. Without the store nobody steps.
+async fn fleet_turn(
+    fleet: &Fleet,
+    live: &crate::policy::Service,
+    autoscaler: &ServiceAutoscaler,
+    last: &mut Instant,
+    due: bool,
+    at: Instant,
+    wall: DateTime<Utc>,
+) -> Vec<Event> {
+    if !fleet.is_up() {
+        return Vec::new();
+    }
+    let Ok(published) = fleet.scale(&live.name).await else {
+        return Vec::new();
+    };
+    if !fleet.is_leader() {
+        return match published {
+            Some(doc) => autoscaler.follow(&doc, &live.pool, live.limits.as_ref(), at, wall),
+            None => Vec::new(),
+        };
+    }
+    let interval_ms = autoscaler.settings().interval.as_millis() as i64;
+    let due = match &published {
+        // A step taken by an earlier leader counts: one step per interval for the fleet.
+        Some(doc) => wall.timestamp_millis() - doc.stepped_at_ms as i64 >= interval_ms,
+        None => due,
+    };
+    if !due {
+        return Vec::new();
+    }
+    *last = at;
+    let events = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall);
+    match fleet.publish_scale(&live.name, &autoscaler.scale_doc(wall)).await {
+        Ok(true) => events,
+        // Fenced off: another replica leads now; its values arrive at the next tick.
+        _ => Vec::new(),
     }
 }

@@ -1,4 +1,4 @@
-//! Every answer sluice gives on its own behalf (404, 429, 502, 504) is built here, with a JSON
+//! Every answer sluice gives on its own behalf (401, 404, 429, 502, 503, 504) is built here, with a JSON
 //! body that says why, so clients can tell a refusal from an endpoint's answer.
 
 use http::header::{self, HeaderValue};
@@ -29,11 +29,13 @@ pub enum Reason {
     UpstreamTimeout,
     /// The endpoint broke the exchange (reset, invalid response).
     UpstreamError,
+    /// The shared store is unreachable and `store.on_error = "deny"`.
+    StoreUnavailable,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Self::NoRoute,
         Self::MissingKey,
         Self::UnknownKey,
@@ -43,6 +45,7 @@ impl Reason {
         Self::UpstreamUnreachable,
         Self::UpstreamTimeout,
         Self::UpstreamError,
+        Self::StoreUnavailable,
     ];
 
     /// Position in [`Reason::ALL`].
@@ -62,6 +65,7 @@ impl Reason {
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamError => "upstream_error",
+            Self::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -75,6 +79,7 @@ impl Reason {
             }
             Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -84,6 +89,7 @@ impl Reason {
             StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
             StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
+            StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
             _ => "bad_gateway",
         }
     }
