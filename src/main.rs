@@ -198,6 +198,16 @@ async fn demo_endpoints_only(args: &DemoEndpointsArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot start a demo endpoint on {addr}"))?;
         endpoints.push(endpoint);
     }
+    // Poll the signal future once, so its SIGTERM/SIGINT handlers are in place before the
+    // endpoints are announced: a signal sent right after the announcement must stop this
+    // process cleanly, not kill it with the default action.
+    let shutdown = app::shutdown_signal();
+    tokio::pin!(shutdown);
+    tokio::select! {
+        biased;
+        () = &mut shutdown => return Ok(()),
+        () = std::future::ready(()) => {}
+    }
     let urls: Vec<String> = endpoints.iter().map(demo::DemoEndpoint::url).collect();
     let urls = urls.join(", ");
     let latency = humantime::format_duration(args.latency);
@@ -206,7 +216,7 @@ async fn demo_endpoints_only(args: &DemoEndpointsArgs) -> anyhow::Result<()> {
         "sluice demo-endpoints: {} endpoint(s) answering after {latency} at {urls}",
         endpoints.len()
     );
-    app::shutdown_signal().await;
+    shutdown.await;
     for endpoint in &endpoints {
         endpoint.task.abort();
     }
