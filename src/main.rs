@@ -1,7 +1,9 @@
 //! The `sluice` command: parse the command line, set up logging, call into the library.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -116,7 +118,7 @@ fn serve(
 fn block_on(
     log_format: Option<LogFormat>,
     workers: Option<usize>,
-    work: impl std::future::Future<Output = anyhow::Result<()>>,
+    work: impl Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
     telemetry::init(log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -177,8 +179,20 @@ async fn run(path: &Path, demo: Option<(usize, Duration)>) -> anyhow::Result<()>
             app.proxy_addr()
         );
     }
-    app.run(app::shutdown_signal()).await;
+    app.run(armed_shutdown_signal().await).await;
     Ok(())
+}
+
+/// [`app::shutdown_signal`], polled once so that its SIGTERM/SIGINT handlers are installed
+/// before sluice says it listens: a signal sent right after that line stops the process
+/// cleanly instead of killing it with the default action.
+async fn armed_shutdown_signal() -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    let mut shutdown = Box::pin(app::shutdown_signal());
+    tokio::select! {
+        biased;
+        () = &mut shutdown => Box::pin(std::future::ready(())),
+        () = std::future::ready(()) => shutdown,
+    }
 }
 
 /// `sluice demo-endpoints`: `count` demo endpoints from `listen` on, until SIGTERM/SIGINT.
@@ -198,16 +212,7 @@ async fn demo_endpoints_only(args: &DemoEndpointsArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot start a demo endpoint on {addr}"))?;
         endpoints.push(endpoint);
     }
-    // Poll the signal future once, so its SIGTERM/SIGINT handlers are in place before the
-    // endpoints are announced: a signal sent right after the announcement must stop this
-    // process cleanly, not kill it with the default action.
-    let shutdown = app::shutdown_signal();
-    tokio::pin!(shutdown);
-    tokio::select! {
-        biased;
-        () = &mut shutdown => return Ok(()),
-        () = std::future::ready(()) => {}
-    }
+    let shutdown = armed_shutdown_signal().await;
     let urls: Vec<String> = endpoints.iter().map(demo::DemoEndpoint::url).collect();
     let urls = urls.join(", ");
     let latency = humantime::format_duration(args.latency);
