@@ -1,11 +1,13 @@
 //! Shared test support: mock endpoints that count what they receive ([`mock`]), clients
-//! ([`client`]), sluice in-process ([`start_sluice`]) or as the real binary ([`process`]).
+//! ([`client`]), sluice in-process ([`start_sluice`]) or as the real binary ([`process`]), and a
+//! real `redis-server` ([`redis`]).
 // Each test file uses a different part of this module.
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
 pub mod mock;
 pub mod process;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
