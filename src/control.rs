@@ -212,7 +212,8 @@ impl Control {
         validate(&config).map_err(ChangeError::Invalid)?;
         let previous = self.proxy.policy();
         let now = Utc::now();
-        let (policy, mut events) = Policy::reload(&config, Some(&previous), now, self.proxy.fleet())?;
+        let (policy, mut events) =
+            Policy::reload(&config, Some(&previous), now, self.proxy.fleet())?;
         self.proxy.set_policy(policy);
         let kind = match (service, &target) {
             ("*", _) => EventKind::Reload,

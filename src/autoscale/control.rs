@@ -110,7 +110,11 @@ impl ServiceEngine {
         }
         let c = &mut self.concurrency;
         if c.value != endpoint_concurrency && endpoint_concurrency > 0 {
-            changes.push((ScaleTarget::EndpointConcurrency, c.value, endpoint_concurrency));
+            changes.push((
+                ScaleTarget::EndpointConcurrency,
+                c.value,
+                endpoint_concurrency,
+            ));
             c.value = endpoint_concurrency;
             c.last_action = Some(now);
         }

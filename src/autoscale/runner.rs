@@ -340,7 +340,10 @@ async fn fleet_turn(
     }
     *last = at;
     let events = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall);
-    match fleet.publish_scale(&live.name, &autoscaler.scale_doc(wall)).await {
+    match fleet
+        .publish_scale(&live.name, &autoscaler.scale_doc(wall))
+        .await
+    {
         Ok(true) => events,
         // Fenced off: another replica leads now; its values arrive at the next tick.
         _ => Vec::new(),

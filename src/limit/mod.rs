@@ -413,7 +413,13 @@ impl RateLimiter {
     }
 
     /// `store.on_error`: this replica's share locally, admit, or refuse.
-    fn on_store_error(&self, fleet: &Fleet, resource: &Resource, lease: &Lease, now: u64) -> Judged {
+    fn on_store_error(
+        &self,
+        fleet: &Fleet,
+        resource: &Resource,
+        lease: &Lease,
+        now: u64,
+    ) -> Judged {
         fleet.count_fallback();
         let quota = resource.limit();
         match fleet.on_error() {

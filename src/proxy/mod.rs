@@ -56,11 +56,7 @@ pub fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
 impl Proxy {
     /// A proxy serving `policy`; `connect_timeout` bounds each upstream TCP connect; `fleet`
     /// is the shared store the policy's limits use, if any.
-    pub fn new(
-        policy: Policy,
-        connect_timeout: Duration,
-        fleet: Option<Arc<Fleet>>,
-    ) -> Arc<Self> {
+    pub fn new(policy: Policy, connect_timeout: Duration, fleet: Option<Arc<Fleet>>) -> Arc<Self> {
         Arc::new(Self {
             policy: ArcSwap::from_pointee(policy),
             upstream: Upstream::new(connector(connect_timeout)),

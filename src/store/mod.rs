@@ -135,14 +135,8 @@ impl Fleet {
         quota: Quota,
         now: impl Fn() -> u64,
     ) -> Result<crate::limit::Verdict, StoreError> {
-        let call = lease.refill_and_take(
-            &self.redis,
-            &self.reserve,
-            key,
-            quota,
-            self.replicas(),
-            now,
-        );
+        let call =
+            lease.refill_and_take(&self.redis, &self.reserve, key, quota, self.replicas(), now);
         match tokio::time::timeout(self.redis.timeout(), call).await {
             Ok(outcome) => outcome,
             Err(_) => Err(StoreError::Timeout(self.redis.timeout())),
@@ -157,6 +151,57 @@ impl Fleet {
     /// How long a replica may miss heartbeats before the others count it gone.
     pub fn member_ttl(&self) -> Duration {
         self.config.heartbeat * 3
+    }
+}
+
+/// How this replica stands in the fleet, for `/admin/capacity`, `/readyz` and `/metrics`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetView {
+    /// "redis".
+    pub backend: &'static str,
+    /// This replica's id.
+    pub replica_id: String,
+    /// Whether the store answered the last call.
+    pub up: bool,
+    /// What applies while it does not: "local", "allow" or "deny".
+    pub on_error: OnError,
+    /// Live replicas at the last heartbeat.
+    pub replicas: u32,
+    /// This replica's position among them (sorted by id).
+    pub share_index: u32,
+    /// False until this replica has been listed for 2 heartbeats (it takes no slots before).
+    pub joined: bool,
+    /// Whether this replica takes the autoscale steps.
+    pub leader: bool,
+    /// Version of the fleet policy in force here.
+    pub policy_version: u64,
+    /// Store calls made and failed, and requests decided by `on_error`.
+    pub calls_total: u64,
+    /// Store calls that failed or timed out.
+    pub errors_total: u64,
+    /// Requests decided by `on_error` while the store was unreachable.
+    pub fallbacks_total: u64,
+}
+
+impl Fleet {
+    /// A snapshot of this replica's standing.
+    pub fn view(&self) -> FleetView {
+        let share = self.share();
+        let stats = &self.redis.stats;
+        FleetView {
+            backend: "redis",
+            replica_id: self.id.clone(),
+            up: self.is_up(),
+            on_error: self.on_error(),
+            replicas: self.replicas(),
+            share_index: share.index,
+            joined: share.replicas > 0,
+            leader: self.is_leader(),
+            policy_version: self.policy_version(),
+            calls_total: stats.calls.load(Ordering::Relaxed),
+            errors_total: stats.errors.load(Ordering::Relaxed),
+            fallbacks_total: stats.fallbacks.load(Ordering::Relaxed),
+        }
     }
 }
 

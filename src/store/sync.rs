@@ -101,10 +101,7 @@ impl Scripts {
 
 impl Fleet {
     fn policy_keys(&self) -> (String, String) {
-        (
-            self.redis.key("policy:version"),
-            self.redis.key("policy"),
-        )
+        (self.redis.key("policy:version"), self.redis.key("policy"))
     }
 
     /// Publish `services` as the fleet's next policy, if the fleet is still at the version
@@ -168,8 +165,12 @@ impl Fleet {
         let before = self.leader_token.swap(token, Ordering::AcqRel);
         if before != token {
             match token {
-                0 => tracing::info!(target: "sluice::store", "another replica leads autoscaling now"),
-                t => tracing::info!(target: "sluice::store", token = t, "this replica leads autoscaling now"),
+                0 => {
+                    tracing::info!(target: "sluice::store", "another replica leads autoscaling now")
+                }
+                t => {
+                    tracing::info!(target: "sluice::store", token = t, "this replica leads autoscaling now")
+                }
             }
         }
         Ok(token != 0)
@@ -244,12 +245,28 @@ async fn beat(fleet: &Fleet, heartbeat: &Heartbeat, control: &Control) -> Result
     Ok(())
 }
 
+/// A replica that has never reached the store does not know its share: rather than take no
+/// slots at all, it enforces whole caps until the store answers (logged; see README).
+fn unreachable_from_start(fleet: &Fleet, control: &Control) {
+    if fleet.share() != crate::balance::Share::NONE {
+        return;
+    }
+    tracing::warn!(target: "sluice::store", "store unreachable before this replica joined: enforcing whole caps alone until it answers");
+    fleet.set_share(crate::balance::Share::WHOLE);
+    for service in &control.proxy().policy().services {
+        service.pool.set_share(crate::balance::Share::WHOLE);
+    }
+}
+
 /// Adopt the fleet's policy if it is newer than the one in force here.
 async fn follow_policy(fleet: &Fleet, control: &Control) -> Result<(), StoreError> {
     let Some((version, doc)) = fleet.newer_policy().await? else {
         return Ok(());
     };
-    match control.adopt(doc.services, version, &doc.origin, &doc.reason).await {
+    match control
+        .adopt(doc.services, version, &doc.origin, &doc.reason)
+        .await
+    {
         Ok(()) => {
             tracing::info!(target: "sluice::store", version, origin = %doc.origin, "fleet policy adopted");
         }
@@ -285,6 +302,7 @@ pub async fn join(fleet: &Fleet, control: &Control) {
     };
     if let Err(e) = joined.await {
         tracing::warn!(target: "sluice::store", error = %e, "store unreachable at start: on_error applies until it answers");
+        unreachable_from_start(fleet, control);
     }
 }
 
@@ -304,6 +322,7 @@ pub async fn run(fleet: Arc<Fleet>, control: Arc<Control>) {
                 // store nobody can tell who leads: autoscaling pauses until it answers.
                 if beat(&fleet, &heartbeat, &control).await.is_err() {
                     fleet.leader_token.store(0, Ordering::Release);
+                    unreachable_from_start(&fleet, &control);
                 }
             }
             _ = polls.tick() => {
