@@ -397,7 +397,6 @@ impl Collector for Live {
             },
         )?;
         if let Some(f) = &self.fleet {
-            let none = labels(&[]);
             let gauges: [(&str, &str, i64); 4] = [
                 (
                     "sluice_store_up",
@@ -421,9 +420,9 @@ impl Collector for Live {
                 ),
             ];
             for (name, help, value) in gauges {
-                family(&mut e, name, help, MetricType::Gauge, |m| {
-                    gauge(m, &none, value)
-                })?;
+                // No labels: one series per replica, told apart by the scrape target.
+                let metric = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(value).encode(metric)?;
             }
             let counters: [(&str, &str, u64); 3] = [
                 (
@@ -443,9 +442,8 @@ impl Collector for Live {
                 ),
             ];
             for (name, help, value) in counters {
-                family(&mut e, name, help, MetricType::Counter, |m| {
-                    counter(m, &none, value)
-                })?;
+                let metric = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(value).encode(metric)?;
             }
         }
         Ok(())

@@ -18,7 +18,7 @@ use crate::balance::{Endpoint, Pool};
 use crate::config::ServiceConfig;
 use crate::limit::RateLimiter;
 use crate::proxy::Proxy;
-use crate::store::{Fleet, ScaleDoc};
+use crate::store::{Fleet, Others, ScaleDoc, Tally};
 
 /// How often gauges (in flight, queue, headroom) are sampled into the metric windows.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -154,16 +154,26 @@ impl ServiceAutoscaler {
         )
     }
 
-    /// Record one sample of each per-service gauge.
-    pub fn sample(&self, pool: &Pool, now: Instant) {
+    /// Record one sample of each per-service gauge; in a fleet's leader, `others` adds what
+    /// the other replicas counted (requests per resource, in flight, queued).
+    pub fn sample(&self, pool: &Pool, now: Instant, others: Option<&Others>) {
         let age_ms = pool
             .queue_oldest_age()
             .map_or(0.0, |a| a.as_secs_f64() * 1000.0);
+        let (mut in_flight, mut queued) = (f64::from(pool.in_flight()), pool.queue_len() as f64);
+        if let Some(others) = others {
+            in_flight += others.in_flight;
+            queued += others.queue;
+            for (name, &(admitted, throttled)) in &others.resources {
+                if let Some(window) = self.metrics.resource(name) {
+                    let n = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+                    window.record(now, n(admitted), n(throttled));
+                }
+            }
+        }
         let headroom = self.capacity(pool, now).available_tps();
-        self.metrics
-            .record_gauge(Metric::InFlight, f64::from(pool.in_flight()), now);
-        self.metrics
-            .record_gauge(Metric::QueueLength, pool.queue_len() as f64, now);
+        self.metrics.record_gauge(Metric::InFlight, in_flight, now);
+        self.metrics.record_gauge(Metric::QueueLength, queued, now);
         self.metrics
             .record_gauge(Metric::QueueOldestAgeMs, age_ms, now);
         self.metrics
@@ -264,6 +274,8 @@ pub async fn run(
     let started = now();
     // When each service last stepped; a service starts counting when the loop does.
     let mut last_step: BTreeMap<Arc<str>, Instant> = BTreeMap::new();
+    // In a fleet: what each service's counts were at the last exchange.
+    let mut tallies: BTreeMap<Arc<str>, Tally> = BTreeMap::new();
     loop {
         ticker.tick().await;
         let policy = proxy.policy();
@@ -272,7 +284,20 @@ pub async fn run(
                 continue;
             };
             let at = now();
-            autoscaler.sample(&live.pool, at);
+            let others = match proxy.fleet() {
+                Some(fleet) if fleet.is_up() => {
+                    let tally = tallies.entry(Arc::clone(&live.name)).or_default();
+                    let sec = u64::try_from(wall().timestamp()).unwrap_or(0);
+                    let leader = fleet.is_leader();
+                    tally
+                        .exchange(fleet, live, sec, leader)
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                _ => None,
+            };
+            autoscaler.sample(&live.pool, at, others.as_ref());
             let last = last_step.entry(Arc::clone(&live.name)).or_insert(started);
             let due = at.duration_since(*last) >= autoscaler.settings().interval;
             let events = match proxy.fleet() {
@@ -302,6 +327,7 @@ pub async fn run(
         }
         // Forget services a reload removed.
         last_step.retain(|name, _| policy.service(name).is_some());
+        tallies.retain(|name, _| policy.service(name).is_some());
     }
 }
 

@@ -2,9 +2,9 @@
 //! set and drops ids not stamped for 3 heartbeats; the ids left, sorted, give each replica its
 //! position and so its share of every concurrency cap (`balance::Share`).
 //!
-//! A replica that joins takes no slots until it has been listed for 2 heartbeats: by then
-//! every other replica has seen it (they look every heartbeat) and shrunk its own share, so
-//! the sum over the fleet never exceeds a cap while the set grows. A replica that leaves
+//! A replica that joins takes no slots until it has been listed for 2 heartbeats (unless it is
+//! alone): by then every other replica has seen it (they look every heartbeat) and shrunk its
+//! own share, so the sum over the fleet never exceeds a cap while the set grows. A replica that leaves
 //! (or dies) keeps its share until its stamp is 3 heartbeats old; the others grow theirs then.
 //! A replica shutting down does not remove itself early: its in-flight requests still hold its
 //! share while they drain.
@@ -93,6 +93,8 @@ impl Heartbeat {
             ids.push(member.clone());
         }
         ids.sort();
+        // Alone, there is nobody whose share must shrink first.
+        settled |= ids.len() == 1;
         let share = match ids.iter().position(|m| m == id) {
             Some(index) if settled => Share {
                 index: index as u32,

@@ -15,6 +15,7 @@ mod members;
 mod rate;
 mod redis;
 mod sync;
+mod tally;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use crate::limit::Quota;
 pub use rate::{Lease, Local, LEASE_TTL};
 pub use redis::{Redis, StoreError, StoreStats, PASSWORD_ENV};
 pub use sync::{join, run, PolicyDoc, ScaleDoc, POLICY_POLL};
+pub use tally::{Others, Tally};
 
 /// This replica's connection to the fleet's shared state.
 #[derive(Debug)]

@@ -114,6 +114,16 @@ impl Redis {
             .await
     }
 
+    /// Run a pipeline within the time limit.
+    pub async fn pipeline<T: FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, StoreError> {
+        let mut connection = self.connection.clone();
+        self.bounded(async move { pipe.query_async(&mut connection).await })
+            .await
+    }
+
     /// Run a script (by its SHA1; loaded on first use and after a restart) within the limit.
     pub async fn invoke<T: FromRedisValue>(
         &self,
