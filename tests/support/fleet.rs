@@ -519,3 +519,107 @@ pub fn closed_loop(
         all
     })
 }
+
+/// Sample `/readyz` of each of `admins` every 25 ms until `stop`: for each, every answer that
+/// differs from the one before, with when it came (from the start of the watch).
+pub fn watch_readiness(
+    admins: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Vec<(Duration, u16, Value)>>> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut seen: Vec<Vec<(Duration, u16, Value)>> = vec![Vec::new(); admins.len()];
+        while !stop.load(Ordering::SeqCst) {
+            for (i, &admin) in admins.iter().enumerate() {
+                let mut req = super::client::get(admin, "/readyz");
+                req.headers_mut()
+                    .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+                let answer = once(admin, req).await;
+                let (status, body) = (answer.status.as_u16(), answer.json());
+                if seen[i].last().map(|(_, s, b)| (*s, b)) != Some((status, &body)) {
+                    seen[i].push((started.elapsed(), status, body));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        seen
+    })
+}
+
+/// A TCP relay to Redis that a test can cut, to take one replica off the store while the
+/// others keep it (a network partition): cutting breaks every relayed connection and refuses
+/// the new ones (accepted, then closed at once) until [`Gate::restore`].
+pub struct Gate {
+    /// Where the relay listens.
+    pub addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    /// A relay to `to` on an ephemeral port of 127.0.0.1, open.
+    pub async fn start(to: SocketAddr) -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the gate");
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let open = Arc::clone(&open);
+            let connections = Arc::clone(&connections);
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    if !open.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let relay = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(to).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections.lock().unwrap().push(relay);
+                }
+            })
+        };
+        Gate {
+            addr,
+            open,
+            connections,
+            accept,
+        }
+    }
+
+    /// `redis://` URL of the relay.
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    /// Break every relayed connection and refuse new ones.
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        for relay in self.connections.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+
+    /// Relay again.
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for relay in self.connections.lock().unwrap().drain(..) {
+            relay.abort();
+        }
+    }
+}
