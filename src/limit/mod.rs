@@ -257,6 +257,11 @@ enum Judged {
     Unavailable,
 }
 
+/// Nanoseconds from `epoch` to `at` (a limiter's clock).
+fn nanos_since(epoch: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The base quota a resource config asks for.
 pub fn base_quota(settings: &RateLimitConfig, resource: Option<&ResourceConfig>) -> Quota {
     let nz = |v: u32| NonZeroU32::new(v).unwrap_or(NonZeroU32::MIN);
@@ -355,7 +360,7 @@ impl RateLimiter {
 
     /// Nanoseconds on the limiter's clock at `at`.
     fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        nanos_since(self.epoch, at)
     }
 
     /// Judge a request by its headers.
@@ -389,7 +394,12 @@ impl RateLimiter {
             }
         };
         match self.judge(resource, now) {
-            Judged::Verdict(quota, verdict) => self.admission(resource, quota, verdict, at),
+            Judged::Verdict(quota, verdict) => {
+                if matches!(verdict, Verdict::Admit { .. }) {
+                    self.prefetch_if_low(resource);
+                }
+                self.admission(resource, quota, verdict, at)
+            }
             Judged::Ask => Admission::Ask { resource },
             Judged::Unavailable => Admission::Unavailable { resource },
         }
@@ -410,6 +420,28 @@ impl RateLimiter {
             Local::Admit(verdict) | Local::Refuse(verdict) => Judged::Verdict(quota, verdict),
             Local::Empty => Judged::Ask,
         }
+    }
+
+    /// With a shared store, reserve the resource's next batch in the background when its
+    /// lease runs low.
+    fn prefetch_if_low(&self, resource: &Arc<Resource>) {
+        let (Some(fleet), Some((_, lease))) = (&self.fleet, &resource.shared) else {
+            return;
+        };
+        if !fleet.is_up() || !lease.claim_prefetch() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (fleet, resource, epoch) = (Arc::clone(fleet), Arc::clone(resource), self.epoch);
+        runtime.spawn(async move {
+            if let Some((key, lease)) = &resource.shared {
+                let clock = || nanos_since(epoch, Instant::now());
+                // A failure marks the store down; the next request decides by on_error.
+                let _ = fleet.prefetch(lease, key, resource.limit(), clock).await;
+            }
+        });
     }
 
     /// `store.on_error`: this replica's share locally, admit, or refuse.

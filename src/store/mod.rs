@@ -145,6 +145,21 @@ impl Fleet {
         }
     }
 
+    /// Reserve `lease`'s next batch in the background while it still has cells.
+    pub async fn prefetch(
+        &self,
+        lease: &Lease,
+        key: &str,
+        quota: Quota,
+        now: impl Fn() -> u64,
+    ) -> Result<(), StoreError> {
+        let call = lease.prefetch(&self.redis, &self.reserve, key, quota, self.replicas(), now);
+        match tokio::time::timeout(self.redis.timeout(), call).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(StoreError::Timeout(self.redis.timeout())),
+        }
+    }
+
     /// Count a request decided by `on_error`.
     pub fn count_fallback(&self) {
         self.redis.stats.fallbacks.fetch_add(1, Ordering::Relaxed);

@@ -4,16 +4,17 @@
 //!
 //! Why the fleet stays within its limit: every admitted request spent a cell that the Redis
 //! bucket granted, so over any run the fleet admits at most `tps × time + burst`. A lease
-//! lives at most [`LEASE_TTL`], so over a short window the fleet can run ahead by at most the
-//! cells leased in the `LEASE_TTL` before it. Cells a replica leased but did not use before
-//! the lease ended are lost (the fleet admits a little *less*, never more); the batch adapts
-//! to each replica's demand (doubling while leases run out fast, halving when they expire
-//! unused) and is capped so one replica never holds more than its share of the burst.
+//! holds at most a quarter of the replica's share of the burst, so over a short window the
+//! fleet can run ahead by at most a quarter of the burst (the cells leased before it), and a
+//! lease lives at most [`LEASE_TTL`]. Cells a replica leased but did not use before the lease
+//! ended are lost (the fleet admits a little *less*, never more); the batch adapts to each
+//! replica's demand (doubling while leases run out fast, halving when they expire unused).
+//! A busy lease that runs down to half a batch reserves the next one in the background.
 //!
 //! A refusal from Redis says exactly when the next cell is due; until then the replica refuses
 //! locally, so throttled traffic costs no store calls either.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Script;
@@ -83,6 +84,8 @@ pub struct Lease {
     batch: AtomicU32,
     /// Serialises refills: one store call per resource at a time, the others wait for it.
     refill: tokio::sync::Mutex<()>,
+    /// A prefetch was claimed and has not finished.
+    prefetching: AtomicBool,
     /// This replica's share of the limit, used while the store is unreachable.
     pub fallback: Bucket,
 }
@@ -98,6 +101,7 @@ impl Lease {
             full_at: AtomicU64::new(0),
             batch: AtomicU32::new(1),
             refill: tokio::sync::Mutex::new(()),
+            prefetching: AtomicBool::new(false),
             fallback: Bucket::new(share),
         }
     }
@@ -128,6 +132,18 @@ impl Lease {
         }
     }
 
+    /// Whether the lease is running low while busy, so the caller should start a
+    /// [`Lease::prefetch`] of the next batch (requests then rarely wait for a store call).
+    /// True once until that prefetch has run.
+    pub fn claim_prefetch(&self) -> bool {
+        let batch = self.batch.load(Ordering::Relaxed);
+        let cells = self.cells.load(Ordering::Relaxed);
+        batch >= 2
+            && cells > 0
+            && cells <= batch / 2
+            && !self.prefetching.swap(true, Ordering::AcqRel)
+    }
+
     /// Refill from the fleet bucket at `key` and take one cell: waits for a refill already
     /// under way rather than making a second call. `now` gives ns on the limiter's clock.
     pub async fn refill_and_take(
@@ -147,41 +163,89 @@ impl Lease {
         }
         let asked_at = now();
         let want = self.next_batch(quota, replicas, asked_at);
-        let interval_us = 1e6 / f64::from(quota.tps.get());
-        let window_us = interval_us * f64::from(quota.burst.get());
-        let seed_us = self.fallback.ahead(asked_at) / 1000;
-        let mut invocation = script.key(key);
-        invocation
-            .arg(format!("{interval_us:.3}"))
-            .arg(format!("{window_us:.3}"))
-            .arg(want)
-            .arg(seed_us);
-        let reply: Vec<i64> = redis.invoke(&invocation).await?;
-        let [granted, retry_us, remaining, reset_us] = reply[..] else {
-            return Err(StoreError::Data(format!("reserve answered {reply:?}")));
-        };
-        let at = now();
-        let us = |v: i64| u64::try_from(v).unwrap_or(0).saturating_mul(1000);
-        if granted < 1 {
-            let retry_after_ns = us(retry_us).max(1);
-            self.refused_until
-                .store(at + retry_after_ns, Ordering::Release);
-            return Ok(Verdict::Refuse { retry_after_ns });
+        match reserve(
+            redis,
+            script,
+            key,
+            quota,
+            want,
+            self.fallback.ahead(asked_at),
+        )
+        .await?
+        {
+            Grant::Refused { retry_after_ns } => {
+                self.refused_until
+                    .store(now() + retry_after_ns, Ordering::Release);
+                Ok(Verdict::Refuse { retry_after_ns })
+            }
+            Grant::Cells {
+                cells,
+                remaining,
+                reset_ns,
+            } => {
+                // One cell is this request's; the rest are the lease.
+                self.install(cells - 1, remaining, reset_ns, now());
+                Ok(Verdict::Admit {
+                    remaining: remaining.saturating_add(cells - 1),
+                    reset_ns,
+                })
+            }
         }
-        let granted = u32::try_from(granted).unwrap_or(1);
-        self.remaining
-            .store(u32::try_from(remaining).unwrap_or(0), Ordering::Relaxed);
-        self.full_at.store(at + us(reset_us), Ordering::Relaxed);
-        // One cell is this request's; the rest are the lease.
-        self.cells.store(granted - 1, Ordering::Release);
+    }
+
+    /// Reserve the next batch while the lease still has cells (see [`Lease::running_low`]).
+    /// Skipped when a refill is already under way. The lease never holds more than one
+    /// batch's cap, so the bound on what the fleet can run ahead stays as it is.
+    pub async fn prefetch(
+        &self,
+        redis: &Redis,
+        script: &Script,
+        key: &str,
+        quota: Quota,
+        replicas: u32,
+        now: impl Fn() -> u64,
+    ) -> Result<(), StoreError> {
+        let claimed = Claimed(&self.prefetching);
+        let Ok(_one_call) = self.refill.try_lock() else {
+            return Ok(());
+        };
+        let asked_at = now();
+        let left = self.cells.load(Ordering::Acquire);
+        if left == 0 || asked_at >= self.expires.load(Ordering::Acquire) {
+            return Ok(()); // empty or over: the next request refills on demand
+        }
+        let cap = batch_cap(quota, replicas);
+        // It ran low while live: demand is high.
+        let batch = self
+            .batch
+            .load(Ordering::Relaxed)
+            .saturating_mul(2)
+            .min(cap);
+        self.batch.store(batch, Ordering::Relaxed);
+        let want = batch.min(cap.saturating_sub(left));
+        if want == 0 {
+            return Ok(());
+        }
+        if let Grant::Cells {
+            cells,
+            remaining,
+            reset_ns,
+        } = reserve(redis, script, key, quota, want, 0).await?
+        {
+            let left = self.cells.load(Ordering::Acquire);
+            self.install(left + cells, remaining, reset_ns, now());
+        }
+        drop(claimed);
+        Ok(())
+    }
+
+    /// Make `cells` the lease, from `at` for [`LEASE_TTL`].
+    fn install(&self, cells: u32, remaining: u32, reset_ns: u64, at: u64) {
+        self.remaining.store(remaining, Ordering::Relaxed);
+        self.full_at.store(at + reset_ns, Ordering::Relaxed);
+        self.cells.store(cells, Ordering::Release);
         self.expires
             .store(at + LEASE_TTL.as_nanos() as u64, Ordering::Release);
-        Ok(Verdict::Admit {
-            remaining: u32::try_from(remaining)
-                .unwrap_or(0)
-                .saturating_add(granted - 1),
-            reset_ns: us(reset_us),
-        })
     }
 
     /// Size the next request from how the last lease went: it ran out while still valid →
@@ -196,9 +260,70 @@ impl Lease {
             (0, false) => batch,
             _ => batch / 2,
         };
-        let cap = (quota.burst.get() / (4 * replicas.max(1))).clamp(1, MAX_BATCH);
-        let batch = batch.clamp(1, cap);
+        let batch = batch.clamp(1, batch_cap(quota, replicas));
         self.batch.store(batch, Ordering::Relaxed);
         batch
     }
+}
+
+/// Releases a claimed prefetch however the prefetch ends (done, refused, failed, cancelled).
+struct Claimed<'a>(&'a AtomicBool);
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Most cells one replica's lease holds: a quarter of its share of the burst (at most
+/// [`MAX_BATCH`]), so all the fleet's leases together hold at most a quarter of the burst.
+fn batch_cap(quota: Quota, replicas: u32) -> u32 {
+    (quota.burst.get() / (4 * replicas.max(1))).clamp(1, MAX_BATCH)
+}
+
+/// What the fleet bucket answered.
+enum Grant {
+    Cells {
+        cells: u32,
+        remaining: u32,
+        reset_ns: u64,
+    },
+    Refused {
+        retry_after_ns: u64,
+    },
+}
+
+/// Ask the fleet bucket at `key` for up to `want` cells; `seed_ns` is where a bucket that does
+/// not exist starts (see [`RESERVE`]).
+async fn reserve(
+    redis: &Redis,
+    script: &Script,
+    key: &str,
+    quota: Quota,
+    want: u32,
+    seed_ns: u64,
+) -> Result<Grant, StoreError> {
+    let interval_us = 1e6 / f64::from(quota.tps.get());
+    let window_us = interval_us * f64::from(quota.burst.get());
+    let mut invocation = script.key(key);
+    invocation
+        .arg(format!("{interval_us:.3}"))
+        .arg(format!("{window_us:.3}"))
+        .arg(want)
+        .arg(seed_ns / 1000);
+    let reply: Vec<i64> = redis.invoke(&invocation).await?;
+    let [granted, retry_us, remaining, reset_us] = reply[..] else {
+        return Err(StoreError::Data(format!("reserve answered {reply:?}")));
+    };
+    let ns = |us: i64| u64::try_from(us).unwrap_or(0).saturating_mul(1000);
+    Ok(match u32::try_from(granted) {
+        Ok(cells) if cells > 0 => Grant::Cells {
+            cells,
+            remaining: u32::try_from(remaining).unwrap_or(0),
+            reset_ns: ns(reset_us),
+        },
+        _ => Grant::Refused {
+            retry_after_ns: ns(retry_us).max(1),
+        },
+    })
 }
