@@ -42,10 +42,21 @@ pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
 /// A replica's config: proxy and admin on ephemeral ports, `[store]` on `redis_url` with
 /// `id`, `on_error` and the test heartbeat and timeout, then `services` (TOML).
 pub fn replica_config(redis_url: &str, id: &str, on_error: &str, services: &str) -> String {
+    replica_config_with(redis_url, id, on_error, HEARTBEAT, services)
+}
+
+/// [`replica_config`] with another `heartbeat`.
+pub fn replica_config_with(
+    redis_url: &str,
+    id: &str,
+    on_error: &str,
+    heartbeat: Duration,
+    services: &str,
+) -> String {
     super::config(&format!(
         "[store]\nbackend = \"redis\"\nurl = \"{redis_url}\"\nreplica_id = \"{id}\"\n\
          on_error = \"{on_error}\"\nheartbeat = \"{}ms\"\ntimeout = \"{}ms\"\n\n{services}",
-        HEARTBEAT.as_millis(),
+        heartbeat.as_millis(),
         STORE_TIMEOUT.as_millis()
     ))
 }
