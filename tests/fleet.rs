@@ -104,7 +104,13 @@ async fn fleet_admits_100_tps_plus_burst_over_three_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_admits_1000_tps_plus_burst_over_three_replicas() {
-    fleet_wide_rate(1000, 3000.0, 10).await;
+    // Offered at 2000 TPS, not 3000: on this 2-core machine (debug build, three replicas,
+    // Redis, the generator and the mock on the same cores) 3000 TPS kept the generator on
+    // schedule only while nothing else ran (lag p99 5 ms, admitted exact); with another
+    // session's benchmark running beside it the generator fell 0.1-1.2 s behind (lag p99
+    // 98 ms to 1.24 s) and the starved replicas answered in up to 0.9 s. 2000 TPS kept lag p99
+    // at 6 ms under the same neighbour, and is still twice the limit on every replica.
+    fleet_wide_rate(1000, 2000.0, 10).await;
 }
 
 /// Sample `backend.current()` every millisecond until `stop`; the highest value seen.
@@ -175,7 +181,7 @@ async fn a_cap_of_20_holds_for_the_fleet_and_returns_to_the_survivors() {
 
     // 90 clients, 30 per replica.
     let (peak, seen, statuses) =
-        saturate(&backend, &addrs(&replicas), Duration::from_secs(3)).await;
+        saturate(&backend, &addrs(&replicas), Duration::from_secs(2)).await;
     eprintln!(
         "cap 20, three replicas (shares {shares:?}): backend peak {peak}, seen {seen}, \
          {} answers",
@@ -236,7 +242,7 @@ async fn a_cap_of_20_holds_for_the_fleet_and_returns_to_the_survivors() {
 
     // 90 clients over the two survivors: still at most 20, and all 20 in use.
     let (peak, seen, statuses) =
-        saturate(&backend, &addrs(&replicas), Duration::from_secs(3)).await;
+        saturate(&backend, &addrs(&replicas), Duration::from_secs(2)).await;
     eprintln!("cap 20, two replicas: backend peak {peak}, seen {seen}");
     assert!(peak <= 20, "the backend served {peak} at once (cap 20)");
     assert_eq!(seen, 20, "the two survivors did not use the whole cap");
@@ -460,9 +466,11 @@ async fn autoscale_steps_once_per_interval_for_the_fleet_and_outlives_its_leader
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
 
-    // 150 TPS over the three against 10 TPS: throttled on every replica until the limit
-    // passes 150 (10 → 20 → 40 → 80 → 160).
+    // 150 TPS against 10 TPS, throttled until the limit passes 150 (10 → 20 → 40 → 80 →
+    // 160), sent to the two other replicas only: the leader sees no traffic of its own and
+    // steps on the fleet's metrics.
     let targets = Targets::new(addrs(&replicas));
+    targets.drop_target(first);
     let load = open_loop(targets.clone(), "key-a", 150.0, None);
     let mut seen: Vec<Vec<(Duration, u64)>> = vec![Vec::new(); 3];
     let mut killed = None;
@@ -487,7 +495,6 @@ async fn autoscale_steps_once_per_interval_for_the_fleet_and_outlives_its_leader
             None if seen[first].last().unwrap().1 >= 40 => {
                 old_steps = scale_events(&replicas[first]).await;
                 replicas[first].kill_in_place();
-                targets.drop_target(first);
                 live[first] = false;
                 killed = Some(tokio::time::Instant::now());
             }
@@ -963,7 +970,7 @@ async fn a_hung_redis_holds_no_request_longer_than_the_timeout() {
     let replicas = start_fleet(&redis.url(), &IDS, "local", &services).await;
     let load = open_loop(Targets::new(addrs(&replicas)), "key-a", 270.0, None);
     let started = load.started;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // Redis stops answering but keeps its connections open: every call runs into the timeout.
     let hung = started.elapsed();
@@ -975,7 +982,7 @@ async fn a_hung_redis_holds_no_request_longer_than_the_timeout() {
         .await;
     }
     let all_down = started.elapsed();
-    tokio::time::sleep_until(started + hung + Duration::from_secs(2)).await;
+    tokio::time::sleep_until(started + hung + Duration::from_millis(1500)).await;
     let mut readiness = Vec::new();
     for replica in &replicas {
         readiness.push(replica.readyz().await);
@@ -1015,7 +1022,7 @@ async fn a_hung_redis_holds_no_request_longer_than_the_timeout() {
     eprintln!("{summary}");
     // The bound the issue sets: the timeout, plus a margin for a busy machine (a request
     // normally takes a few ms here; one that waited on Redis without the bound would wait the
-    // whole 2 s).
+    // whole 1.5 s).
     let bound = STORE_TIMEOUT + Duration::from_millis(100);
     assert!(slowest <= bound, "{summary}");
     assert!(overall <= bound, "{summary}");
@@ -1096,22 +1103,22 @@ async fn replicas_stay_members_when_redis_hangs_or_restarts() {
             .await;
         }
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
 
     // Redis hangs for longer than 3 heartbeats: every stamp is stale when it resumes.
     let hung = started.elapsed();
     signal_redis(&redis, "STOP");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     signal_redis(&redis, "CONT");
     let resumed = started.elapsed();
     wait_up().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
 
     // Redis restarts empty (no persistence): no stamps, no join times.
     let restarted = started.elapsed();
     redis.start_again();
     wait_up().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
 
     stop.store(true, Ordering::SeqCst);
     let statuses = clients.await.unwrap();
@@ -1170,7 +1177,7 @@ async fn a_replica_cut_off_from_redis_does_not_keep_a_share_the_others_took() {
     let clients = closed_loop(&addrs(&replicas), &[30, 30, 30], Arc::clone(&stop));
     let sampler = sample_over(&backend, 20, Arc::clone(&stop));
     let started = tokio::time::Instant::now();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
 
     // c loses Redis; a and b keep it. After 3 heartbeats a and b count c gone and take its
     // share; whatever c does meanwhile, the fleet must stay within the cap.
@@ -1198,7 +1205,7 @@ async fn a_replica_cut_off_from_redis_does_not_keep_a_share_the_others_took() {
         cap["store"]["up"] == true
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
     stop.store(true, Ordering::SeqCst);
     let statuses = clients.await.unwrap();
     let (over, highest) = sampler.await.unwrap();
