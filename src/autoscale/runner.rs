@@ -349,11 +349,14 @@ async fn fleet_turn(
     let Ok(published) = fleet.scale(&live.name).await else {
         return Vec::new();
     };
+    // Every replica takes the published values first, the leader too: a replica that has just
+    // become leader continues from the last step, whoever took it.
+    let mut events = match &published {
+        Some(doc) => autoscaler.follow(doc, &live.pool, live.limits.as_ref(), at, wall),
+        None => Vec::new(),
+    };
     if !fleet.is_leader() {
-        return match published {
-            Some(doc) => autoscaler.follow(&doc, &live.pool, live.limits.as_ref(), at, wall),
-            None => Vec::new(),
-        };
+        return events;
     }
     let interval_ms = autoscaler.settings().interval.as_millis() as i64;
     let due = match &published {
@@ -362,16 +365,14 @@ async fn fleet_turn(
         None => due,
     };
     if !due {
-        return Vec::new();
+        return events;
     }
     *last = at;
-    let events = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall);
-    match fleet
-        .publish_scale(&live.name, &autoscaler.scale_doc(wall))
-        .await
-    {
-        Ok(true) => events,
-        // Fenced off: another replica leads now; its values arrive at the next tick.
-        _ => Vec::new(),
+    let stepped = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall);
+    let doc = autoscaler.scale_doc(wall);
+    // Fenced off (another replica leads now): its values arrive at the next tick.
+    if let Ok(true) = fleet.publish_scale(&live.name, &doc).await {
+        events.extend(stepped);
     }
+    events
 }

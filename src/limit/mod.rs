@@ -22,7 +22,7 @@ use tokio::time::Instant;
 use crate::autoscale::ResourceMetrics;
 use crate::config::{MissingKey, OnError, RateLimitConfig, ResourceConfig, UnknownKeys};
 use crate::stats::RecentCount;
-use crate::store::{self, Fleet, Lease, Local};
+use crate::store::{self, Fleet, Lease, Local, StoreError};
 pub use gcra::{Bucket, Quota, Verdict};
 pub use headers::{policy_value, Status};
 pub use keys::{key_digest, KeySource, KeyTable};
@@ -484,6 +484,14 @@ impl RateLimiter {
         let clock = || self.nanos(Instant::now());
         let judged = match fleet.refill(lease, key, quota, clock).await {
             Ok(verdict) => Judged::Verdict(quota, verdict),
+            // The store did not fail; this request's turn did not come in time. Refusing
+            // keeps the fleet within its limit (a local admission here would add to it).
+            Err(StoreError::Busy(_)) => Judged::Verdict(
+                quota,
+                Verdict::Refuse {
+                    retry_after_ns: quota.interval_ns(),
+                },
+            ),
             Err(_) => self.on_store_error(fleet, resource, lease, clock()),
         };
         match judged {

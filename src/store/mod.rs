@@ -39,6 +39,7 @@ pub struct Fleet {
     id: String,
     reserve: Script,
     scripts: sync::Scripts,
+    heartbeat: members::Heartbeat,
     /// This replica's share of every cap, packed as (index << 32 | replicas).
     share: AtomicU64,
     /// Live replicas seen at the last heartbeat (at least 1: this one).
@@ -56,8 +57,10 @@ impl Fleet {
             "" => default_replica_id(),
             id => id.to_owned(),
         };
+        let redis = Redis::connect(config)?;
         Ok(Arc::new(Self {
-            redis: Redis::connect(config)?,
+            heartbeat: members::Heartbeat::new(&redis),
+            redis,
             config: config.clone(),
             id,
             reserve: rate::reserve_script(),
@@ -129,7 +132,7 @@ impl Fleet {
     }
 
     /// Reserve cells for `lease` and take one, within `store.timeout` all told (waiting for
-    /// another request's refill included).
+    /// another request's refill included: past the limit that is [`StoreError::Busy`]).
     pub async fn refill(
         &self,
         lease: &Lease,
@@ -137,12 +140,9 @@ impl Fleet {
         quota: Quota,
         now: impl Fn() -> u64,
     ) -> Result<crate::limit::Verdict, StoreError> {
-        let call =
-            lease.refill_and_take(&self.redis, &self.reserve, key, quota, self.replicas(), now);
-        match tokio::time::timeout(self.redis.timeout(), call).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(StoreError::Timeout(self.redis.timeout())),
-        }
+        lease
+            .refill_and_take(&self.redis, &self.reserve, key, quota, self.replicas(), now)
+            .await
     }
 
     /// Reserve `lease`'s next batch in the background while it still has cells.
@@ -153,11 +153,9 @@ impl Fleet {
         quota: Quota,
         now: impl Fn() -> u64,
     ) -> Result<(), StoreError> {
-        let call = lease.prefetch(&self.redis, &self.reserve, key, quota, self.replicas(), now);
-        match tokio::time::timeout(self.redis.timeout(), call).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(StoreError::Timeout(self.redis.timeout())),
-        }
+        lease
+            .prefetch(&self.redis, &self.reserve, key, quota, self.replicas(), now)
+            .await
     }
 
     /// Count a request decided by `on_error`.

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Script;
+use tokio::time::Instant;
 
 use super::redis::{Redis, StoreError};
 use crate::limit::{Bucket, Quota, Verdict};
@@ -155,7 +156,10 @@ impl Lease {
         replicas: u32,
         now: impl Fn() -> u64,
     ) -> Result<Verdict, StoreError> {
-        let _one_call = self.refill.lock().await;
+        let deadline = Instant::now() + redis.timeout();
+        let Ok(_one_call) = tokio::time::timeout_at(deadline, self.refill.lock()).await else {
+            return Err(StoreError::Busy(redis.timeout()));
+        };
         // Another request may have refilled while this one waited.
         match self.take(now()) {
             Local::Admit(v) | Local::Refuse(v) => return Ok(v),
@@ -163,16 +167,8 @@ impl Lease {
         }
         let asked_at = now();
         let want = self.next_batch(quota, replicas, asked_at);
-        match reserve(
-            redis,
-            script,
-            key,
-            quota,
-            want,
-            self.fallback.ahead(asked_at),
-        )
-        .await?
-        {
+        let seed_ns = self.fallback.ahead(asked_at);
+        match reserve(redis, script, key, quota, want, seed_ns, deadline).await? {
             Grant::Refused { retry_after_ns } => {
                 self.refused_until
                     .store(now() + retry_after_ns, Ordering::Release);
@@ -230,7 +226,16 @@ impl Lease {
             cells,
             remaining,
             reset_ns,
-        } = reserve(redis, script, key, quota, want, 0).await?
+        } = reserve(
+            redis,
+            script,
+            key,
+            quota,
+            want,
+            0,
+            Instant::now() + redis.timeout(),
+        )
+        .await?
         {
             let left = self.cells.load(Ordering::Acquire);
             self.install(left + cells, remaining, reset_ns, now());
@@ -302,6 +307,7 @@ async fn reserve(
     quota: Quota,
     want: u32,
     seed_ns: u64,
+    deadline: Instant,
 ) -> Result<Grant, StoreError> {
     let interval_us = 1e6 / f64::from(quota.tps.get());
     let window_us = interval_us * f64::from(quota.burst.get());
@@ -311,7 +317,7 @@ async fn reserve(
         .arg(format!("{window_us:.3}"))
         .arg(want)
         .arg(seed_ns / 1000);
-    let reply: Vec<i64> = redis.invoke(&invocation).await?;
+    let reply: Vec<i64> = redis.invoke_by(&invocation, deadline).await?;
     let [granted, retry_us, remaining, reset_us] = reply[..] else {
         return Err(StoreError::Data(format!("reserve answered {reply:?}")));
     };

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Script, ScriptInvocation};
+use tokio::time::Instant;
 
 use crate::config::StoreConfig;
 
@@ -28,6 +29,10 @@ pub enum StoreError {
     /// Redis answered something sluice did not write.
     #[error("unexpected data in the store: {0}")]
     Data(String),
+    /// Another request's store call for the same resource took the whole time limit; the
+    /// store itself did not fail (yet), so this is not a store error.
+    #[error("waited {0:?} for another request's store call")]
+    Busy(Duration),
 }
 
 /// Counts for `/metrics`.
@@ -129,17 +134,39 @@ impl Redis {
         &self,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        let mut connection = self.connection.clone();
-        self.bounded(async move { invocation.invoke_async(&mut connection).await })
+        self.invoke_by(invocation, Instant::now() + self.timeout)
             .await
+    }
+
+    /// Run a script, answered by `deadline` (a request's time limit, part of which it may
+    /// have spent waiting for its turn).
+    pub async fn invoke_by<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        deadline: Instant,
+    ) -> Result<T, StoreError> {
+        let mut connection = self.connection.clone();
+        self.bounded_by(
+            async move { invocation.invoke_async(&mut connection).await },
+            deadline,
+        )
+        .await
     }
 
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
+        self.bounded_by(call, Instant::now() + self.timeout).await
+    }
+
+    async fn bounded_by<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+        deadline: Instant,
+    ) -> Result<T, StoreError> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let outcome = match tokio::time::timeout(self.timeout, call).await {
+        let outcome = match tokio::time::timeout_at(deadline, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(StoreError::Redis(e)),
             Err(_) => Err(StoreError::Timeout(self.timeout)),

@@ -18,10 +18,10 @@ use std::time::Duration;
 use redis::Script;
 use serde::{Deserialize, Serialize};
 
-use super::members::Heartbeat;
 use super::redis::StoreError;
 use super::Fleet;
-use crate::config::ServiceConfig;
+use crate::balance::Share;
+use crate::config::{OnError, ServiceConfig};
 use crate::control::Control;
 
 /// How often a replica looks for a new policy version: changes reach every replica within it
@@ -226,35 +226,58 @@ fn hashed_keys(service: &ServiceConfig) -> ServiceConfig {
 }
 
 /// One heartbeat: stamp this replica, update its share of every cap, renew or take the lease.
-async fn beat(fleet: &Fleet, heartbeat: &Heartbeat, control: &Control) -> Result<(), StoreError> {
+async fn beat(fleet: &Fleet, control: &Control) -> Result<(), StoreError> {
     let ttl = fleet.member_ttl();
     let grace = fleet.config.heartbeat * 2;
-    let members = heartbeat.beat(&fleet.redis, &fleet.id, ttl, grace).await?;
+    let members = fleet
+        .heartbeat
+        .beat(&fleet.redis, &fleet.id, ttl, grace)
+        .await?;
     let replicas = u32::try_from(members.ids.len()).unwrap_or(u32::MAX);
     let before = fleet.replicas.swap(replicas, Ordering::AcqRel);
     if before != replicas {
         tracing::info!(target: "sluice::store", replicas, "fleet size changed");
     }
-    if fleet.share() != members.share {
-        fleet.set_share(members.share);
-        for service in &control.proxy().policy().services {
-            service.pool.set_share(members.share);
-        }
-    }
+    apply_share(fleet, control, members.share);
     fleet.lead().await?;
     Ok(())
 }
 
-/// A replica that has never reached the store does not know its share: rather than take no
-/// slots at all, it enforces whole caps until the store answers (logged; see README).
-fn unreachable_from_start(fleet: &Fleet, control: &Control) {
-    if fleet.share() != crate::balance::Share::NONE {
-        return;
+fn apply_share(fleet: &Fleet, control: &Control, share: Share) {
+    if fleet.share() != share {
+        fleet.set_share(share);
+        for service in &control.proxy().policy().services {
+            service.pool.set_share(share);
+        }
     }
-    tracing::warn!(target: "sluice::store", "store unreachable before this replica joined: enforcing whole caps alone until it answers");
-    fleet.set_share(crate::balance::Share::WHOLE);
-    for service in &control.proxy().policy().services {
-        service.pool.set_share(crate::balance::Share::WHOLE);
+}
+
+/// A heartbeat that did not reach the store. Nobody leads then. A replica that never reached
+/// the store does not know its share: rather than take no slots at all it enforces whole caps
+/// until the store answers. A replica cut off from the store (the others count it gone 3
+/// heartbeats after its last stamp and take its share) keeps its share with `on_error` local
+/// or allow (availability; the cap can be exceeded while only some replicas are cut off, see
+/// README), and with `deny` gives it up after 2 heartbeats, before the others can take it (the
+/// cap holds; this replica takes no slots until it joins again).
+fn missed(fleet: &Fleet, control: &Control) {
+    fleet.leader_token.store(0, Ordering::Release);
+    let ttl = fleet.member_ttl();
+    match fleet.heartbeat.missed(ttl) {
+        None if fleet.share() == Share::NONE => {
+            tracing::warn!(target: "sluice::store", "store unreachable before this replica joined: enforcing whole caps alone until it answers");
+            apply_share(fleet, control, Share::WHOLE);
+        }
+        // Before the others can count it gone (3 heartbeats after its last stamp).
+        Some(cut_off)
+            if cut_off >= fleet.config.heartbeat * 2
+                && fleet.on_error() == OnError::Deny
+                && fleet.share() != Share::NONE =>
+        {
+            tracing::warn!(target: "sluice::store", "cut off from the store for 2 heartbeats: giving up this replica's share of every cap (on_error = \"deny\")");
+            fleet.heartbeat.leave();
+            apply_share(fleet, control, Share::NONE);
+        }
+        _ => {}
     }
 }
 
@@ -283,9 +306,8 @@ async fn follow_policy(fleet: &Fleet, control: &Control) -> Result<(), StoreErro
 /// else this replica's, published as version 1. Bounded by the store timeout per call; with
 /// the store down, sluice starts on its own config and the loop catches up.
 pub async fn join(fleet: &Fleet, control: &Control) {
-    let heartbeat = Heartbeat::new(&fleet.redis);
     let joined = async {
-        beat(fleet, &heartbeat, control).await?;
+        beat(fleet, control).await?;
         follow_policy(fleet, control).await?;
         if fleet.policy_version() == 0 {
             let services = control.proxy().policy().config.services.clone();
@@ -302,7 +324,7 @@ pub async fn join(fleet: &Fleet, control: &Control) {
     };
     if let Err(e) = joined.await {
         tracing::warn!(target: "sluice::store", error = %e, "store unreachable at start: on_error applies until it answers");
-        unreachable_from_start(fleet, control);
+        missed(fleet, control);
     }
 }
 
@@ -310,7 +332,6 @@ pub async fn join(fleet: &Fleet, control: &Control) {
 /// `store.heartbeat` (which also probes a store that was unreachable) and a policy poll every
 /// [`POLICY_POLL`].
 pub async fn run(fleet: Arc<Fleet>, control: Arc<Control>) {
-    let heartbeat = Heartbeat::new(&fleet.redis);
     let mut beats = tokio::time::interval(fleet.config.heartbeat);
     let mut polls = tokio::time::interval(POLICY_POLL);
     beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -318,11 +339,9 @@ pub async fn run(fleet: Arc<Fleet>, control: Arc<Control>) {
     loop {
         tokio::select! {
             _ = beats.tick() => {
-                // Errors are logged once by the connection when health changes. Without the
-                // store nobody can tell who leads: autoscaling pauses until it answers.
-                if beat(&fleet, &heartbeat, &control).await.is_err() {
-                    fleet.leader_token.store(0, Ordering::Release);
-                    unreachable_from_start(&fleet, &control);
+                // Errors are logged once by the connection when health changes.
+                if beat(&fleet, &control).await.is_err() {
+                    missed(&fleet, &control);
                 }
             }
             _ = polls.tick() => {
