@@ -85,7 +85,7 @@ impl Setup {
     fn new(n: usize, tps: u64) -> Self {
         let config =
             Config::parse(&config_text(n, tps, tps.max(1000))).expect("bench config parses");
-        let policy = Policy::from_config(&config).expect("bench config builds");
+        let policy = Policy::from_config(&config, None).expect("bench config builds");
         let headers = (0..n.max(1)).map(|i| key_headers(&key(i))).collect();
         Self { policy, headers }
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh — sluice side by side with nginx and HAProxy on this machine (issue 6).
 #
-#   bench/run.sh [SCENARIO...]      default: every scenario that exists today (1 2 3 4 5)
+#   bench/run.sh [SCENARIO...]      default: every scenario (1 2 3 4 5 6)
 #
 #   1  overhead: two instant endpoints, keyed requests (wrk), req/s, p50/p99, non-2xx and
 #      proxy CPU time per request, each proxy alone on one core with one worker
@@ -12,7 +12,10 @@
 #      overall, expected = tps x duration + burst
 #   4  admission micro-benchmarks: `cargo bench --bench admission` (criterion), pinned, REPS times
 #   5  memory: RSS idle, with 10k open idle client connections, and with 100k tracked keys
-#   6 (Redis store) is not written yet (the store does not exist yet): it prints TODO.
+#   6  Redis store: scenario 1's overhead run with 1000 *configured* resources (so every
+#      request goes through a shared bucket) with backend = "memory" and "redis" (a
+#      redis-server of its own on the load core), ratios redis/memory; then scenario 3's rate
+#      accuracy with backend = "redis".
 #
 # Env knobs:
 #   DUR=10        seconds per measured run (scenarios 1 and 2; "10s" accepted)
@@ -28,6 +31,7 @@
 #   BENCH_SRC     source tree scenario 4 runs `cargo bench` in (default: this one)
 #   HOLD_CONNS=10000  idle connections in scenario 5; S5_TARGETS default "sluice nginx haproxy"
 #   S5_KEYS=100000    distinct keys sent through sluice for the tracked-keys figure (0: skip)
+#   S6_REDIS_PORT=6399  the redis-server scenario 6 starts for itself
 #   WARMUP=2      seconds of warm-up per target before the reps (0: none)
 #   PIN=1         proxy alone on PROXY_CPU=0, load generator + endpoints on LOAD_CPU=1
 #   SLUICE_BIN    use this sluice binary instead of building (cargo build --release)
@@ -64,6 +68,7 @@ S3_LIMITS=${S3_LIMITS:-"10 100 1000"}
 S3_DUR=${S3_DUR:-30}; S3_DUR=${S3_DUR%s}
 S3_FACTOR=${S3_FACTOR:-3}
 S5_KEYS=${S5_KEYS:-100000}
+S6_REDIS_PORT=${S6_REDIS_PORT:-6399}
 BENCH_SRC=${BENCH_SRC:-$ROOT}
 CEILING=1200   # 3 endpoints x 20 slots x 1000 ms / 50 ms
 
@@ -177,6 +182,7 @@ install_tools() {
     command -v taskset >/dev/null || need+=(util-linux)
     command -v pgrep >/dev/null || need+=(procps)
     command -v ss >/dev/null || need+=(iproute2)
+    command -v redis-server >/dev/null || need+=(redis-server)
     [ ${#need[@]} -eq 0 ] && return 0
     [ "${NO_INSTALL:-0}" = 1 ] && die "missing: ${need[*]} (NO_INSTALL=1)"
     log "bench: installing ${need[*]}"
@@ -211,14 +217,16 @@ start_backends() {
     wait_up 127.0.0.1:9011 backend-50ms
 }
 
-# start_proxy KIND CONFIG: pinned alone on the proxy core; pid in LAST_PID
+# start_proxy KIND CONFIG: pinned alone on the proxy core; pid in LAST_PID. CONFIG is a file
+# in bench/conf, or an absolute path (generated configs).
 start_proxy() {
-    local kind=$1 cfg=$2
+    local kind=$1 cfg=$2 path
+    case $cfg in /*) path=$cfg ;; *) path=$CONF/$cfg ;; esac
     case $kind in
         nginx) start "nginx" "$PROXY_CPU" nginx -p "$WORK/" -e logs/nginx-startup.log -c "$CONF/$cfg" ;;
         haproxy) start "haproxy" "$PROXY_CPU" haproxy -db -f "$CONF/$cfg" ;;
-        sluice) start "sluice-${cfg%.toml}" "$PROXY_CPU" env SLUICE_LOG=warn \
-            "$SLUICE_BIN" run --config "$CONF/$cfg" --workers 1 ;;
+        sluice) start "sluice-$(basename "${cfg%.toml}")" "$PROXY_CPU" env SLUICE_LOG=warn \
+            "$SLUICE_BIN" run --config "$path" --workers 1 ;;
     esac
 }
 
@@ -427,12 +435,15 @@ scenario2() {
 # `loadgen rate` (open loop: request k leaves at start + k/rate whatever the answers) at
 # S3_FACTOR x its limit for S3_DUR s, and counts 2xx per second of send time. Expected admitted:
 # tps x S3_DUR + burst overall; tps + burst in second 0 (the full bucket), tps in each later one.
+# scenario3 [CONFIG ADDR NAME TITLE]: by default sluice-s3.toml in memory; scenario 6 passes its
+# Redis-backed copy.
 scenario3() {
-    local rows=$OUT/s3.tsv secrows=$OUT/s3-seconds.tsv addr=127.0.0.1:8390 p
+    local cfg=${1:-sluice-s3.toml} addr=${2:-127.0.0.1:8390} name=${3:-s3} title=${4:-"Scenario 3 — rate accuracy"}
+    local rows=$OUT/$name.tsv secrows=$OUT/$name-seconds.tsv p
     local limits=($S3_LIMITS) n rep i tps rps out
-    start_proxy sluice sluice-s3.toml
+    start_proxy sluice "$cfg"
     p=$LAST_PID
-    wait_up "$addr" sluice-s3
+    wait_up "$addr" "sluice-$name"
     for tps in "${limits[@]}"; do
         grep -q "key = \"s3-key-$tps\"" "$CONF/sluice-s3.toml" || die "scenario 3: no resource for $tps TPS in sluice-s3.toml"
     done
@@ -447,7 +458,7 @@ scenario3() {
             sleep 2 # the bucket of the previous run of this resource is full again after burst/tps = 1 s
             out=$(pinned "$LOAD_CPU" timeout $((S3_DUR + 30)) "$LOADGEN_BIN" rate --addr "$addr" --rps "$rps" \
                 --duration "$S3_DUR" --header "x-api-key:s3-key-$tps" || true)
-            echo "$out" >"$OUT/s3-raw-$tps-r$rep.txt"
+            echo "$out" >"$OUT/$name-raw-$tps-r$rep.txt"
             awk -v tps="$tps" -v rep="$rep" -v dur="$S3_DUR" -v rows="$rows" -v secrows="$secrows" '
                 function val(line, k) { if (match(line, k "=[^ ]*")) return substr(line, RSTART + length(k) + 1, RLENGTH - length(k) - 1); return 0 }
                 /^RATE/ { rps = val($0, "rps"); sent = val($0, "sent"); ok = val($0, "ok"); ref = val($0, "refused")
@@ -459,13 +470,13 @@ scenario3() {
                     expct = tps * dur + tps
                     printf("%s %s %s %s %s %s %s %s %.4f %s %.4f %s %s %s\n", tps, rep, rps, sent + 0, ok + 0, ref + 0, err + 0, expct, ok / expct, s0 + 0, s0 / (2 * tps), l99, lmax, conns) >> rows
                 }' <<<"$out"
-            log "scenario 3 rep $rep/$REPS ${tps} TPS at ${rps}/s: $(tail -1 "$rows")"
+            log "$title rep $rep/$REPS ${tps} TPS at ${rps}/s: $(tail -1 "$rows")"
         done
     done
     stop "$p"
 
     {
-        echo "### Scenario 3 — rate accuracy (one resource, burst = tps, driven open-loop at ${S3_FACTOR}× its limit for ${S3_DUR}s; $REPS reps)"
+        echo "### $title (one resource, burst = tps, driven open-loop at ${S3_FACTOR}× its limit for ${S3_DUR}s; $REPS reps)"
         echo
         echo "Expected admitted: tps × ${S3_DUR} + burst overall; per second of send time, tps + burst in second 0 and tps after."
         echo "Overall: median (min–max) over reps. Per second: min / median / max over every second of every rep."
@@ -482,7 +493,7 @@ scenario3() {
             echo "| $tps | $((tps * S3_FACTOR)) | $(fmt 0 "$(stat "$rows" 1 "$tps" 5)") | $((tps * S3_DUR + tps)) | $(fmt 4 "$(stat "$rows" 1 "$tps" 9)") | $amin | $amed | $amax | $(fmt 3 "$(stat "$rows" 1 "$tps" 11)") | $smin | $smax | $(fmt 2 "$(stat "$rows" 1 "$tps" 12)") / $(fmt 2 "$(stat "$rows" 1 "$tps" 13)") |"
         done
         echo
-    } | tee "$OUT/s3.md"
+    } | tee "$OUT/$name.md"
 }
 
 # ---------------------------------------------------------------- scenario 4: micro-benchmarks
@@ -590,14 +601,94 @@ scenario5_keys() {
     } | tee "$OUT/s5b.md"
 }
 
+# ---------------------------------------------------------------- scenario 6: Redis store
+# s6_config BACKEND PORT ADMIN: scenario 1's sluice with KEYS configured resources (the keys
+# wrk rotates over), so every request is checked against a resource's bucket; printed path.
+s6_config() {
+    local backend=$1 port=$2 admin=$3 file=$WORK/sluice-s6-$1.toml k
+    sed -e "s/^proxy = .*/proxy = \"127.0.0.1:$port\"\nadmin = \"127.0.0.1:$admin\"/" "$CONF/sluice-s1.toml" >"$file"
+    for k in $(seq "$KEYS"); do
+        printf '\n[[service.resource]]\nname = "r%s"\nkey = "bench-key-%s"\ntps = 1000\n' "$k" "$k" >>"$file"
+    done
+    if [ "$backend" = redis ]; then
+        printf '\n[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:%s"\nkey_prefix = "bench-s6:"\n' "$S6_REDIS_PORT" >>"$file"
+    fi
+    echo "$file"
+}
+
+store_calls() { # store_calls ADMIN: sluice_store_calls_total of the sluice whose admin is there
+    curl -s -m 2 "http://$1/metrics" | awk '$1 == "sluice_store_calls_total" { print $2 + 0; found = 1 } END { if (!found) print 0 }'
+}
+
+scenario6() {
+    local rows=$OUT/s6.tsv redis_pid t
+    command -v redis-server >/dev/null || die "scenario 6: redis-server not installed (apt-get install -y redis-server)"
+    start redis "$LOAD_CPU" redis-server --port "$S6_REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no
+    redis_pid=$LAST_PID
+    for _ in $(seq 50); do
+        [ "$( (exec 3<>/dev/tcp/127.0.0.1/"$S6_REDIS_PORT" && printf 'PING\r\n' >&3 && head -c 5 <&3) 2>/dev/null)" = "+PONG" ] && break
+        sleep 0.1
+    done
+    declare -A addr=([memory]=127.0.0.1:8690 [redis]=127.0.0.1:8691)
+    declare -A admin=([memory]=127.0.0.1:9690 [redis]=127.0.0.1:9691)
+    declare -A pid=()
+    local started=() targets=(memory redis)
+    for t in "${targets[@]}"; do
+        start_proxy sluice "$(s6_config "$t" "${addr[$t]#*:}" "${admin[$t]#*:}")"
+        started+=("$LAST_PID"); pid[$t]=$LAST_PID
+    done
+    for t in "${targets[@]}"; do wait_up "${addr[$t]}" "sluice-s6-$t"; done
+    run_wrk6() {
+        pinned "$LOAD_CPU" timeout $(($2 + 30)) wrk -t"$THREADS" -c"$CONNS" -d"$2s" --timeout 2s \
+            -s "$BENCH/wrk/keys.lua" "http://$1/" -- "$KEYS" | grep '^WRK' ||
+            echo "WRK requests=0 rps=0 p50_ms=0 p99_ms=0 non2xx=0 sockerr=-1"
+    }
+    if [ "$WARMUP" -gt 0 ]; then
+        for t in "${targets[@]}"; do run_wrk6 "${addr[$t]}" "$WARMUP" >/dev/null; done
+    fi
+    echo "target rep requests rps p50_ms p99_ms non2xx sockerr cpu_us_per_req redis_us_per_req calls_per_1k" >"$rows"
+    local rep i line c0 c1 r0 r1 k0 k1 reqs
+    for rep in $(seq "$REPS"); do
+        for i in 0 1; do
+            t=${targets[$(((i + rep - 1) % 2))]}
+            wait_quiet
+            c0=$(cpu_ticks "${pid[$t]}"); r0=$(cpu_ticks "$redis_pid"); k0=$(store_calls "${admin[$t]}")
+            line=$(run_wrk6 "${addr[$t]}" "$DUR")
+            c1=$(cpu_ticks "${pid[$t]}"); r1=$(cpu_ticks "$redis_pid"); k1=$(store_calls "${admin[$t]}")
+            reqs=$(sed 's/.*requests=\([0-9]*\).*/\1/' <<<"$line")
+            echo "$t $rep $(sed 's/^WRK //; s/[a-z0-9_]*=//g' <<<"$line") $(awk -v c=$((c1 - c0)) -v r=$((r1 - r0)) -v k=$((k1 - k0)) -v hz="$CLK_TCK" -v n="$reqs" \
+                'BEGIN { if (n == 0) print "- - -"; else printf("%.2f %.2f %.2f\n", c / hz * 1e6 / n, r / hz * 1e6 / n, k * 1000 / n) }')" >>"$rows"
+            log "scenario 6 rep $rep/$REPS $t: $(tail -1 "$rows")"
+            sleep 1
+        done
+    done
+    stop "${started[@]}"
+    {
+        echo "### Scenario 6 — Redis store vs memory store (scenario 1's load: wrk -t$THREADS -c$CONNS -d${DUR}s over $KEYS keys, each a configured resource at 1000 TPS; redis-server on the load core; median (min–max) over $REPS interleaved reps)"
+        echo
+        echo "| store | req/s | p50 ms | p99 ms | non-2xx per run | sluice CPU µs/req | redis-server CPU µs/req | store calls per 1000 req |"
+        echo "|---|---|---|---|---|---|---|---|"
+        for t in "${targets[@]}"; do
+            echo "| $t | $(fmt 0 "$(stat "$rows" 1 "$t" 4)") | $(fmt 3 "$(stat "$rows" 1 "$t" 5)") | $(fmt 3 "$(stat "$rows" 1 "$t" 6)") | $(fmt 0 "$(stat "$rows" 1 "$t" 7)") | $(fmt 2 "$(stat "$rows" 1 "$t" 9)") | $(fmt 2 "$(stat "$rows" 1 "$t" 10)") | $(fmt 1 "$(stat "$rows" 1 "$t" 11)") |"
+        done
+        echo
+        echo "redis / memory (target: req/s ≥ 0.80): req/s $(ratio "$(median "$rows" 1 redis 4)" "$(median "$rows" 1 memory 4)"), p99 $(ratio "$(median "$rows" 1 redis 6)" "$(median "$rows" 1 memory 6)"), sluice CPU/req $(ratio "$(median "$rows" 1 redis 9)" "$(median "$rows" 1 memory 9)")"
+        echo
+    } | tee "$OUT/s6.md"
+    local rate=$WORK/sluice-s6-rate.toml
+    sed -e 's/^proxy = .*/proxy = "127.0.0.1:8692"/' "$CONF/sluice-s3.toml" >"$rate"
+    printf '\n[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:%s"\nkey_prefix = "bench-s6-rate:"\n' "$S6_REDIS_PORT" >>"$rate"
+    scenario3 "$rate" 127.0.0.1:8692 s6-rate "Scenario 6b — rate accuracy with backend = \"redis\""
+    stop "$redis_pid"
+}
+
 # ---------------------------------------------------------------- main
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 3 4 5)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 3 4 5 6)
 for s in "${SCENARIOS[@]}"; do
     case $s in
-        1 | 2 | 3 | 4 | 5) ;;
-        6) ;;
-        *) die "unknown scenario $s (1 to 5; 6 is TODO)" ;;
+        1 | 2 | 3 | 4 | 5 | 6) ;;
+        *) die "unknown scenario $s (1 to 6)" ;;
     esac
 done
 [ "$REPS" -ge 3 ] || log "bench: REPS=$REPS < 3: fine for a smoke run, not for published numbers"
@@ -622,7 +713,7 @@ for s in "${SCENARIOS[@]}"; do
         3) scenario3 ;;
         4) scenario4 ;;
         5) scenario5 ;;
-        6) echo "### Scenario 6 — Redis store: TODO (needs the store)"; echo ;;
+        6) scenario6 ;;
     esac
 done
 echo "Runs that started on a busy machine (see QUIET): $NOISY" | tee "$OUT/noisy.md"

@@ -90,7 +90,7 @@ pub fn config(data: &[u8]) {
     };
     match validate(&config) {
         Ok(()) => {
-            if let Err(e) = sluice::policy::Policy::from_config(&config) {
+            if let Err(e) = sluice::policy::Policy::from_config(&config, None) {
                 panic!("validated config does not build: {e}\n{text}");
             }
             let _ = config.summary();
@@ -165,7 +165,7 @@ pub fn keys(data: &[u8]) {
         return;
     }
     text.clear();
-    let limiter = RateLimiter::from_config(&settings, &resources, None);
+    let limiter = RateLimiter::from_config(&settings, &resources, None, None);
     let challenge = limiter.challenge();
     assert!(challenge.to_str().is_ok(), "challenge {challenge:?}");
 
@@ -210,6 +210,9 @@ pub fn keys(data: &[u8]) {
                 status
             }
             Admission::Refused(_) => continue,
+            Admission::Ask { .. } | Admission::Unavailable { .. } => {
+                panic!("a limiter without a shared store asked for one")
+            }
         };
         assert!(
             status.remaining <= status.quota.burst.get(),
@@ -434,8 +437,8 @@ async fn admin_async(data: &[u8]) {
 
     let config = Config::parse(FUZZ_CONFIG).expect("the fuzz config parses");
     validate(&config).expect("the fuzz config is valid");
-    let policy = sluice::policy::Policy::from_config(&config).expect("builds");
-    let proxy = sluice::proxy::Proxy::new(policy, Duration::from_secs(1));
+    let policy = sluice::policy::Policy::from_config(&config, None).expect("builds");
+    let proxy = sluice::proxy::Proxy::new(policy, Duration::from_secs(1), None);
     let control = Arc::new(sluice::control::Control::new(
         Arc::clone(&proxy),
         config,

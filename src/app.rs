@@ -12,10 +12,11 @@ use tokio::net::TcpListener;
 use crate::admin;
 use crate::autoscale;
 use crate::balance::InvalidEndpointUrl;
-use crate::config::Config;
+use crate::config::{Backend, Config};
 use crate::control::Control;
 use crate::policy::Policy;
 use crate::proxy::{self, Proxy};
+use crate::store::{self, Fleet};
 
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,9 @@ pub enum StartError {
     /// An endpoint URL could not be used.
     #[error(transparent)]
     Endpoint(#[from] InvalidEndpointUrl),
+    /// The shared store's settings cannot be used.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -57,15 +61,23 @@ impl App {
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
         // Start the uptime clock the admin views report.
         let _ = crate::stats::uptime();
-        let policy = Policy::from_config(config)?;
-        let proxy = Proxy::new(policy, config.timeouts.connect);
+        let fleet = match config.store.backend {
+            Backend::Memory => None,
+            Backend::Redis => Some(Fleet::connect(&config.store)?),
+        };
+        let policy = Policy::from_config(config, fleet.as_ref())?;
+        let proxy = Proxy::new(policy, config.timeouts.connect, fleet.clone());
         let proxy_listener = bind(&config.listen.proxy).await?;
         let admin_listener = match config.listen.admin.as_str() {
             "" => None,
             addr => Some(bind(addr).await?),
         };
+        let control = Arc::new(Control::new(Arc::clone(&proxy), config.clone(), None));
+        if let Some(fleet) = &fleet {
+            store::join(fleet, &control).await;
+        }
         Ok(Self {
-            control: Arc::new(Control::new(Arc::clone(&proxy), config.clone(), None)),
+            control,
             proxy,
             proxy_listener,
             admin_listener,
@@ -125,6 +137,9 @@ impl App {
             chrono::Utc::now,
         ));
         tasks.spawn(reload_on_hangup(Arc::clone(&self.control)));
+        if let Some(fleet) = self.proxy.fleet() {
+            tasks.spawn(store::run(Arc::clone(fleet), Arc::clone(&self.control)));
+        }
         // The admin API keeps answering while the proxy drains (/readyz says 503 then), and
         // stops with it.
         let shutting_down = Arc::new(AtomicBool::new(false));

@@ -37,6 +37,9 @@ pub enum ChangeError {
     /// An endpoint URL could not be used.
     #[error(transparent)]
     Endpoint(#[from] InvalidEndpointUrl),
+    /// The fleet's store could not take the change, so no replica made it.
+    #[error("the shared store did not take the change, nothing changed: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// What a successful reload did.
@@ -93,6 +96,7 @@ impl Control {
         let target = ScaleTarget::Setting {
             key: "config".into(),
         };
+        self.publish(&config, &reason).await?;
         let mut events = self.install(config.clone(), "*", target, reason)?;
         events.retain(|e| e.kind != EventKind::Reload || e.service != "*");
         let mut needs_restart = Vec::new();
@@ -105,6 +109,9 @@ impl Control {
         }
         if old.timeouts.client_header != new.timeouts.client_header {
             needs_restart.push("timeouts.client_header");
+        }
+        if old.store != new.store {
+            needs_restart.push("store");
         }
         Ok(Reloaded {
             summary,
@@ -145,7 +152,53 @@ impl Control {
         let _one_at_a_time = self.serial.lock().await;
         let mut config = self.proxy.policy().config.clone();
         edit(&mut config)?;
+        self.publish(&config, &reason).await?;
         self.install(config, service, target, reason)
+    }
+
+    /// With a shared store, make a valid `config`'s services the fleet's next policy version
+    /// before this replica applies it, so a change is made everywhere or nowhere.
+    async fn publish(&self, config: &Config, reason: &str) -> Result<(), ChangeError> {
+        let Some(fleet) = self.proxy.fleet() else {
+            return Ok(());
+        };
+        validate(config).map_err(ChangeError::Invalid)?;
+        match fleet.publish_policy(&config.services, reason).await? {
+            Some(_) => Ok(()),
+            None => Err(ChangeError::Conflict(
+                "another replica changed the fleet policy a moment ago; nothing changed here, retry"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Apply the fleet's policy `version` (published by replica `origin`): this replica's
+    /// config with the fleet's services, validated like the file.
+    pub async fn adopt(
+        &self,
+        services: Vec<crate::config::ServiceConfig>,
+        version: u64,
+        origin: &str,
+        reason: &str,
+    ) -> Result<(), ChangeError> {
+        let _one_at_a_time = self.serial.lock().await;
+        let mut config = self.proxy.policy().config.clone();
+        if config.services == services {
+            if let Some(fleet) = self.proxy.fleet() {
+                fleet.follow(version);
+            }
+            return Ok(());
+        }
+        config.services = services;
+        let target = ScaleTarget::Setting {
+            key: "fleet_policy".into(),
+        };
+        let reason = format!("fleet policy version {version} from replica {origin}: {reason}");
+        self.install(config, "*", target, reason)?;
+        if let Some(fleet) = self.proxy.fleet() {
+            fleet.follow(version);
+        }
+        Ok(())
     }
 
     /// Validate, build and swap in `config`; record the change and what it caused.
@@ -159,7 +212,8 @@ impl Control {
         validate(&config).map_err(ChangeError::Invalid)?;
         let previous = self.proxy.policy();
         let now = Utc::now();
-        let (policy, mut events) = Policy::reload(&config, Some(&previous), now)?;
+        let (policy, mut events) =
+            Policy::reload(&config, Some(&previous), now, self.proxy.fleet())?;
         self.proxy.set_policy(policy);
         let kind = match (service, &target) {
             ("*", _) => EventKind::Reload,

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod stats;
+pub mod store;
 pub mod telemetry;
 
 pub use app::App;

@@ -1,7 +1,9 @@
 //! The `sluice` command: parse the command line, set up logging, call into the library.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -30,6 +32,9 @@ enum Command {
     Check(ConfigArg),
     /// Start demo scoring endpoints on 127.0.0.1 and the proxy in front of them.
     Demo(DemoArgs),
+    /// Serve only demo scoring endpoints, on consecutive ports (a backend for `run`, e.g. in a
+    /// container); stop on SIGTERM/SIGINT.
+    DemoEndpoints(DemoEndpointsArgs),
 }
 
 #[derive(Args)]
@@ -60,6 +65,20 @@ struct DemoArgs {
     latency: Duration,
 }
 
+#[derive(Args)]
+struct DemoEndpointsArgs {
+    /// Address of the first endpoint; the others take the next ports (port 0: each takes any
+    /// free port). The default matches the endpoints of the shipped config/sluice.toml.
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    listen: SocketAddr,
+    /// Number of endpoints.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    count: u16,
+    /// Latency of each answer, e.g. "50ms".
+    #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -70,6 +89,7 @@ fn main() -> ExitCode {
             cli.log_format,
             Some((args.endpoints, args.latency)),
         ),
+        Command::DemoEndpoints(args) => block_on(cli.log_format, None, demo_endpoints_only(&args)),
     }
 }
 
@@ -91,16 +111,25 @@ fn serve(
     log_format: Option<LogFormat>,
     demo: Option<(usize, Duration)>,
 ) -> ExitCode {
+    block_on(log_format, args.workers, run(&args.config.config, demo))
+}
+
+/// Set up logging and a runtime with `workers` threads, run `work` on it and report its error.
+fn block_on(
+    log_format: Option<LogFormat>,
+    workers: Option<usize>,
+    work: impl Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
     telemetry::init(log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = args.workers {
+    if let Some(workers) = workers {
         runtime.worker_threads(workers.max(1));
     }
     let result = runtime
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-        .and_then(|rt| rt.block_on(run(&args.config.config, demo)));
+        .and_then(|rt| rt.block_on(work));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -150,6 +179,52 @@ async fn run(path: &Path, demo: Option<(usize, Duration)>) -> anyhow::Result<()>
             app.proxy_addr()
         );
     }
-    app.run(app::shutdown_signal()).await;
+    app.run(armed_shutdown_signal().await).await;
+    Ok(())
+}
+
+/// [`app::shutdown_signal`], polled once so that its SIGTERM/SIGINT handlers are installed
+/// before sluice says it listens: a signal sent right after that line stops the process
+/// cleanly instead of killing it with the default action.
+async fn armed_shutdown_signal() -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    let mut shutdown = Box::pin(app::shutdown_signal());
+    tokio::select! {
+        biased;
+        () = &mut shutdown => Box::pin(std::future::ready(())),
+        () = std::future::ready(()) => shutdown,
+    }
+}
+
+/// `sluice demo-endpoints`: `count` demo endpoints from `listen` on, until SIGTERM/SIGINT.
+async fn demo_endpoints_only(args: &DemoEndpointsArgs) -> anyhow::Result<()> {
+    let first = args.listen;
+    let addrs = (0..args.count)
+        .map(|i| match first.port() {
+            0 => Some(first),
+            port => port.checked_add(i).map(|p| SocketAddr::new(first.ip(), p)),
+        })
+        .collect::<Option<Vec<_>>>()
+        .with_context(|| format!("{} ports from {first} go past port 65535", args.count))?;
+    let mut endpoints = Vec::with_capacity(addrs.len());
+    for (i, addr) in addrs.into_iter().enumerate() {
+        let endpoint = demo::start(format!("demo-{}", i + 1), addr, args.latency)
+            .await
+            .with_context(|| format!("cannot start a demo endpoint on {addr}"))?;
+        endpoints.push(endpoint);
+    }
+    let shutdown = armed_shutdown_signal().await;
+    let urls: Vec<String> = endpoints.iter().map(demo::DemoEndpoint::url).collect();
+    let urls = urls.join(", ");
+    let latency = humantime::format_duration(args.latency);
+    tracing::info!(endpoints = %urls, %latency, "demo endpoints listening");
+    println!(
+        "sluice demo-endpoints: {} endpoint(s) answering after {latency} at {urls}",
+        endpoints.len()
+    );
+    shutdown.await;
+    for endpoint in &endpoints {
+        endpoint.task.abort();
+    }
+    tracing::info!("demo endpoints stopped");
     Ok(())
 }

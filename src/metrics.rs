@@ -139,6 +139,7 @@ pub fn render(control: &Control) -> String {
             control.reloads().ok.load(Ordering::Relaxed),
             control.reloads().failed.load(Ordering::Relaxed),
         ),
+        fleet: control.proxy().fleet().map(|f| f.view()),
     }));
     let mut text = String::new();
     if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
@@ -153,6 +154,7 @@ struct Live {
     policy: std::sync::Arc<Policy>,
     events: Vec<(&'static str, u64)>,
     reloads: (u64, u64),
+    fleet: Option<crate::store::FleetView>,
 }
 
 type Labels = Vec<(Cow<'static, str>, Cow<'static, str>)>;
@@ -393,6 +395,57 @@ impl Collector for Live {
                 counter(m, &labels(&[("result", "ok")]), self.reloads.0)?;
                 counter(m, &labels(&[("result", "failed")]), self.reloads.1)
             },
-        )
+        )?;
+        if let Some(f) = &self.fleet {
+            let gauges: [(&str, &str, i64); 4] = [
+                (
+                    "sluice_store_up",
+                    "1 while the shared store answers, 0 while on_error applies",
+                    i64::from(f.up),
+                ),
+                (
+                    "sluice_fleet_replicas",
+                    "Live replicas in the fleet at the last heartbeat",
+                    i64::from(f.replicas),
+                ),
+                (
+                    "sluice_fleet_leader",
+                    "1 while this replica takes the fleet's autoscale steps",
+                    i64::from(f.leader),
+                ),
+                (
+                    "sluice_fleet_policy_version",
+                    "Version of the fleet policy in force here",
+                    i64::try_from(f.policy_version).unwrap_or(i64::MAX),
+                ),
+            ];
+            for (name, help, value) in gauges {
+                // No labels: one series per replica, told apart by the scrape target.
+                let metric = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(value).encode(metric)?;
+            }
+            let counters: [(&str, &str, u64); 3] = [
+                (
+                    "sluice_store_calls",
+                    "Calls to the shared store",
+                    f.calls_total,
+                ),
+                (
+                    "sluice_store_errors",
+                    "Store calls that failed or timed out",
+                    f.errors_total,
+                ),
+                (
+                    "sluice_store_fallbacks",
+                    "Requests decided by store.on_error while the store was unreachable",
+                    f.fallbacks_total,
+                ),
+            ];
+            for (name, help, value) in counters {
+                let metric = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(value).encode(metric)?;
+            }
+        }
+        Ok(())
     }
 }

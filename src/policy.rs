@@ -6,10 +6,11 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::autoscale::{Event, ServiceAutoscaler};
-use crate::balance::{InvalidEndpointUrl, Pool, Shape};
+use crate::balance::{InvalidEndpointUrl, Pool, Shape, Share};
 use crate::config::{Config, Timeouts};
 use crate::limit::RateLimiter;
 use crate::metrics::ServiceStats;
+use crate::store::Fleet;
 
 /// One service as the request path sees it.
 #[derive(Debug)]
@@ -42,9 +43,12 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Build from a validated config.
-    pub fn from_config(config: &Config) -> Result<Self, InvalidEndpointUrl> {
-        Self::reload(config, None, Utc::now()).map(|(policy, _)| policy)
+    /// Build from a validated config; with `fleet`, limits are shared with its replicas.
+    pub fn from_config(
+        config: &Config,
+        fleet: Option<&Arc<Fleet>>,
+    ) -> Result<Self, InvalidEndpointUrl> {
+        Self::reload(config, None, Utc::now(), fleet).map(|(policy, _)| policy)
     }
 
     /// Build from a validated config, carrying over from `previous`: services that keep their
@@ -55,7 +59,9 @@ impl Policy {
         config: &Config,
         previous: Option<&Policy>,
         wall: DateTime<Utc>,
+        fleet: Option<&Arc<Fleet>>,
     ) -> Result<(Self, Vec<Event>), InvalidEndpointUrl> {
+        let share = fleet.map_or(Share::WHOLE, |f| f.share());
         let find_previous =
             |name: &str| previous.and_then(|p| p.services.iter().find(|s| &*s.name == name));
         // Build every shape first, so a failure leaves the live pools untouched.
@@ -65,7 +71,7 @@ impl Policy {
             .map(|s| {
                 let old = find_previous(&s.name);
                 let old_shape = old.map(|o| o.pool.shape_snapshot());
-                Shape::from_config(s, old_shape.as_deref())
+                Shape::from_config(s, old_shape.as_deref(), share)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut events = Vec::new();
@@ -82,9 +88,10 @@ impl Policy {
                     None => Pool::new(shape),
                 };
                 let old_limits = find_previous(&s.name).and_then(|o| o.limits.as_ref());
-                let limits = s
-                    .rate_limit()
-                    .map(|settings| RateLimiter::from_config(&settings, &s.resources, old_limits));
+                let limits = s.rate_limit().map(|settings| {
+                    let fleet = fleet.map(|f| (f, s.name.as_str()));
+                    RateLimiter::from_config(&settings, &s.resources, old_limits, fleet)
+                });
                 let old_autoscale = find_previous(&s.name).and_then(|o| o.autoscale.as_deref());
                 let autoscale = s.autoscale().map(|settings| {
                     let now = tokio::time::Instant::now().into_std();
@@ -169,7 +176,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        let policy = Policy::from_config(&config).unwrap();
+        let policy = Policy::from_config(&config, None).unwrap();
         let route = |p: &str| policy.route(p).map(|s| s.name.to_string());
         assert_eq!(route("/score").as_deref(), Some("score"));
         assert_eq!(route("/score/v1").as_deref(), Some("score"));

@@ -25,27 +25,27 @@ pub fn now_secs() -> u64 {
     uptime().as_secs()
 }
 
-/// A count per second over the last minute (lock-free).
-#[derive(Debug)]
-pub struct RecentCount(CounterRing);
-
-impl Default for RecentCount {
-    fn default() -> Self {
-        Self(CounterRing::new(SLOTS))
-    }
-}
+/// A count per second over the last minute (lock-free). The ring (about 1 KiB) is made on
+/// the first event, so the many resources of a large config that see no traffic cost nothing.
+#[derive(Debug, Default)]
+pub struct RecentCount(OnceLock<CounterRing>);
 
 impl RecentCount {
     /// Count one event now.
     pub fn add(&self) {
-        self.0.add(now_secs(), 1);
+        self.0
+            .get_or_init(|| CounterRing::new(SLOTS))
+            .add(now_secs(), 1);
     }
 
     /// Events in the last `WINDOW_SECS` complete seconds plus the current one.
     pub fn last_minute(&self) -> u64 {
+        let Some(ring) = self.0.get() else {
+            return 0;
+        };
         let now = now_secs();
         (now.saturating_sub(WINDOW_SECS - 1)..=now)
-            .map(|s| self.0.get(s))
+            .map(|s| ring.get(s))
             .sum()
     }
 }

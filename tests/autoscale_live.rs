@@ -82,7 +82,11 @@ fn start_autoscaling(
     Arc<autoscale::EventHistory>,
     tokio::task::JoinHandle<()>,
 ) {
-    let proxy = Proxy::new(Policy::from_config(config).unwrap(), Duration::from_secs(1));
+    let proxy = Proxy::new(
+        Policy::from_config(config, None).unwrap(),
+        Duration::from_secs(1),
+        None,
+    );
     let history = Arc::clone(proxy.events());
     let looping = tokio::spawn(autoscale::run(
         Arc::clone(&proxy),

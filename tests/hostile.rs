@@ -803,7 +803,7 @@ fn million_key_flood_child() {
         [[service.resource]]\nname = \"team-a\"\nkey = \"secret-a\"\ntps = 10\nburst = 10\n";
     let config = sluice::config::Config::parse(toml).unwrap();
     sluice::config::validate(&config).unwrap();
-    let policy = sluice::policy::Policy::from_config(&config).unwrap();
+    let policy = sluice::policy::Policy::from_config(&config, None).unwrap();
     let limits = policy.services[0].limits.as_ref().unwrap();
     let flood = |range: std::ops::Range<u32>| {
         // Two threads: the table is sharded and shared, as under real traffic.

@@ -260,7 +260,7 @@ async fn endpoints_full_answers_carry_the_callers_ratelimit_headers() {
 async fn a_flood_of_unknown_keys_stays_within_max_tracked_keys() {
     let toml = limited_service("http://127.0.0.1:1", "max_tracked_keys = 5000", TEAM_A);
     let config = sluice::config::Config::parse(&toml).unwrap();
-    let policy = sluice::policy::Policy::from_config(&config).unwrap();
+    let policy = sluice::policy::Policy::from_config(&config, None).unwrap();
     let limits = policy.services[0].limits.as_ref().unwrap();
     let mut headers = HeaderMap::new();
     let mut flood = |range: std::ops::Range<u32>| {

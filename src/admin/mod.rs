@@ -126,6 +126,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::Load(_) => (StatusCode::BAD_REQUEST, "invalid_config"),
             ChangeError::NoFile => (StatusCode::CONFLICT, "no_config_file"),
             ChangeError::Endpoint(_) => (StatusCode::BAD_REQUEST, "invalid"),
+            ChangeError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
         };
         Self::new(status, error, e.to_string())
     }
@@ -159,13 +160,35 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// 200 once listeners are bound and the config is loaded (this listener only serves then);
-/// 503 while shutting down or while a service has no endpoint that can take traffic.
+/// 503 while shutting down, while a service has no endpoint that can take traffic, while a
+/// replica has not yet joined its fleet, or while the store is unreachable with
+/// `on_error = "deny"`. An unreachable store with `local` or `allow` is still 200, marked
+/// `degraded`.
 async fn readyz(State(admin): State<Admin>) -> Response {
+    let not_ready = |reason: String| {
+        let body = json!({"status": "not_ready", "reason": reason});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    };
     if admin.shutting_down.load(Ordering::Acquire) {
-        let body = json!({"status": "not_ready", "reason": "shutting down"});
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        return not_ready("shutting down".into());
     }
-    let policy = admin.control.proxy().policy();
+    let proxy = admin.control.proxy();
+    let mut degraded = None;
+    if let Some(fleet) = proxy.fleet() {
+        let view = fleet.view();
+        if !view.up {
+            if view.on_error == crate::config::OnError::Deny {
+                return not_ready("store unreachable (on_error = \"deny\")".into());
+            }
+            degraded = Some(format!(
+                "store unreachable: on_error = \"{}\" applies",
+                view.on_error.as_str()
+            ));
+        } else if !view.joined {
+            return not_ready("joining the fleet (takes no slots for 2 heartbeats)".into());
+        }
+    }
+    let policy = proxy.policy();
     for service in &policy.services {
         let shape = service.pool.shape();
         if !shape
@@ -177,11 +200,13 @@ async fn readyz(State(admin): State<Admin>) -> Response {
                 "service {:?} has no endpoint that can take traffic",
                 service.name
             );
-            let body = json!({"status": "not_ready", "reason": reason});
-            return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+            return not_ready(reason);
         }
     }
-    Json(json!({"status": "ready"})).into_response()
+    match degraded {
+        Some(reason) => Json(json!({"status": "degraded", "reason": reason})).into_response(),
+        None => Json(json!({"status": "ready"})).into_response(),
+    }
 }
 
 async fn metrics(State(admin): State<Admin>) -> Response {
@@ -200,7 +225,8 @@ async fn capacity(
 ) -> Result<Response, ApiError> {
     admin.access.check(peer, &headers, false)?;
     let proxy = admin.control.proxy();
-    Ok(Json(views::capacity(&proxy.policy(), proxy.events())).into_response())
+    let fleet = proxy.fleet().map(|f| &**f);
+    Ok(Json(views::capacity(&proxy.policy(), proxy.events(), fleet)).into_response())
 }
 
 async fn policy(

@@ -14,6 +14,8 @@ pub struct Capacity {
     /// Milliseconds since sluice started (monotonic), so clients can compute rates between
     /// two polls on the server's clock.
     pub uptime_ms: u64,
+    /// This replica in its fleet, when limits are shared through a store (`null` otherwise).
+    pub store: Option<crate::store::FleetView>,
     /// One entry per service.
     pub services: Vec<ServiceCapacity>,
 }
@@ -53,9 +55,11 @@ pub struct ServiceCapacity {
 pub struct EndpointView {
     /// URL as configured.
     pub url: String,
-    /// Its concurrency cap.
+    /// Its concurrency cap (for the whole fleet when replicas share a store).
     pub max_concurrent: u32,
-    /// In flight now.
+    /// The part of the cap this replica enforces (the whole cap without a store).
+    pub local_max_concurrent: u32,
+    /// In flight now, through this replica.
     pub in_flight: u32,
     /// False while in its back-off after a refused connection.
     pub healthy: bool,
@@ -91,10 +95,15 @@ pub struct ResourceView {
 /// The expected latency of a service without autoscale settings (the autoscale default).
 const EXPECTED_LATENCY: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Build the capacity view of `policy`.
-pub fn capacity(policy: &Policy, history: &EventHistory) -> Capacity {
+/// Build the capacity view of `policy`, with `fleet`'s standing when there is one.
+pub fn capacity(
+    policy: &Policy,
+    history: &EventHistory,
+    fleet: Option<&crate::store::Fleet>,
+) -> Capacity {
     Capacity {
         uptime_ms: u64::try_from(crate::stats::uptime().as_millis()).unwrap_or(u64::MAX),
+        store: fleet.map(crate::store::Fleet::view),
         services: policy
             .services
             .iter()
@@ -112,12 +121,14 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
     let endpoints: Vec<EndpointView> = shape
         .endpoints
         .iter()
-        .map(|(endpoint, cap)| {
+        .enumerate()
+        .map(|(i, (endpoint, cap))| {
             let latency = endpoint.latency.last_minute();
             let mean_ms = latency.map_or(expected.as_secs_f64() * 1000.0, |l| l.mean_ms);
             EndpointView {
                 url: endpoint.url().to_owned(),
                 max_concurrent: *cap,
+                local_max_concurrent: shape.local_cap(i),
                 in_flight: endpoint.in_flight(),
                 healthy: endpoint.is_healthy(),
                 latency,

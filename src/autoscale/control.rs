@@ -87,6 +87,53 @@ impl ServiceEngine {
         })
     }
 
+    /// Take the values another replica's engine decided (the fleet's autoscale leader): each
+    /// changed value is set, its cooldown counts from `now` (so this engine, should it lead
+    /// next, does not undo the step at once), and an event says so. Names this engine does
+    /// not know are skipped: their policy has not reached this replica yet.
+    pub fn follow(
+        &mut self,
+        limits: &BTreeMap<String, u32>,
+        endpoint_concurrency: u32,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Vec<Event> {
+        let mut changes = Vec::new();
+        for (name, &to) in limits {
+            if let Some(r) = self.resources.get_mut(name) {
+                if r.limit != to && to > 0 {
+                    changes.push((resource(name), r.limit, to));
+                    r.limit = to;
+                    r.last_action = Some(now);
+                }
+            }
+        }
+        let c = &mut self.concurrency;
+        if c.value != endpoint_concurrency && endpoint_concurrency > 0 {
+            changes.push((
+                ScaleTarget::EndpointConcurrency,
+                c.value,
+                endpoint_concurrency,
+            ));
+            c.value = endpoint_concurrency;
+            c.last_action = Some(now);
+        }
+        changes
+            .into_iter()
+            .map(|(target, from, to)| {
+                let kind = if to > from {
+                    EventKind::ScaleUp
+                } else {
+                    EventKind::ScaleDown
+                };
+                Event {
+                    reason: "step taken by the fleet's autoscale leader".into(),
+                    ..self.event(wall, target, kind, from, to)
+                }
+            })
+            .collect()
+    }
+
     /// Take new settings and resource specs after a config reload or an admin change. Resources keep their
     /// current limit when it is still allowed; otherwise it moves into [base, max_tps]
     /// (`reload` event), or to the base when autoscaling is now off (`autoscale_off`). New

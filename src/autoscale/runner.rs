@@ -18,6 +18,7 @@ use crate::balance::{Endpoint, Pool};
 use crate::config::ServiceConfig;
 use crate::limit::RateLimiter;
 use crate::proxy::Proxy;
+use crate::store::{Fleet, Others, ScaleDoc, Tally};
 
 /// How often gauges (in flight, queue, headroom) are sampled into the metric windows.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -153,20 +154,62 @@ impl ServiceAutoscaler {
         )
     }
 
-    /// Record one sample of each per-service gauge.
-    pub fn sample(&self, pool: &Pool, now: Instant) {
+    /// Record one sample of each per-service gauge; in a fleet's leader, `others` adds what
+    /// the other replicas counted (requests per resource, in flight, queued).
+    pub fn sample(&self, pool: &Pool, now: Instant, others: Option<&Others>) {
         let age_ms = pool
             .queue_oldest_age()
             .map_or(0.0, |a| a.as_secs_f64() * 1000.0);
+        let (mut in_flight, mut queued) = (f64::from(pool.in_flight()), pool.queue_len() as f64);
+        if let Some(others) = others {
+            in_flight += others.in_flight;
+            queued += others.queue;
+            for (name, &(admitted, throttled)) in &others.resources {
+                if let Some(window) = self.metrics.resource(name) {
+                    let n = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+                    window.record(now, n(admitted), n(throttled));
+                }
+            }
+        }
         let headroom = self.capacity(pool, now).available_tps();
-        self.metrics
-            .record_gauge(Metric::InFlight, f64::from(pool.in_flight()), now);
-        self.metrics
-            .record_gauge(Metric::QueueLength, pool.queue_len() as f64, now);
+        self.metrics.record_gauge(Metric::InFlight, in_flight, now);
+        self.metrics.record_gauge(Metric::QueueLength, queued, now);
         self.metrics
             .record_gauge(Metric::QueueOldestAgeMs, age_ms, now);
         self.metrics
             .record_gauge(Metric::CapacityHeadroomTps, headroom, now);
+    }
+
+    /// Take the values the fleet's leader decided, and apply them like a step of its own.
+    pub fn follow(
+        &self,
+        doc: &ScaleDoc,
+        pool: &Arc<Pool>,
+        limits: Option<&RateLimiter>,
+        now: Instant,
+        wall: DateTime<Utc>,
+    ) -> Vec<Event> {
+        let events = self
+            .engine()
+            .follow(&doc.limits, doc.endpoint_concurrency, now, wall);
+        for event in &events {
+            self.apply(event, pool, limits);
+        }
+        events
+    }
+
+    /// The values a leader publishes after a step.
+    pub fn scale_doc(&self, stepped_at: DateTime<Utc>) -> ScaleDoc {
+        let engine = self.engine();
+        ScaleDoc {
+            stepped_at_ms: u64::try_from(stepped_at.timestamp_millis()).unwrap_or(0),
+            limits: engine
+                .resources()
+                .filter(|(_, state)| state.spec.enabled)
+                .map(|(name, state)| (name.to_owned(), state.limit))
+                .collect(),
+            endpoint_concurrency: engine.endpoint_concurrency(),
+        }
     }
 
     /// One interval: decide, then apply each decision to the live `limits` and `pool`.
@@ -218,7 +261,8 @@ fn now() -> Instant {
 pub type WallClock = fn() -> DateTime<Utc>;
 
 /// Run the autoscale loop of every service in the live policy (services added by a reload
-/// included) until aborted.
+/// included) until aborted. In a fleet, only the leader steps (when the fleet's last step is an
+/// interval old) and publishes the values; the other replicas follow them.
 pub async fn run(
     proxy: Arc<Proxy>,
     history: Arc<EventHistory>,
@@ -230,6 +274,8 @@ pub async fn run(
     let started = now();
     // When each service last stepped; a service starts counting when the loop does.
     let mut last_step: BTreeMap<Arc<str>, Instant> = BTreeMap::new();
+    // In a fleet: what each service's counts were at the last exchange.
+    let mut tallies: BTreeMap<Arc<str>, Tally> = BTreeMap::new();
     loop {
         ticker.tick().await;
         let policy = proxy.policy();
@@ -238,13 +284,30 @@ pub async fn run(
                 continue;
             };
             let at = now();
-            autoscaler.sample(&live.pool, at);
+            let others = match proxy.fleet() {
+                Some(fleet) if fleet.is_up() => {
+                    let tally = tallies.entry(Arc::clone(&live.name)).or_default();
+                    let sec = u64::try_from(wall().timestamp()).unwrap_or(0);
+                    let leader = fleet.is_leader();
+                    tally
+                        .exchange(fleet, live, sec, leader)
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                _ => None,
+            };
+            autoscaler.sample(&live.pool, at, others.as_ref());
             let last = last_step.entry(Arc::clone(&live.name)).or_insert(started);
-            if at.duration_since(*last) < autoscaler.settings().interval {
-                continue;
-            }
-            *last = at;
-            let events = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall());
+            let due = at.duration_since(*last) >= autoscaler.settings().interval;
+            let events = match proxy.fleet() {
+                None if due => {
+                    *last = at;
+                    autoscaler.step(&live.pool, live.limits.as_ref(), at, wall())
+                }
+                None => continue,
+                Some(fleet) => fleet_turn(fleet, live, autoscaler, last, due, at, wall()).await,
+            };
             for event in events {
                 let id = history.push(event.clone());
                 tracing::info!(
@@ -264,5 +327,52 @@ pub async fn run(
         }
         // Forget services a reload removed.
         last_step.retain(|name, _| policy.service(name).is_some());
+        tallies.retain(|name, _| policy.service(name).is_some());
     }
+}
+
+/// One tick of a service in a fleet: the leader steps when the fleet's last step (by whichever
+/// replica led then) is an interval old, and publishes the outcome; the others follow the
+/// published values. Without the store nobody steps.
+async fn fleet_turn(
+    fleet: &Fleet,
+    live: &crate::policy::Service,
+    autoscaler: &ServiceAutoscaler,
+    last: &mut Instant,
+    due: bool,
+    at: Instant,
+    wall: DateTime<Utc>,
+) -> Vec<Event> {
+    if !fleet.is_up() {
+        return Vec::new();
+    }
+    let Ok(published) = fleet.scale(&live.name).await else {
+        return Vec::new();
+    };
+    // Every replica takes the published values first, the leader too: a replica that has just
+    // become leader continues from the last step, whoever took it.
+    let mut events = match &published {
+        Some(doc) => autoscaler.follow(doc, &live.pool, live.limits.as_ref(), at, wall),
+        None => Vec::new(),
+    };
+    if !fleet.is_leader() {
+        return events;
+    }
+    let interval_ms = autoscaler.settings().interval.as_millis() as i64;
+    let due = match &published {
+        // A step taken by an earlier leader counts: one step per interval for the fleet.
+        Some(doc) => wall.timestamp_millis() - doc.stepped_at_ms as i64 >= interval_ms,
+        None => due,
+    };
+    if !due {
+        return events;
+    }
+    *last = at;
+    let stepped = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall);
+    let doc = autoscaler.scale_doc(wall);
+    // Fenced off (another replica leads now): its values arrive at the next tick.
+    if let Ok(true) = fleet.publish_scale(&live.name, &doc).await {
+        events.extend(stepped);
+    }
+    events
 }

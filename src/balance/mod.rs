@@ -7,6 +7,7 @@
 
 mod endpoint;
 mod queue;
+mod share;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use rand::Rng;
 
 pub use endpoint::{Endpoint, InvalidEndpointUrl};
 use queue::Queue;
+pub use share::Share;
 
 use crate::config::{Balance, ServiceConfig};
 
@@ -24,10 +26,12 @@ use crate::config::{Balance, ServiceConfig};
 /// a change.
 #[derive(Debug)]
 pub struct Shape {
-    /// Endpoints and their caps.
+    /// Endpoints and their caps (fleet-wide when replicas share a store).
     pub endpoints: Vec<(Arc<Endpoint>, u32)>,
     /// Cap on the service's total in flight (`u32::MAX` when not set).
     pub cluster_cap: u32,
+    /// This replica's part of each cap (the whole when it runs alone).
+    pub share: Share,
     /// Requests allowed to wait for a slot.
     pub queue_size: u32,
     /// How long a request may wait.
@@ -40,10 +44,11 @@ pub struct Shape {
 
 impl Shape {
     /// Build from config, reusing the endpoints of `previous` that keep their URL so their
-    /// in-flight counters carry over.
+    /// in-flight counters carry over; `share` is this replica's part of each cap.
     pub fn from_config(
         config: &ServiceConfig,
         previous: Option<&Shape>,
+        share: Share,
     ) -> Result<Self, InvalidEndpointUrl> {
         let endpoints = config
             .endpoints
@@ -66,6 +71,7 @@ impl Shape {
         Ok(Self {
             endpoints,
             cluster_cap: config.cluster_max_concurrent.unwrap_or(u32::MAX),
+            share,
             queue_size: config.queue_size,
             queue_timeout: config.queue_timeout,
             balance: config.balance,
@@ -90,6 +96,29 @@ impl Shape {
             endpoints,
             own_caps: self.own_caps.clone(),
             ..*self
+        }
+    }
+
+    /// The same shape with this replica's part set to `share`.
+    pub fn with_share(&self, share: Share) -> Self {
+        Self {
+            endpoints: self.endpoints.clone(),
+            own_caps: self.own_caps.clone(),
+            share,
+            ..*self
+        }
+    }
+
+    /// The slots this replica may use at endpoint `i`.
+    pub fn local_cap(&self, i: usize) -> u32 {
+        self.share.of(self.endpoints[i].1, i)
+    }
+
+    /// The service-wide cap this replica enforces (`u32::MAX` when none is set).
+    pub fn local_cluster_cap(&self) -> u32 {
+        match self.cluster_cap {
+            u32::MAX => u32::MAX,
+            cap => self.share.of(cap, 0),
         }
     }
 }
@@ -141,6 +170,15 @@ impl Pool {
     pub fn set_default_cap(self: &Arc<Self>, cap: u32) {
         let shape = self.shape.load().with_default_cap(cap);
         self.set_shape(shape);
+    }
+
+    /// Set this replica's part of each cap (the fleet's replica set changed).
+    pub fn set_share(self: &Arc<Self>, share: Share) {
+        let shape = self.shape.load();
+        if shape.share != share {
+            let shape = shape.with_share(share);
+            self.set_shape(shape);
+        }
     }
 
     /// Requests in flight over all endpoints of the service.
@@ -199,7 +237,7 @@ impl Pool {
         shape: &Shape,
         exclude: Option<&Arc<Endpoint>>,
     ) -> Option<Slot> {
-        if !self.take_service_slot(shape.cluster_cap) {
+        if !self.take_service_slot(shape.local_cluster_cap()) {
             return None;
         }
         // Another request may take the chosen endpoint's last slot between the choice and the
@@ -208,8 +246,8 @@ impl Pool {
             let Some(i) = choose(shape, exclude) else {
                 break;
             };
-            let (endpoint, cap) = &shape.endpoints[i];
-            if endpoint.try_take(*cap) {
+            let endpoint = &shape.endpoints[i].0;
+            if endpoint.try_take(shape.local_cap(i)) {
                 return Some(Slot {
                     pool: Arc::clone(self),
                     endpoint: Arc::clone(endpoint),
@@ -252,13 +290,13 @@ fn choose(shape: &Shape, exclude: Option<&Arc<Endpoint>>) -> Option<usize> {
     let mut healthy = Reservoir::default();
     let mut in_backoff = Reservoir::default();
     let mut any_healthy = false;
-    for (i, (endpoint, cap)) in shape.endpoints.iter().enumerate() {
+    for (i, (endpoint, _)) in shape.endpoints.iter().enumerate() {
         if exclude.is_some_and(|e| Arc::ptr_eq(e, endpoint)) {
             continue;
         }
         let is_healthy = endpoint.is_healthy();
         any_healthy |= is_healthy;
-        if endpoint.in_flight() >= *cap {
+        if endpoint.in_flight() >= shape.local_cap(i) {
             continue;
         }
         let reservoir = if is_healthy {
@@ -348,6 +386,7 @@ mod tests {
         Pool::new(Shape {
             endpoints,
             cluster_cap: u32::MAX,
+            share: Share::WHOLE,
             queue_size,
             queue_timeout: Duration::from_millis(200),
             balance: Balance::Random,
@@ -378,7 +417,7 @@ mod tests {
             "[[service]]\nname = \"s\"\ncluster_max_concurrent = 7\nendpoints = []",
         )
         .unwrap();
-        let mut shape = Shape::from_config(&config.services[0], None).unwrap();
+        let mut shape = Shape::from_config(&config.services[0], None, Share::WHOLE).unwrap();
         shape.endpoints = pool.shape().endpoints.clone();
         shape.own_caps = vec![None; 2];
         pool.set_shape(shape);

@@ -114,6 +114,12 @@ impl Bucket {
         self.quota.store(quota.pack(), Ordering::Release);
     }
 
+    /// How far the bucket's usage runs ahead of `now`, in ns: 0 when full, a whole burst's
+    /// worth of intervals when empty.
+    pub fn ahead(&self, now: u64) -> u64 {
+        self.tat.load(Ordering::Acquire).saturating_sub(now)
+    }
+
     /// Judge one request arriving at `now` (ns on the limiter's clock).
     pub fn check(&self, now: u64) -> (Quota, Verdict) {
         let quota = self.quota();

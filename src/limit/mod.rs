@@ -8,6 +8,7 @@
 mod gcra;
 mod headers;
 mod keys;
+mod shared;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -22,6 +23,7 @@ use tokio::time::Instant;
 use crate::autoscale::ResourceMetrics;
 use crate::config::{MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys};
 use crate::stats::RecentCount;
+use crate::store::{self, Fleet, Lease};
 pub use gcra::{Bucket, Quota, Verdict};
 pub use headers::{policy_value, Status};
 pub use keys::{key_digest, KeySource, KeyTable};
@@ -71,12 +73,16 @@ pub struct Resource {
     metrics: ArcSwapOption<ResourceMetrics>,
     /// `RateLimit-Policy` of the quota last seen: built once per limit, not per response.
     policy_header: ArcSwap<(Quota, HeaderValue)>,
+    /// With a shared store: its bucket's key and this replica's lease on it.
+    shared: Option<(String, Lease)>,
 }
 
 impl Resource {
-    /// A resource whose live limit starts at its base.
-    pub fn new(name: &str, base: Quota, autoscale: bool) -> Self {
+    /// A resource whose live limit starts at its base; with `shared`, its bucket is the one
+    /// at that store key, shared by the fleet.
+    pub fn new(name: &str, base: Quota, autoscale: bool, shared: Option<String>) -> Self {
         Self {
+            shared: shared.map(|key| (key, Lease::new(base))),
             name: name.into(),
             bucket: Bucket::new(base),
             base: AtomicU64::new(base.pack()),
@@ -168,6 +174,17 @@ pub enum KeyProblem {
 /// The outcome of a rate check.
 #[derive(Debug)]
 pub enum Admission<'a> {
+    /// The resource's lease from the shared store is empty: the caller must
+    /// [`RateLimiter::ask`] the store (bounded by `store.timeout`).
+    Ask {
+        /// Whose bucket to ask.
+        resource: &'a Arc<Resource>,
+    },
+    /// The store is unreachable and `on_error = "deny"`: 503 `store_unavailable`.
+    Unavailable {
+        /// Whose limit could not be checked.
+        resource: &'a Arc<Resource>,
+    },
     /// Passed; the request is counted against `resource`.
     Admitted {
         /// Whose limit it counted against.
@@ -231,6 +248,19 @@ pub struct RateLimiter {
     anonymous: Arc<Resource>,
     table: Arc<KeyTable>,
     epoch: Instant,
+    fleet: Option<Arc<Fleet>>,
+}
+
+/// How one resource's request was judged before any response is built.
+enum Judged {
+    Verdict(Quota, Verdict),
+    Ask,
+    Unavailable,
+}
+
+/// Nanoseconds from `epoch` to `at` (a limiter's clock).
+fn nanos_since(epoch: Instant, at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// The base quota a resource config asks for.
@@ -243,11 +273,13 @@ pub fn base_quota(settings: &RateLimitConfig, resource: Option<&ResourceConfig>)
 impl RateLimiter {
     /// Build from validated settings. Resources that keep their name in `previous`, the
     /// unknown-key table (if its bound is unchanged) and the clock carry over, so usage and
-    /// counters survive a policy change.
+    /// counters survive a policy change. With `fleet`, the resources of `service` use the
+    /// fleet's shared buckets.
     pub fn from_config(
         settings: &RateLimitConfig,
         resources: &[ResourceConfig],
         previous: Option<&RateLimiter>,
+        fleet: Option<(&Arc<Fleet>, &str)>,
     ) -> Self {
         let reuse = |name: &str, base: Quota, autoscale: bool| {
             let old = previous.and_then(|p| p.find(name));
@@ -256,7 +288,10 @@ impl RateLimiter {
                     old.reconfigure(base, autoscale);
                     Arc::clone(old)
                 }
-                None => Arc::new(Resource::new(name, base, autoscale)),
+                None => {
+                    let key = fleet.map(|(f, service)| f.rate_key(service, name));
+                    Arc::new(Resource::new(name, base, autoscale, key))
+                }
             }
         };
         let default = base_quota(settings, None);
@@ -289,6 +324,7 @@ impl RateLimiter {
             anonymous: reuse(ANONYMOUS, default, false),
             table,
             epoch: previous.map_or_else(Instant::now, |p| p.epoch),
+            fleet: fleet.map(|(f, _)| Arc::clone(f)),
         }
     }
 
@@ -325,36 +361,66 @@ impl RateLimiter {
 
     /// Nanoseconds on the limiter's clock at `at`.
     fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+        nanos_since(self.epoch, at)
     }
 
     /// Judge a request by its headers.
     pub fn check(&self, headers: &HeaderMap) -> Admission<'_> {
         let at = Instant::now();
         let now = self.nanos(at);
-        let (resource, verdict) = match self.keys.extract(headers) {
+        let resource = match self.keys.extract(headers) {
             None => match self.settings.missing_key {
                 MissingKey::Reject => return Admission::Refused(KeyProblem::Missing),
-                MissingKey::Anonymous => (&self.anonymous, self.anonymous.check(now)),
+                MissingKey::Anonymous => &self.anonymous,
             },
             Some(key) => {
                 let digest = key_digest(key);
                 match self.by_digest.get(&digest) {
-                    Some(resource) => (resource, resource.check(now)),
+                    Some(resource) => resource,
                     None => match self.settings.unknown_keys {
                         UnknownKeys::Reject => return Admission::Refused(KeyProblem::Unknown),
                         UnknownKeys::Default => {
+                            // Unknown keys are too many to share through the store: each
+                            // replica enforces its share of the default limit per key.
                             let quota = self.unknown.limit();
-                            (
-                                &self.unknown,
-                                (quota, self.table.check(&digest, now, quota)),
-                            )
+                            let quota = match &self.fleet {
+                                Some(fleet) => store::share_of(quota, fleet.replicas()),
+                                None => quota,
+                            };
+                            let verdict = self.table.check(&digest, now, quota);
+                            return self.admission(&self.unknown, quota, verdict, at);
                         }
                     },
                 }
             }
         };
-        let (quota, verdict) = verdict;
+        match self.judge(resource, now) {
+            Judged::Verdict(quota, verdict) => {
+                if matches!(verdict, Verdict::Admit { .. }) {
+                    self.prefetch_if_low(resource);
+                }
+                self.admission(resource, quota, verdict, at)
+            }
+            Judged::Ask => Admission::Ask { resource },
+            Judged::Unavailable => Admission::Unavailable { resource },
+        }
+    }
+
+    /// Judge a request against `resource`'s own bucket.
+    fn check_resource<'a>(&'a self, resource: &'a Arc<Resource>) -> Admission<'a> {
+        let at = Instant::now();
+        let (quota, verdict) = resource.check(self.nanos(at));
+        self.admission(resource, quota, verdict, at)
+    }
+
+    /// Count the verdict and say what to answer.
+    fn admission<'a>(
+        &self,
+        resource: &'a Arc<Resource>,
+        quota: Quota,
+        verdict: Verdict,
+        at: Instant,
+    ) -> Admission<'a> {
         match verdict {
             Verdict::Admit {
                 remaining,

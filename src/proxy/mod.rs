@@ -23,6 +23,7 @@ use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot, Slot};
 use crate::limit::{Admission, KeyProblem};
 use crate::policy::{Policy, Service};
+use crate::store::Fleet;
 use body::{BodyWatch, ResponseBody, UpstreamBody};
 use reject::{Reason, Rejection};
 pub use server::serve;
@@ -36,6 +37,7 @@ pub struct Proxy {
     policy: ArcSwap<Policy>,
     upstream: Upstream,
     events: Arc<EventHistory>,
+    fleet: Option<Arc<Fleet>>,
 }
 
 /// The connector for outgoing HTTP/1.1 (http and https): TCP with `connect_timeout`, no
@@ -53,13 +55,20 @@ pub fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
 }
 
 impl Proxy {
-    /// A proxy serving `policy`; `connect_timeout` bounds each upstream TCP connect.
-    pub fn new(policy: Policy, connect_timeout: Duration) -> Arc<Self> {
+    /// A proxy serving `policy`; `connect_timeout` bounds each upstream TCP connect; `fleet`
+    /// is the shared store the policy's limits use, if any.
+    pub fn new(policy: Policy, connect_timeout: Duration, fleet: Option<Arc<Fleet>>) -> Arc<Self> {
         Arc::new(Self {
             policy: ArcSwap::from_pointee(policy),
             upstream: Upstream::new(connector(connect_timeout)),
             events: Arc::new(EventHistory::new(DEFAULT_HISTORY)),
+            fleet,
         })
+    }
+
+    /// The shared store, when replicas share limits.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.as_ref()
     }
 
     /// The autoscale event history.
@@ -148,7 +157,16 @@ impl Proxy {
         let Some(limits) = &service.limits else {
             return self.forward(policy, service, req, client, outcome).await;
         };
-        match limits.check(req.headers()) {
+        let admission = match limits.check(req.headers()) {
+            Admission::Ask { resource } => limits.ask(resource).await,
+            decided => decided,
+        };
+        match admission {
+            // `ask` never answers `Ask`; a store that cannot be asked is unavailable.
+            Admission::Ask { resource } | Admission::Unavailable { resource } => {
+                outcome.resource = Some(Arc::clone(&resource.name));
+                outcome.reject(Reason::StoreUnavailable, Some(service))
+            }
             Admission::Refused(problem) => {
                 let reason = match problem {
                     KeyProblem::Missing => Reason::MissingKey,

@@ -1,5 +1,6 @@
-//! Every answer sluice gives on its own behalf (400, 404, 429, 502, 504) is built here, with a JSON
-//! body that says why, so clients can tell a refusal from an endpoint's answer.
+//! Every answer sluice gives on its own behalf (400, 401, 404, 429, 502, 503, 504) is built
+//! here, with a JSON body that says why, so clients can tell a refusal from an endpoint's
+//! answer.
 
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
@@ -29,6 +30,8 @@ pub enum Reason {
     UpstreamTimeout,
     /// The endpoint broke the exchange (reset, invalid response).
     UpstreamError,
+    /// The shared store is unreachable and `store.on_error = "deny"`.
+    StoreUnavailable,
     /// The client's request body broke (malformed chunked framing, or the connection lost
     /// mid-body): the endpoint's connection was cut, so it never took it for a whole request.
     ClientBodyError,
@@ -39,7 +42,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Self::NoRoute,
         Self::MissingKey,
         Self::UnknownKey,
@@ -49,6 +52,7 @@ impl Reason {
         Self::UpstreamUnreachable,
         Self::UpstreamTimeout,
         Self::UpstreamError,
+        Self::StoreUnavailable,
         Self::ClientBodyError,
         Self::ConflictingFraming,
     ];
@@ -70,6 +74,7 @@ impl Reason {
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamError => "upstream_error",
+            Self::StoreUnavailable => "store_unavailable",
             Self::ClientBodyError => "client_body_error",
             Self::ConflictingFraming => "conflicting_framing",
         }
@@ -85,6 +90,7 @@ impl Reason {
             }
             Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ClientBodyError | Self::ConflictingFraming => StatusCode::BAD_REQUEST,
         }
     }
@@ -95,6 +101,7 @@ impl Reason {
             StatusCode::UNAUTHORIZED => "unauthorized",
             StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
             StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
+            StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
             StatusCode::BAD_REQUEST => "bad_request",
             _ => "bad_gateway",
         }

@@ -1,11 +1,14 @@
 //! Shared test support: mock endpoints that count what they receive ([`mock`]), clients
-//! ([`client`]), sluice in-process ([`start_sluice`]) or as the real binary ([`process`]).
+//! ([`client`]), sluice in-process ([`start_sluice`]) or as the real binary ([`process`]), a
+//! real `redis-server` ([`redis`]), and a fleet of replicas sharing it ([`fleet`]).
 // Each test file uses a different part of this module.
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
+pub mod fleet;
 pub mod mock;
 pub mod process;
+pub mod redis;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,5 +1,5 @@
-//! The real `sluice` binary as a subprocess: temp config files, `check`, and `run`/`demo`
-//! with their output captured line by line.
+//! The real `sluice` binary as a subprocess: temp config files, `check`, and
+//! `run`/`demo`/`demo-endpoints` with their output captured line by line.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -40,7 +40,7 @@ pub fn check(path: &Path) -> Output {
 /// A running `sluice` process with its stdout and stderr collected.
 pub struct Running {
     child: Child,
-    /// Where its proxy listens.
+    /// Where its proxy listens (for `demo-endpoints`: its first endpoint).
     pub addr: SocketAddr,
     /// Where its admin API listens, if enabled.
     pub admin: Option<SocketAddr>,
@@ -55,6 +55,36 @@ pub async fn start_binary(args: &[&str]) -> Running {
 
 /// [`start_binary`] with environment variables (e.g. `SLUICE_ADMIN_TOKEN`).
 pub async fn start_binary_with_env(args: &[&str], env: &[(&str, &str)]) -> Running {
+    start_binary_until(args, env, listening_addr).await.0
+}
+
+/// Start `sluice --log-format json demo-endpoints ARGS...` and wait until its endpoints
+/// listen; returns their addresses, in port order as given.
+pub async fn start_demo_endpoints(args: &[&str]) -> (Running, Vec<SocketAddr>) {
+    let args: Vec<&str> = ["demo-endpoints"].iter().chain(args).copied().collect();
+    start_binary_until(&args, &[], |rx| {
+        let json = next_log_line(rx, "demo endpoints listening")?;
+        let addrs: Vec<SocketAddr> = json["endpoints"]
+            .as_str()?
+            .split(", ")
+            .map(|url| url.strip_prefix("http://")?.parse().ok())
+            .collect::<Option<_>>()?;
+        Some(((*addrs.first()?, None), addrs))
+    })
+    .await
+}
+
+/// A process's main address and its admin address, if any (see [`Running`]).
+type Addrs = (SocketAddr, Option<SocketAddr>);
+
+/// Start `sluice --log-format json ARGS...`; `ready` reads its output lines until it returns
+/// the (address, admin address) for [`Running`] and anything else the caller wants, or `None`
+/// when the output ended or took longer than the deadline.
+async fn start_binary_until<T: Send + 'static>(
+    args: &[&str],
+    env: &[(&str, &str)],
+    ready: impl FnOnce(&mpsc::Receiver<String>) -> Option<(Addrs, T)> + Send + 'static,
+) -> (Running, T) {
     let mut child = sluice_bin()
         .envs(env.iter().copied())
         .arg("--log-format")
@@ -71,21 +101,22 @@ pub async fn start_binary_with_env(args: &[&str], env: &[(&str, &str)]) -> Runni
         collect_lines(child.stdout.take().expect("stdout"), &lines, tx.clone()),
         collect_lines(child.stderr.take().expect("stderr"), &lines, tx),
     ];
-    let addr = tokio::task::spawn_blocking(move || listening_addr(&rx))
+    let found = tokio::task::spawn_blocking(move || ready(&rx))
         .await
         .expect("reader thread");
-    let Some((addr, admin)) = addr else {
+    let Some(((addr, admin), extra)) = found else {
         let _ = child.kill();
         let output = lines.lock().unwrap().join("\n");
         panic!("sluice did not report its address; output:\n{output}");
     };
-    Running {
+    let running = Running {
         child,
         addr,
         admin,
         lines,
         readers,
-    }
+    };
+    (running, extra)
 }
 
 fn collect_lines(
@@ -104,7 +135,14 @@ fn collect_lines(
 }
 
 /// The proxy and admin addresses from the "sluice listening" log line.
-fn listening_addr(rx: &mpsc::Receiver<String>) -> Option<(SocketAddr, Option<SocketAddr>)> {
+fn listening_addr(rx: &mpsc::Receiver<String>) -> Option<(Addrs, ())> {
+    let json = next_log_line(rx, "sluice listening")?;
+    let admin = json["admin"].as_str().and_then(|a| a.parse().ok());
+    Some(((json["proxy"].as_str()?.parse().ok()?, admin), ()))
+}
+
+/// The next JSON log line with `message`, within the deadline.
+fn next_log_line(rx: &mpsc::Receiver<String>, message: &str) -> Option<serde_json::Value> {
     let deadline = std::time::Instant::now() + super::DEADLINE;
     loop {
         let left = deadline.checked_duration_since(std::time::Instant::now())?;
@@ -112,9 +150,8 @@ fn listening_addr(rx: &mpsc::Receiver<String>) -> Option<(SocketAddr, Option<Soc
         let Ok(json) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        if json["message"] == "sluice listening" {
-            let admin = json["admin"].as_str().and_then(|a| a.parse().ok());
-            return Some((json["proxy"].as_str()?.parse().ok()?, admin));
+        if json["message"] == message {
+            return Some(json);
         }
     }
 }

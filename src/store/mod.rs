@@ -1,0 +1,247 @@
+//! Where limit state lives. With `backend = "memory"` (the default) everything stays in this
+//! process and nothing here runs. With `backend = "redis"`, a [`Fleet`] shares it with every
+//! replica that uses the same Redis and key prefix:
+//! - rate limits: GCRA buckets in Redis, leased to replicas in small batches (`rate.rs`);
+//! - concurrency caps: each replica enforces its share, recomputed from the live replica set
+//!   that heartbeats maintain (`members.rs`, shares in `balance::Share`);
+//! - the policy (services, limits, admin changes) with a version every replica follows, and
+//!   the autoscaled values, written only by the leader (`sync.rs`);
+//! - autoscale metrics summed over the fleet (`sync.rs`).
+//!
+//! Nothing on the request path waits on Redis for longer than `store.timeout`; while Redis is
+//! unreachable, `store.on_error` decides (see [`OnError`]).
+
+mod members;
+mod rate;
+mod redis;
+mod sync;
+mod tally;
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::Script;
+
+use crate::balance::Share;
+use crate::config::{OnError, StoreConfig};
+use crate::limit::Quota;
+pub use rate::{Lease, Local, LEASE_TTL};
+pub use redis::{Redis, StoreError, StoreStats, PASSWORD_ENV};
+pub use sync::{join, run, PolicyDoc, ScaleDoc, POLICY_POLL};
+pub use tally::{Others, Tally};
+
+/// This replica's connection to the fleet's shared state.
+#[derive(Debug)]
+pub struct Fleet {
+    redis: Redis,
+    config: StoreConfig,
+    id: String,
+    reserve: Script,
+    scripts: sync::Scripts,
+    heartbeat: members::Heartbeat,
+    /// This replica's share of every cap, packed as (index << 32 | replicas).
+    share: AtomicU64,
+    /// Live replicas seen at the last heartbeat (at least 1: this one).
+    replicas: AtomicU32,
+    /// The fencing token while this replica leads autoscaling; 0 otherwise.
+    leader_token: AtomicU64,
+    /// The version of the fleet policy this replica follows.
+    policy_version: AtomicU64,
+}
+
+impl Fleet {
+    /// Connect (lazily) to the store `config` names.
+    pub fn connect(config: &StoreConfig) -> Result<Arc<Self>, StoreError> {
+        let id = match config.replica_id.as_str() {
+            "" => default_replica_id(),
+            id => id.to_owned(),
+        };
+        let redis = Redis::connect(config)?;
+        Ok(Arc::new(Self {
+            heartbeat: members::Heartbeat::new(&redis),
+            redis,
+            config: config.clone(),
+            id,
+            reserve: rate::reserve_script(),
+            scripts: sync::Scripts::new(),
+            // Not part of the fleet until the first heartbeat says so.
+            share: AtomicU64::new(pack(Share::NONE)),
+            replicas: AtomicU32::new(1),
+            leader_token: AtomicU64::new(0),
+            policy_version: AtomicU64::new(0),
+        }))
+    }
+
+    /// This replica's id in the fleet.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The connection.
+    pub fn redis(&self) -> &Redis {
+        &self.redis
+    }
+
+    /// The store settings.
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Whether shared limits are in force (the store answered the last call).
+    pub fn is_up(&self) -> bool {
+        self.redis.is_up()
+    }
+
+    /// What to do while the store is unreachable.
+    pub fn on_error(&self) -> OnError {
+        self.config.on_error
+    }
+
+    /// Live replicas, this one included.
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Acquire).max(1)
+    }
+
+    /// This replica's part of every concurrency cap.
+    pub fn share(&self) -> Share {
+        let word = self.share.load(Ordering::Acquire);
+        Share {
+            index: (word >> 32) as u32,
+            replicas: word as u32,
+        }
+    }
+
+    fn set_share(&self, share: Share) {
+        self.share.store(pack(share), Ordering::Release);
+    }
+
+    /// Whether this replica takes the autoscale steps now.
+    pub fn is_leader(&self) -> bool {
+        self.leader_token.load(Ordering::Acquire) != 0
+    }
+
+    /// The version of the fleet policy in force here (0 before the first sync).
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version.load(Ordering::Acquire)
+    }
+
+    /// The Redis key of a resource's rate bucket.
+    pub fn rate_key(&self, service: &str, resource: &str) -> String {
+        self.redis.key(&format!("rate:{service}:{resource}"))
+    }
+
+    /// Reserve cells for `lease` and take one, within `store.timeout` all told (waiting for
+    /// another request's refill included: past the limit that is [`StoreError::Busy`]).
+    pub async fn refill(
+        &self,
+        lease: &Lease,
+        key: &str,
+        quota: Quota,
+        now: impl Fn() -> u64,
+    ) -> Result<crate::limit::Verdict, StoreError> {
+        lease
+            .refill_and_take(&self.redis, &self.reserve, key, quota, self.replicas(), now)
+            .await
+    }
+
+    /// Reserve `lease`'s next batch in the background while it still has cells.
+    pub async fn prefetch(
+        &self,
+        lease: &Lease,
+        key: &str,
+        quota: Quota,
+        now: impl Fn() -> u64,
+    ) -> Result<(), StoreError> {
+        lease
+            .prefetch(&self.redis, &self.reserve, key, quota, self.replicas(), now)
+            .await
+    }
+
+    /// Count a request decided by `on_error`.
+    pub fn count_fallback(&self) {
+        self.redis.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How long a replica may miss heartbeats before the others count it gone.
+    pub fn member_ttl(&self) -> Duration {
+        self.config.heartbeat * 3
+    }
+}
+
+/// How this replica stands in the fleet, for `/admin/capacity`, `/readyz` and `/metrics`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FleetView {
+    /// "redis".
+    pub backend: &'static str,
+    /// This replica's id.
+    pub replica_id: String,
+    /// Whether the store answered the last call.
+    pub up: bool,
+    /// What applies while it does not: "local", "allow" or "deny".
+    pub on_error: OnError,
+    /// Live replicas at the last heartbeat.
+    pub replicas: u32,
+    /// This replica's position among them (sorted by id).
+    pub share_index: u32,
+    /// False until this replica has been listed for 2 heartbeats (it takes no slots before).
+    pub joined: bool,
+    /// Whether this replica takes the autoscale steps.
+    pub leader: bool,
+    /// Version of the fleet policy in force here.
+    pub policy_version: u64,
+    /// Store calls made and failed, and requests decided by `on_error`.
+    pub calls_total: u64,
+    /// Store calls that failed or timed out.
+    pub errors_total: u64,
+    /// Requests decided by `on_error` while the store was unreachable.
+    pub fallbacks_total: u64,
+}
+
+impl Fleet {
+    /// A snapshot of this replica's standing.
+    pub fn view(&self) -> FleetView {
+        let share = self.share();
+        let stats = &self.redis.stats;
+        FleetView {
+            backend: "redis",
+            replica_id: self.id.clone(),
+            up: self.is_up(),
+            on_error: self.on_error(),
+            replicas: self.replicas(),
+            share_index: share.index,
+            joined: share.replicas > 0,
+            leader: self.is_leader(),
+            policy_version: self.policy_version(),
+            calls_total: stats.calls.load(Ordering::Relaxed),
+            errors_total: stats.errors.load(Ordering::Relaxed),
+            fallbacks_total: stats.fallbacks.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// This replica's part of `quota` while it enforces limits alone (`on_error = "local"`).
+pub fn share_of(quota: Quota, replicas: u32) -> Quota {
+    let part = |v: std::num::NonZeroU32| {
+        std::num::NonZeroU32::new(v.get() / replicas.max(1)).unwrap_or(std::num::NonZeroU32::MIN)
+    };
+    Quota {
+        tps: part(quota.tps),
+        burst: part(quota.burst),
+    }
+}
+
+fn pack(share: Share) -> u64 {
+    (u64::from(share.index) << 32) | u64::from(share.replicas)
+}
+
+/// hostname + pid: unique per process, readable in the admin views.
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "sluice".into());
+    format!("{host}-{}", std::process::id())
+}

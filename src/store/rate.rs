@@ -1,0 +1,335 @@
+//! Fleet-wide rate limits without a store call per request. The GCRA bucket of each resource
+//! lives in Redis (one script, atomic, on Redis's clock); a replica reserves a small *batch*
+//! of cells from it at a time and admits from that lease locally.
+//!
+//! Why the fleet stays within its limit: every admitted request spent a cell that the Redis
+//! bucket granted, so over any run the fleet admits at most `tps × time + burst`. A lease
+//! holds at most a quarter of the replica's share of the burst, so over a short window the
+//! fleet can run ahead by at most a quarter of the burst (the cells leased before it), and a
+//! lease lives at most [`LEASE_TTL`]. Cells a replica leased but did not use before the lease
+//! ended are lost (the fleet admits a little *less*, never more); the batch adapts to each
+//! replica's demand (doubling while leases run out fast, halving when they expire unused).
+//! A busy lease that runs down to half a batch reserves the next one in the background.
+//!
+//! A refusal from Redis says exactly when the next cell is due; until then the replica refuses
+//! locally, so throttled traffic costs no store calls either.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::Script;
+use tokio::time::Instant;
+
+use super::redis::{Redis, StoreError};
+use crate::limit::{Bucket, Quota, Verdict};
+
+/// How long leased cells may be used. Short, so a lease cannot carry old allowance far.
+pub const LEASE_TTL: Duration = Duration::from_millis(250);
+/// Most cells leased at once.
+const MAX_BATCH: u32 = 128;
+
+/// Reserve up to ARGV[3] cells from the bucket at KEYS[1]. Times are microseconds on Redis's
+/// clock. ARGV: interval (µs per cell, may be fractional), window (burst × interval), cells
+/// wanted, seed (how far ahead of now a bucket that does not exist yet starts: usage the
+/// replica counted locally while Redis was away). Returns {granted, retry_after µs,
+/// remaining, reset µs}.
+const RESERVE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then tat = now + tonumber(ARGV[4]) end
+if tat < now then tat = now end
+local fit = math.floor((now + window - tat) / interval + 1e-6)
+if fit < want then want = fit end
+if want < 1 then
+  return {0, math.ceil(tat + interval - window - now), 0, math.ceil(tat - now)}
+end
+tat = math.ceil(tat + want * interval)
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+return {want, 0, math.floor((now + window - tat) / interval), tat - now}
+";
+
+/// The reservation script, loaded once per process.
+pub fn reserve_script() -> Script {
+    super::redis::script(RESERVE)
+}
+
+/// What a lease says about one request, without a store call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// A leased cell was spent.
+    Admit(Verdict),
+    /// Redis said no cell is due before then.
+    Refuse(Verdict),
+    /// Nothing leased: ask the store.
+    Empty,
+}
+
+/// One replica's lease on a resource's fleet bucket, plus the bucket that enforces this
+/// replica's share of the limit while the store is unreachable (`on_error = "local"`).
+#[derive(Debug)]
+pub struct Lease {
+    cells: AtomicU32,
+    /// End of the lease, ns on the limiter's clock.
+    expires: AtomicU64,
+    /// No cell is due in the fleet bucket before this (ns on the limiter's clock).
+    refused_until: AtomicU64,
+    /// Fleet-wide remaining at the grant, for the RateLimit header.
+    remaining: AtomicU32,
+    /// When the fleet bucket is full again, ns on the limiter's clock.
+    full_at: AtomicU64,
+    /// Cells to ask for next time.
+    batch: AtomicU32,
+    /// Serialises refills: one store call per resource at a time, the others wait for it.
+    refill: tokio::sync::Mutex<()>,
+    /// A prefetch was claimed and has not finished.
+    prefetching: AtomicBool,
+    /// This replica's share of the limit, used while the store is unreachable.
+    pub fallback: Bucket,
+}
+
+impl Lease {
+    /// An empty lease; `share` is this replica's part of the limit.
+    pub fn new(share: Quota) -> Self {
+        Self {
+            cells: AtomicU32::new(0),
+            expires: AtomicU64::new(0),
+            refused_until: AtomicU64::new(0),
+            remaining: AtomicU32::new(0),
+            full_at: AtomicU64::new(0),
+            batch: AtomicU32::new(1),
+            refill: tokio::sync::Mutex::new(()),
+            prefetching: AtomicBool::new(false),
+            fallback: Bucket::new(share),
+        }
+    }
+
+    /// Spend a leased cell, or refuse while Redis said none is due, at `now` (ns).
+    pub fn take(&self, now: u64) -> Local {
+        let refused_until = self.refused_until.load(Ordering::Acquire);
+        if now < refused_until {
+            return Local::Refuse(Verdict::Refuse {
+                retry_after_ns: refused_until - now,
+            });
+        }
+        if now >= self.expires.load(Ordering::Acquire) {
+            return Local::Empty;
+        }
+        match self
+            .cells
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        {
+            Ok(left) => Local::Admit(Verdict::Admit {
+                remaining: self
+                    .remaining
+                    .load(Ordering::Relaxed)
+                    .saturating_add(left - 1),
+                reset_ns: self.full_at.load(Ordering::Relaxed).saturating_sub(now),
+            }),
+            Err(_) => Local::Empty,
+        }
+    }
+
+    /// Whether the lease is running low while busy, so the caller should start a
+    /// [`Lease::prefetch`] of the next batch (requests then rarely wait for a store call).
+    /// True once until that prefetch has run.
+    pub fn claim_prefetch(&self) -> bool {
+        let batch = self.batch.load(Ordering::Relaxed);
+        let cells = self.cells.load(Ordering::Relaxed);
+        batch >= 2
+            && cells > 0
+            && cells <= batch / 2
+            && !self.prefetching.swap(true, Ordering::AcqRel)
+    }
+
+    /// Refill from the fleet bucket at `key` and take one cell: waits for a refill already
+    /// under way rather than making a second call. `now` gives ns on the limiter's clock.
+    pub async fn refill_and_take(
+        &self,
+        redis: &Redis,
+        script: &Script,
+        key: &str,
+        quota: Quota,
+        replicas: u32,
+        now: impl Fn() -> u64,
+    ) -> Result<Verdict, StoreError> {
+        let deadline = Instant::now() + redis.timeout();
+        let Ok(_one_call) = tokio::time::timeout_at(deadline, self.refill.lock()).await else {
+            return Err(StoreError::Busy(redis.timeout()));
+        };
+        // Another request may have refilled while this one waited.
+        match self.take(now()) {
+            Local::Admit(v) | Local::Refuse(v) => return Ok(v),
+            Local::Empty => {}
+        }
+        let asked_at = now();
+        let want = self.next_batch(quota, replicas, asked_at);
+        let seed_ns = self.fallback.ahead(asked_at);
+        match reserve(redis, script, key, quota, want, seed_ns, deadline).await? {
+            Grant::Refused { retry_after_ns } => {
+                self.refused_until
+                    .store(now() + retry_after_ns, Ordering::Release);
+                Ok(Verdict::Refuse { retry_after_ns })
+            }
+            Grant::Cells {
+                cells,
+                remaining,
+                reset_ns,
+            } => {
+                // One cell is this request's; the rest are the lease.
+                self.install(cells - 1, remaining, reset_ns, now());
+                Ok(Verdict::Admit {
+                    remaining: remaining.saturating_add(cells - 1),
+                    reset_ns,
+                })
+            }
+        }
+    }
+
+    /// Reserve the next batch while the lease still has cells (see [`Lease::running_low`]).
+    /// Skipped when a refill is already under way. The lease never holds more than one
+    /// batch's cap, so the bound on what the fleet can run ahead stays as it is.
+    pub async fn prefetch(
+        &self,
+        redis: &Redis,
+        script: &Script,
+        key: &str,
+        quota: Quota,
+        replicas: u32,
+        now: impl Fn() -> u64,
+    ) -> Result<(), StoreError> {
+        let claimed = Claimed(&self.prefetching);
+        let Ok(_one_call) = self.refill.try_lock() else {
+            return Ok(());
+        };
+        let asked_at = now();
+        let left = self.cells.load(Ordering::Acquire);
+        if left == 0 || asked_at >= self.expires.load(Ordering::Acquire) {
+            return Ok(()); // empty or over: the next request refills on demand
+        }
+        let cap = batch_cap(quota, replicas);
+        // It ran low while live: demand is high.
+        let batch = self
+            .batch
+            .load(Ordering::Relaxed)
+            .saturating_mul(2)
+            .min(cap);
+        self.batch.store(batch, Ordering::Relaxed);
+        let want = batch.min(cap.saturating_sub(left));
+        if want == 0 {
+            return Ok(());
+        }
+        if let Grant::Cells {
+            cells,
+            remaining,
+            reset_ns,
+        } = reserve(
+            redis,
+            script,
+            key,
+            quota,
+            want,
+            0,
+            Instant::now() + redis.timeout(),
+        )
+        .await?
+        {
+            let left = self.cells.load(Ordering::Acquire);
+            self.install(left + cells, remaining, reset_ns, now());
+        }
+        drop(claimed);
+        Ok(())
+    }
+
+    /// Make `cells` the lease, from `at` for [`LEASE_TTL`].
+    fn install(&self, cells: u32, remaining: u32, reset_ns: u64, at: u64) {
+        self.remaining.store(remaining, Ordering::Relaxed);
+        self.full_at.store(at + reset_ns, Ordering::Relaxed);
+        self.cells.store(cells, Ordering::Release);
+        self.expires
+            .store(at + LEASE_TTL.as_nanos() as u64, Ordering::Release);
+    }
+
+    /// Size the next request from how the last lease went: it ran out while still valid →
+    /// double; it expired with cells left → halve. Never more than a quarter of this
+    /// replica's share of the burst, so the replicas' leases together stay a small part of it.
+    fn next_batch(&self, quota: Quota, replicas: u32, now: u64) -> u32 {
+        let left = self.cells.swap(0, Ordering::AcqRel);
+        let live = now < self.expires.load(Ordering::Acquire);
+        let batch = self.batch.load(Ordering::Relaxed);
+        let batch = match (left, live) {
+            (0, true) => batch.saturating_mul(2),
+            (0, false) => batch,
+            _ => batch / 2,
+        };
+        let batch = batch.clamp(1, batch_cap(quota, replicas));
+        self.batch.store(batch, Ordering::Relaxed);
+        batch
+    }
+}
+
+/// Releases a claimed prefetch however the prefetch ends (done, refused, failed, cancelled).
+struct Claimed<'a>(&'a AtomicBool);
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// Most cells one replica's lease holds: a quarter of its share of the burst (at most
+/// [`MAX_BATCH`]), so all the fleet's leases together hold at most a quarter of the burst.
+fn batch_cap(quota: Quota, replicas: u32) -> u32 {
+    (quota.burst.get() / (4 * replicas.max(1))).clamp(1, MAX_BATCH)
+}
+
+/// What the fleet bucket answered.
+enum Grant {
+    Cells {
+        cells: u32,
+        remaining: u32,
+        reset_ns: u64,
+    },
+    Refused {
+        retry_after_ns: u64,
+    },
+}
+
+/// Ask the fleet bucket at `key` for up to `want` cells; `seed_ns` is where a bucket that does
+/// not exist starts (see [`RESERVE`]).
+async fn reserve(
+    redis: &Redis,
+    script: &Script,
+    key: &str,
+    quota: Quota,
+    want: u32,
+    seed_ns: u64,
+    deadline: Instant,
+) -> Result<Grant, StoreError> {
+    let interval_us = 1e6 / f64::from(quota.tps.get());
+    let window_us = interval_us * f64::from(quota.burst.get());
+    let mut invocation = script.key(key);
+    invocation
+        .arg(format!("{interval_us:.3}"))
+        .arg(format!("{window_us:.3}"))
+        .arg(want)
+        .arg(seed_ns / 1000);
+    let reply: Vec<i64> = redis.invoke_by(&invocation, deadline).await?;
+    let [granted, retry_us, remaining, reset_us] = reply[..] else {
+        return Err(StoreError::Data(format!("reserve answered {reply:?}")));
+    };
+    let ns = |us: i64| u64::try_from(us).unwrap_or(0).saturating_mul(1000);
+    Ok(match u32::try_from(granted) {
+        Ok(cells) if cells > 0 => Grant::Cells {
+            cells,
+            remaining: u32::try_from(remaining).unwrap_or(0),
+            reset_ns: ns(reset_us),
+        },
+        _ => Grant::Refused {
+            retry_after_ns: ns(retry_us).max(1),
+        },
+    })
+}

@@ -1,0 +1,354 @@
+//! What the fleet agrees on, and the loop that keeps this replica in step with it:
+//! - the replica set (heartbeats) and so this replica's share of every cap;
+//! - the policy: the services (endpoints, caps, resources, autoscale settings) as one JSON
+//!   document with a version. A change made on any replica is validated there, written with a
+//!   compare-and-set on the version, and every other replica adopts it at its next poll
+//!   ([`POLICY_POLL`]). A replica that starts while the store holds a policy follows it;
+//! - the autoscale leader: a lease (SET NX with expiry, renewed every heartbeat) that carries
+//!   a fencing token; only the holder steps the autoscaler, and its writes are refused once
+//!   the lease is someone else's;
+//! - the autoscaled values of each service, written by the leader after each step, and the
+//!   fleet's per-second metric counts the leader's windows add up.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Script;
+use serde::{Deserialize, Serialize};
+
+use super::redis::StoreError;
+use super::Fleet;
+use crate::balance::Share;
+use crate::config::{OnError, ServiceConfig};
+use crate::control::Control;
+
+/// How often a replica looks for a new policy version: changes reach every replica within it
+/// plus one store round trip.
+pub const POLICY_POLL: Duration = Duration::from_millis(250);
+
+/// Take or renew the lease KEYS[1] for ARGV[1] (ttl ARGV[2] ms). A new holder gets a new
+/// fencing token (KEYS[2] incremented); returns the holder's token, or 0 when another holds it.
+const LEAD: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return tonumber(redis.call('GET', KEYS[2]) or '0')
+end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return redis.call('INCR', KEYS[2])
+";
+
+/// Write ARGV[3] to KEYS[3] only while ARGV[1] holds the lease KEYS[1] with token ARGV[2].
+const FENCED_SET: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[3], ARGV[3])
+return 1
+";
+
+/// Publish policy ARGV[2] as the next version if the version (KEYS[1]) is still ARGV[1].
+/// Returns the new version, or 0 when another replica published first.
+const PUBLISH: &str = r"
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current ~= tonumber(ARGV[1]) then return 0 end
+local version = redis.call('INCR', KEYS[1])
+redis.call('SET', KEYS[2], ARGV[2])
+return version
+";
+
+/// The fleet's policy document.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PolicyDoc {
+    /// The replica that published it.
+    pub origin: String,
+    /// Why (the change's description).
+    pub reason: String,
+    /// The services, as a config file would list them.
+    pub services: Vec<ServiceConfig>,
+}
+
+/// A service's autoscaled values, as the leader last wrote them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ScaleDoc {
+    /// When the leader last stepped, ms since the Unix epoch.
+    pub stepped_at_ms: u64,
+    /// Each autoscaled resource's limit.
+    pub limits: BTreeMap<String, u32>,
+    /// The per-endpoint cap.
+    pub endpoint_concurrency: u32,
+}
+
+/// Scripts and keys of the shared state.
+#[derive(Debug)]
+pub(super) struct Scripts {
+    lead: Script,
+    fenced_set: Script,
+    publish: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Self {
+            lead: super::redis::script(LEAD),
+            fenced_set: super::redis::script(FENCED_SET),
+            publish: super::redis::script(PUBLISH),
+        }
+    }
+}
+
+impl Fleet {
+    fn policy_keys(&self) -> (String, String) {
+        (self.redis.key("policy:version"), self.redis.key("policy"))
+    }
+
+    /// Publish `services` as the fleet's next policy, if the fleet is still at the version
+    /// this replica follows. `Ok(None)`: another replica changed the policy first.
+    pub async fn publish_policy(
+        &self,
+        services: &[ServiceConfig],
+        reason: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let doc = PolicyDoc {
+            origin: self.id.clone(),
+            reason: reason.to_owned(),
+            services: services.iter().map(hashed_keys).collect(),
+        };
+        let json = serde_json::to_string(&doc).map_err(|e| StoreError::Data(e.to_string()))?;
+        let (version_key, doc_key) = self.policy_keys();
+        let mut invocation = self.scripts.publish.key(&version_key);
+        invocation
+            .key(&doc_key)
+            .arg(self.policy_version())
+            .arg(json);
+        let version: u64 = self.redis.invoke(&invocation).await?;
+        if version == 0 {
+            return Ok(None);
+        }
+        self.policy_version.store(version, Ordering::Release);
+        Ok(Some(version))
+    }
+
+    /// The fleet's policy when its version is newer than the one followed here.
+    pub async fn newer_policy(&self) -> Result<Option<(u64, PolicyDoc)>, StoreError> {
+        let (version_key, doc_key) = self.policy_keys();
+        let (version, doc): (Option<u64>, Option<String>) = self
+            .redis
+            .query(redis::cmd("MGET").arg(&version_key).arg(&doc_key))
+            .await?;
+        let (Some(version), Some(doc)) = (version, doc) else {
+            return Ok(None);
+        };
+        if version <= self.policy_version() {
+            return Ok(None);
+        }
+        let doc: PolicyDoc = serde_json::from_str(&doc)
+            .map_err(|e| StoreError::Data(format!("policy version {version}: {e}")))?;
+        Ok(Some((version, doc)))
+    }
+
+    /// Mark `version` as the one in force here.
+    pub fn follow(&self, version: u64) {
+        self.policy_version.store(version, Ordering::Release);
+    }
+
+    /// Take or renew the autoscale lease; whether this replica leads now.
+    async fn lead(&self) -> Result<bool, StoreError> {
+        let mut invocation = self.scripts.lead.key(self.redis.key("leader"));
+        invocation
+            .key(self.redis.key("leader:epoch"))
+            .arg(&self.id)
+            .arg(self.member_ttl().as_millis() as u64);
+        let token: u64 = self.redis.invoke(&invocation).await?;
+        let before = self.leader_token.swap(token, Ordering::AcqRel);
+        if before != token {
+            match token {
+                0 => {
+                    tracing::info!(target: "sluice::store", "another replica leads autoscaling now")
+                }
+                t => {
+                    tracing::info!(target: "sluice::store", token = t, "this replica leads autoscaling now")
+                }
+            }
+        }
+        Ok(token != 0)
+    }
+
+    fn scale_key(&self, service: &str) -> String {
+        self.redis.key(&format!("scale:{service}"))
+    }
+
+    /// The autoscaled values the leader last wrote for `service`.
+    pub async fn scale(&self, service: &str) -> Result<Option<ScaleDoc>, StoreError> {
+        let doc: Option<String> = self
+            .redis
+            .query(redis::cmd("GET").arg(self.scale_key(service)))
+            .await?;
+        doc.map(|d| serde_json::from_str(&d).map_err(|e| StoreError::Data(e.to_string())))
+            .transpose()
+    }
+
+    /// Write `service`'s autoscaled values; `false` when this replica no longer leads (the
+    /// write was fenced off).
+    pub async fn publish_scale(&self, service: &str, doc: &ScaleDoc) -> Result<bool, StoreError> {
+        let token = self.leader_token.load(Ordering::Acquire);
+        if token == 0 {
+            return Ok(false);
+        }
+        let json = serde_json::to_string(doc).map_err(|e| StoreError::Data(e.to_string()))?;
+        let mut invocation = self.scripts.fenced_set.key(self.redis.key("leader"));
+        invocation
+            .key(self.redis.key("leader:epoch"))
+            .key(self.scale_key(service))
+            .arg(&self.id)
+            .arg(token)
+            .arg(json);
+        let written: u64 = self.redis.invoke(&invocation).await?;
+        if written == 0 {
+            self.leader_token.store(0, Ordering::Release);
+        }
+        Ok(written == 1)
+    }
+}
+
+/// `service` with every plain `key` replaced by its `key_sha256`: keys never reach the store.
+fn hashed_keys(service: &ServiceConfig) -> ServiceConfig {
+    let mut service = service.clone();
+    for resource in &mut service.resources {
+        if let (Some(digest), None) = (resource.key_digest(), &resource.key_sha256) {
+            resource.key_sha256 = Some(digest.iter().map(|b| format!("{b:02x}")).collect());
+            resource.key = None;
+        }
+    }
+    service
+}
+
+/// One heartbeat: stamp this replica, update its share of every cap, renew or take the lease.
+async fn beat(fleet: &Fleet, control: &Control) -> Result<(), StoreError> {
+    let ttl = fleet.member_ttl();
+    let grace = fleet.config.heartbeat * 2;
+    let members = fleet
+        .heartbeat
+        .beat(&fleet.redis, &fleet.id, ttl, grace)
+        .await?;
+    let replicas = u32::try_from(members.ids.len()).unwrap_or(u32::MAX);
+    let before = fleet.replicas.swap(replicas, Ordering::AcqRel);
+    if before != replicas {
+        tracing::info!(target: "sluice::store", replicas, "fleet size changed");
+    }
+    apply_share(fleet, control, members.share);
+    fleet.lead().await?;
+    Ok(())
+}
+
+fn apply_share(fleet: &Fleet, control: &Control, share: Share) {
+    if fleet.share() != share {
+        fleet.set_share(share);
+        for service in &control.proxy().policy().services {
+            service.pool.set_share(share);
+        }
+    }
+}
+
+/// A heartbeat that did not reach the store. Nobody leads then. A replica that never reached
+/// the store does not know its share: rather than take no slots at all it enforces whole caps
+/// until the store answers. A replica cut off from the store (the others count it gone 3
+/// heartbeats after its last stamp and take its share) keeps its share with `on_error` local
+/// or allow (availability; the cap can be exceeded while only some replicas are cut off, see
+/// README), and with `deny` gives it up after 2 heartbeats, before the others can take it (the
+/// cap holds; this replica takes no slots until it joins again).
+fn missed(fleet: &Fleet, control: &Control) {
+    fleet.leader_token.store(0, Ordering::Release);
+    let ttl = fleet.member_ttl();
+    match fleet.heartbeat.missed(ttl) {
+        None if fleet.share() == Share::NONE => {
+            tracing::warn!(target: "sluice::store", "store unreachable before this replica joined: enforcing whole caps alone until it answers");
+            apply_share(fleet, control, Share::WHOLE);
+        }
+        // Before the others can count it gone (3 heartbeats after its last stamp).
+        Some(cut_off)
+            if cut_off >= fleet.config.heartbeat * 2
+                && fleet.on_error() == OnError::Deny
+                && fleet.share() != Share::NONE =>
+        {
+            tracing::warn!(target: "sluice::store", "cut off from the store for 2 heartbeats: giving up this replica's share of every cap (on_error = \"deny\")");
+            fleet.heartbeat.leave();
+            apply_share(fleet, control, Share::NONE);
+        }
+        _ => {}
+    }
+}
+
+/// Adopt the fleet's policy if it is newer than the one in force here.
+async fn follow_policy(fleet: &Fleet, control: &Control) -> Result<(), StoreError> {
+    let Some((version, doc)) = fleet.newer_policy().await? else {
+        return Ok(());
+    };
+    match control
+        .adopt(doc.services, version, &doc.origin, &doc.reason)
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(target: "sluice::store", version, origin = %doc.origin, "fleet policy adopted");
+        }
+        Err(e) => {
+            // Followed anyway: retrying an invalid document every poll would only repeat this.
+            fleet.follow(version);
+            tracing::error!(target: "sluice::store", version, origin = %doc.origin, "fleet policy refused here, the old one stays: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Join the fleet at start: the first heartbeat, then the policy — the fleet's if it has one,
+/// else this replica's, published as version 1. Bounded by the store timeout per call; with
+/// the store down, sluice starts on its own config and the loop catches up.
+pub async fn join(fleet: &Fleet, control: &Control) {
+    let joined = async {
+        beat(fleet, control).await?;
+        follow_policy(fleet, control).await?;
+        if fleet.policy_version() == 0 {
+            let services = control.proxy().policy().config.services.clone();
+            if let Some(version) = fleet
+                .publish_policy(&services, "first replica's config")
+                .await?
+            {
+                tracing::info!(target: "sluice::store", version, "fleet policy published from this replica's config");
+            } else {
+                follow_policy(fleet, control).await?;
+            }
+        }
+        Ok::<_, StoreError>(())
+    };
+    if let Err(e) = joined.await {
+        tracing::warn!(target: "sluice::store", error = %e, "store unreachable at start: on_error applies until it answers");
+        missed(fleet, control);
+    }
+}
+
+/// Keep this replica in step with the fleet until aborted: a heartbeat every
+/// `store.heartbeat` (which also probes a store that was unreachable) and a policy poll every
+/// [`POLICY_POLL`].
+pub async fn run(fleet: Arc<Fleet>, control: Arc<Control>) {
+    let mut beats = tokio::time::interval(fleet.config.heartbeat);
+    let mut polls = tokio::time::interval(POLICY_POLL);
+    beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = beats.tick() => {
+                // Errors are logged once by the connection when health changes.
+                if beat(&fleet, &control).await.is_err() {
+                    missed(&fleet, &control);
+                }
+            }
+            _ = polls.tick() => {
+                if fleet.is_up() {
+                    let _ = follow_policy(&fleet, &control).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,1316 @@
+//! Several replicas, one set of limits (issue 5): three real `sluice` processes share one real
+//! `redis-server`, and what clients and the backend observe must be what one sluice would do:
+//! fleet-wide TPS limits, fleet-wide concurrency caps that return to the survivors when a
+//! replica dies, one autoscale step per interval for the whole fleet, admin changes that reach
+//! every replica, and the documented `on_error` behaviour while Redis is down.
+//!
+//! Every test returns early (and says "skipped") when `redis-server` is not installed, unless
+//! `SLUICE_REQUIRE_REDIS` is set. The tests run one at a time ([`one_at_a_time`]): each drives
+//! three processes on a small machine.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::fleet::*;
+use support::redis::RedisServer;
+use support::*;
+
+const IDS: [&str; 3] = ["a", "b", "c"];
+
+fn addrs(replicas: &[Replica]) -> Vec<SocketAddr> {
+    replicas.iter().map(|r| r.addr).collect()
+}
+
+/// Open-loop load of `offered` TPS spread evenly over three replicas for `seconds`, against
+/// one resource at `tps` (burst `tps`): the fleet admits `tps × T + burst` (T measured), ±5%.
+async fn fleet_wide_rate(tps: u32, offered: f64, seconds: u64) {
+    let _serial = one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let backend = mock().start().await;
+    // A cap far above what is ever in flight: only the rate limit refuses.
+    let services = rated_service(&backend.url(), "max_concurrent = 200", tps, tps);
+    let replicas = start_fleet(&redis.url(), &IDS, "local", &services).await;
+
+    let load = open_loop(
+        Targets::new(addrs(&replicas)),
+        "key-a",
+        offered,
+        Some(Duration::from_secs(seconds)),
+    );
+    let shots = load.finish().await;
+
+    let first = shots.first().expect("requests were sent").sent;
+    let last = shots.iter().map(|s| s.sent).max().unwrap();
+    let span = (last - first).as_secs_f64();
+    let admitted = count(&shots, Shot::ok);
+    let expected = f64::from(tps) * span + f64::from(tps);
+    let mut lags: Vec<Duration> = shots.iter().map(Shot::lag).collect();
+    let (lag_p99, lag_max) = (percentile(&mut lags, 99), percentile(&mut lags, 100));
+    let mut latencies: Vec<Duration> = shots.iter().map(|s| s.latency).collect();
+    let latency_p99 = percentile(&mut latencies, 99);
+    let per_replica: Vec<usize> = (0..3)
+        .map(|i| count(&shots, |s| s.ok() && s.target == i))
+        .collect();
+    let mut stores = Vec::new();
+    for replica in &replicas {
+        stores.push(replica.store().await);
+    }
+    let fallbacks: Vec<&serde_json::Value> = stores.iter().map(|s| &s["fallbacks_total"]).collect();
+    let errors: Vec<&serde_json::Value> = stores.iter().map(|s| &s["errors_total"]).collect();
+    eprintln!(
+        "fleet rate {tps} TPS offered {offered}: sent {} over {span:.3} s, admitted {admitted} \
+         (expected {expected:.0}, {:+.2}%), per replica {per_replica:?}, backend {}, \
+         lag p99 {lag_p99:?} max {lag_max:?}, latency p99 {latency_p99:?}, \
+         store errors {errors:?}, fallbacks {fallbacks:?}",
+        shots.len(),
+        (admitted as f64 - expected) / expected * 100.0,
+        backend.requests()
+    );
+
+    // The load was what it claims: open loop, on schedule, over the limit throughout.
+    let sent_rate = shots.len() as f64 / span;
+    assert!(
+        sent_rate >= offered * 0.95,
+        "the generator sent {sent_rate:.0}/s instead of {offered}/s"
+    );
+    // Every answer is an admission or a rate refusal.
+    for shot in &shots {
+        assert!(
+            shot.ok() || (shot.status == 429 && shot.reason.as_deref() == Some("rate_limited")),
+            "unexpected answer {shot:?}"
+        );
+    }
+    assert_eq!(
+        backend.requests(),
+        admitted,
+        "every admitted request reached the backend, nothing else did"
+    );
+    let error = (admitted as f64 - expected).abs() / expected;
+    assert!(
+        error <= 0.05,
+        "fleet admitted {admitted}, expected {expected:.0} = {tps} × {span:.3} s + {tps} \
+         (±5%); per replica {per_replica:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_admits_100_tps_plus_burst_over_three_replicas() {
+    fleet_wide_rate(100, 300.0, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_admits_1000_tps_plus_burst_over_three_replicas() {
+    // Offered at 2000 TPS, not 3000: on this 2-core machine (debug build, three replicas,
+    // Redis, the generator and the mock on the same cores) 3000 TPS kept the generator on
+    // schedule only while nothing else ran (lag p99 5 ms, admitted exact); with another
+    // session's benchmark running beside it the generator fell 0.1-1.2 s behind (lag p99
+    // 98 ms to 1.24 s) and the starved replicas answered in up to 0.9 s. 2000 TPS kept lag p99
+    // at 6 ms under the same neighbour, and is still twice the limit on every replica.
+    fleet_wide_rate(1000, 2000.0, 10).await;
+}
+
+/// Sample `backend.current()` every millisecond until `stop`; the highest value seen.
+fn sample_current(
+    backend: &std::sync::Arc<Mock>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<usize> {
+    let backend = std::sync::Arc::clone(backend);
+    tokio::spawn(async move {
+        let mut highest = 0;
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            highest = highest.max(backend.current());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        highest
+    })
+}
+
+/// 90 closed-loop clients spread over `targets` for `for_`: the backend's peak so far and the
+/// most it was seen serving at once during this load, with every status the clients got.
+async fn saturate(
+    backend: &std::sync::Arc<Mock>,
+    targets: &[SocketAddr],
+    for_: Duration,
+) -> (usize, usize, Vec<u16>) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let per_target: Vec<usize> = (0..targets.len())
+        .map(|i| 90 / targets.len() + usize::from(i < 90 % targets.len()))
+        .collect();
+    let clients = closed_loop(targets, &per_target, Arc::clone(&stop));
+    let sampler = sample_current(backend, Arc::clone(&stop));
+    tokio::time::sleep(for_).await;
+    stop.store(true, Ordering::SeqCst);
+    let statuses = clients.await.unwrap();
+    let seen = sampler.await.unwrap();
+    (backend.peak(), seen, statuses)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cap_of_20_holds_for_the_fleet_and_returns_to_the_survivors() {
+    let _serial = one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let backend = std::sync::Arc::new(mock().hold(Duration::from_millis(100)).start().await);
+    // Queued rather than refused: every replica keeps its share of the cap busy.
+    let services = service(
+        &[backend.url()],
+        "max_concurrent = 20\nqueue_size = 100\nqueue_timeout = \"10s\"",
+    );
+    let mut replicas = start_fleet(&redis.url(), &IDS, "local", &services).await;
+    let mut shares = Vec::new();
+    for replica in &replicas {
+        let capacity = replica.capacity().await;
+        assert_eq!(
+            capacity["services"][0]["endpoints"][0]["max_concurrent"],
+            20
+        );
+        shares.push(replica.local_cap().await);
+    }
+    assert_eq!(shares.iter().sum::<u64>(), 20, "shares {shares:?}");
+    assert!(
+        shares.iter().all(|&s| s == 6 || s == 7),
+        "shares {shares:?}"
+    );
+
+    // 90 clients, 30 per replica.
+    let (peak, seen, statuses) =
+        saturate(&backend, &addrs(&replicas), Duration::from_secs(2)).await;
+    eprintln!(
+        "cap 20, three replicas (shares {shares:?}): backend peak {peak}, seen {seen}, \
+         {} answers",
+        statuses.len()
+    );
+    assert!(peak <= 20, "the backend served {peak} at once (cap 20)");
+    assert!(
+        seen >= 19,
+        "the backend never got near its cap: at most {seen} at once"
+    );
+    assert!(statuses.iter().all(|&s| s == 200), "statuses: {statuses:?}");
+
+    // Kill replica c like a crash: its share stays reserved until its stamp is 3 heartbeats
+    // old, then returns to a and b.
+    let stamp_ms: u64 = redis
+        .command(&["ZSCORE", "sluice:replicas", "c"])
+        .parse()
+        .expect("c's heartbeat stamp");
+    let mut c = replicas.pop().unwrap();
+    let killed = tokio::time::Instant::now();
+    c.kill();
+    let survivors: Vec<&Replica> = replicas.iter().collect();
+    let (a, b) = (survivors[0], survivors[1]);
+    loop {
+        let (sa, sb) = (a.store().await, b.store().await);
+        let (ca, cb) = (a.local_cap().await, b.local_cap().await);
+        assert!(ca + cb <= 20, "survivors hold {ca} + {cb} slots of 20");
+        if sa["replicas"] == 2 && sb["replicas"] == 2 && ca + cb == 20 {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the survivors still count c: {sa} {sb} ({ca} + {cb} slots)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let regained = killed.elapsed();
+    let redis_now_ms: u64 = {
+        let time = redis.command(&["TIME"]);
+        let mut parts = time.lines().map(|p| p.parse::<u64>().unwrap());
+        parts.next().unwrap() * 1000 + parts.next().unwrap() / 1000
+    };
+    eprintln!(
+        "c killed: survivors share all 20 after {regained:?} (c's last stamp was {} ms old \
+         when the survivors were seen sharing)",
+        redis_now_ms - stamp_ms
+    );
+    let ttl = HEARTBEAT * 3;
+    assert!(
+        redis_now_ms >= stamp_ms + ttl.as_millis() as u64,
+        "c's share came back before its stamp was 3 heartbeats old"
+    );
+    assert!(
+        regained <= ttl + HEARTBEAT * 2 + Duration::from_millis(1000),
+        "the survivors took {regained:?} to take c's share (3 heartbeats = {ttl:?})"
+    );
+    assert_eq!((a.local_cap().await, b.local_cap().await), (10, 10));
+
+    // 90 clients over the two survivors: still at most 20, and all 20 in use.
+    let (peak, seen, statuses) =
+        saturate(&backend, &addrs(&replicas), Duration::from_secs(2)).await;
+    eprintln!("cap 20, two replicas: backend peak {peak}, seen {seen}");
+    assert!(peak <= 20, "the backend served {peak} at once (cap 20)");
+    assert_eq!(seen, 20, "the two survivors did not use the whole cap");
+    assert!(statuses.iter().all(|&s| s == 200), "statuses: {statuses:?}");
+}
+
+/// Poll `replica` until `probe` of its capacity view holds; how long that took.
+async fn until(
+    replica: &Replica,
+    limit: Duration,
+    what: &str,
+    probe: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let started = tokio::time::Instant::now();
+    loop {
+        let capacity = replica.capacity().await;
+        if probe(&capacity) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "replica {}: not within {limit:?}: {what}; capacity {capacity}",
+            replica.id
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() {
+    let _serial = one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let backend = mock().start().await;
+    let services = rated_service(&backend.url(), "max_concurrent = 20", 10, 10);
+    let replicas = start_fleet(&redis.url(), &IDS, "local", &services).await;
+    let (a, b, c) = (&replicas[0], &replicas[1], &replicas[2]);
+    let version = a.store().await["policy_version"].clone();
+    for replica in [b, c] {
+        assert_eq!(replica.store().await["policy_version"], version);
+        assert_eq!(replica.limit_tps("team-a").await, 10);
+    }
+
+    // A valid change on a: b and c apply it within 1 s of a's answer.
+    let answer = a
+        .call(
+            "PUT",
+            "/admin/services/scoring/resources/team-a",
+            r#"{"tps": 50}"#,
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let changed = tokio::time::Instant::now();
+    assert_eq!(a.limit_tps("team-a").await, 50);
+    let mut took = Vec::new();
+    for replica in [b, c] {
+        until(replica, Duration::from_secs(1), "limit_tps 50", |cap| {
+            resource_view(cap, "team-a")["limit_tps"] == 50
+        })
+        .await;
+        took.push(changed.elapsed());
+    }
+    let version = a.store().await["policy_version"].as_u64().unwrap();
+    for replica in [b, c] {
+        assert_eq!(replica.store().await["policy_version"], version);
+    }
+    // Clients of b see the new limit (the adopted policy still knows the key).
+    let client = pool();
+    let mut req = get(b.addr, "/score");
+    req.headers_mut()
+        .insert("x-api-key", "key-a".parse().unwrap());
+    let answer = send(&client, req).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.header("ratelimit-policy"), Some("\"tps\";q=50;w=1"));
+
+    // A cap change on b reaches a and c too, and their shares add up to the new cap.
+    let answer = b
+        .call(
+            "PATCH",
+            "/admin/services/scoring",
+            r#"{"max_concurrent": 30}"#,
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let patched = tokio::time::Instant::now();
+    let mut shares = Vec::new();
+    for replica in [a, c] {
+        until(
+            replica,
+            Duration::from_secs(1),
+            "max_concurrent 30",
+            |cap| cap["services"][0]["endpoints"][0]["max_concurrent"] == 30,
+        )
+        .await;
+    }
+    let cap_took = patched.elapsed();
+    for replica in [a, b, c] {
+        shares.push(replica.local_cap().await);
+    }
+    assert_eq!(shares.iter().sum::<u64>(), 30, "shares {shares:?}");
+    eprintln!("tps change seen on b, c after {took:?}; cap change on a, c after {cap_took:?}");
+
+    // An invalid change on a is refused there and changes nothing anywhere.
+    let version = a.store().await["policy_version"].as_u64().unwrap();
+    let stored = redis.command(&["GET", "sluice:policy:version"]);
+    let answer = a
+        .call(
+            "PUT",
+            "/admin/services/scoring/resources/team-a",
+            r#"{"tps": 0}"#,
+        )
+        .await;
+    assert!(
+        answer.status.is_client_error(),
+        "tps 0 answered {}: {}",
+        answer.status,
+        answer.text()
+    );
+    // Longer than a policy poll and a heartbeat: a change would have arrived by now.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(redis.command(&["GET", "sluice:policy:version"]), stored);
+    for replica in [a, b, c] {
+        let capacity = replica.capacity().await;
+        assert_eq!(
+            capacity["store"]["policy_version"], version,
+            "{}",
+            replica.id
+        );
+        assert_eq!(
+            resource_view(&capacity, "team-a")["limit_tps"],
+            50,
+            "{}",
+            replica.id
+        );
+        assert_eq!(
+            capacity["services"][0]["endpoints"][0]["max_concurrent"],
+            30
+        );
+    }
+}
+
+/// team-a's scale events on `replica`, oldest first: (when, from, to, taken here by a rule).
+async fn scale_events(replica: &Replica) -> Vec<(chrono::DateTime<chrono::Utc>, u64, u64, bool)> {
+    let answer = replica
+        .call(
+            "GET",
+            "/admin/autoscale/events?service=scoring&resource=team-a",
+            "",
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let mut events: Vec<_> = answer.json()["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "scale_up")
+        .map(|e| {
+            let at = chrono::DateTime::parse_from_rfc3339(e["at"].as_str().unwrap())
+                .unwrap()
+                .with_timezone(&chrono::Utc);
+            let own = e["rule"].is_string();
+            if !own {
+                assert_eq!(
+                    e["reason"], "step taken by the fleet's autoscale leader",
+                    "{e}"
+                );
+            }
+            (
+                at,
+                e["from"].as_u64().unwrap(),
+                e["to"].as_u64().unwrap(),
+                own,
+            )
+        })
+        .collect();
+    events.sort_by_key(|e| e.0);
+    events
+}
+
+/// Which of `replicas` (those `live`) say they lead; panics if more than one does.
+async fn leader(replicas: &[Replica], live: &[bool]) -> Option<usize> {
+    let mut leaders = Vec::new();
+    for (i, replica) in replicas.iter().enumerate() {
+        if live[i] && replica.store().await["leader"] == true {
+            leaders.push(i);
+        }
+    }
+    assert!(leaders.len() <= 1, "several leaders at once: {leaders:?}");
+    leaders.first().copied()
+}
+
+/// team-a at 10 TPS with autoscale every 2 s by a rule that doubles the limit while it was
+/// throttled in the last second.
+fn autoscaled_service(url: &str) -> String {
+    format!(
+        "{}\n[service.rate_limit]\ndefault_tps = 10\n\n[[service.resource]]\nname = \"team-a\"\n\
+         key = \"key-a\"\ntps = 10\nautoscale = true\n\n[service.autoscale]\ninterval = \"2s\"\n\
+         [[service.autoscale.profile]]\nname = \"fast\"\n{DOUBLE_WHILE_THROTTLED}",
+        service(&[url.to_owned()], "max_concurrent = 200")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autoscale_steps_once_per_interval_for_the_fleet_and_outlives_its_leader() {
+    let _serial = one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let backend = mock().start().await;
+    let interval = Duration::from_secs(2);
+    let services = autoscaled_service(&backend.url());
+    let replicas = start_fleet(&redis.url(), &IDS, "local", &services).await;
+    let mut live = [true; 3];
+    let started = tokio::time::Instant::now();
+    let first = loop {
+        if let Some(i) = leader(&replicas, &live).await {
+            break i;
+        }
+        assert!(started.elapsed() < DEADLINE, "no replica leads autoscaling");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    // 150 TPS against 10 TPS, throttled until the limit passes 150 (10 → 20 → 40 → 80 →
+    // 160), sent to the two other replicas only: the leader sees no traffic of its own and
+    // steps on the fleet's metrics.
+    let targets = Targets::new(addrs(&replicas));
+    targets.drop_target(first);
+    let load = open_loop(targets.clone(), "key-a", 150.0, None);
+    let mut seen: Vec<Vec<(Duration, u64)>> = vec![Vec::new(); 3];
+    let mut killed = None;
+    let mut old_steps = Vec::new();
+    let mut second = None;
+    loop {
+        for (i, replica) in replicas.iter().enumerate() {
+            if !live[i] {
+                continue;
+            }
+            let limit = replica.limit_tps("team-a").await;
+            if seen[i].last().map(|&(_, l)| l) != Some(limit) {
+                seen[i].push((started.elapsed(), limit));
+            }
+        }
+        let limits: Vec<u64> = (0..3)
+            .filter(|&i| live[i])
+            .map(|i| seen[i].last().unwrap().1)
+            .collect();
+        match killed {
+            // Two steps taken by the first leader: kill it (its events first).
+            None if seen[first].last().unwrap().1 >= 40 => {
+                old_steps = scale_events(&replicas[first]).await;
+                replicas[first].kill_in_place();
+                live[first] = false;
+                killed = Some(tokio::time::Instant::now());
+            }
+            Some(at) if second.is_none() => {
+                if let Some(i) = leader(&replicas, &live).await {
+                    second = Some((i, at.elapsed()));
+                }
+            }
+            // Two more steps, by the new leader.
+            Some(_) if limits.iter().all(|&l| l >= 160) => break,
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "the limit stopped doubling: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let shots = load.stop().await;
+    let (new, takeover) = second.expect("a new leader");
+    let new_steps = scale_events(&replicas[new]).await;
+    eprintln!(
+        "autoscale: first leader {} steps {old_steps:?}; killed; {} leads after {takeover:?}, \
+         its events {new_steps:?}; limits seen {seen:?}; {} requests",
+        IDS[first],
+        IDS[new],
+        shots.len()
+    );
+
+    // Every replica saw the limit double one step at a time: never two steps at once.
+    for (i, changes) in seen.iter().enumerate() {
+        let values: Vec<u64> = changes.iter().map(|&(_, l)| l).collect();
+        assert_eq!(values[0], 10, "replica {}: {changes:?}", IDS[i]);
+        for pair in values.windows(2) {
+            assert_eq!(pair[1], pair[0] * 2, "replica {}: {changes:?}", IDS[i]);
+        }
+    }
+    // The first leader took the first two steps itself, an interval apart.
+    let own: Vec<_> = old_steps.iter().filter(|e| e.3).collect();
+    let values: Vec<(u64, u64)> = own.iter().map(|e| (e.1, e.2)).collect();
+    assert_eq!(
+        values,
+        [(10, 20), (20, 40)],
+        "first leader's steps {old_steps:?}"
+    );
+    // The dead leader was replaced within one interval, by a single replica.
+    assert!(
+        takeover <= interval,
+        "a new leader took {takeover:?} (lease: 3 heartbeats = {:?})",
+        HEARTBEAT * 3
+    );
+    // The new leader took the next steps itself, each at least an interval after the one
+    // before (whoever took it) and at most about one interval late (the lease moves within
+    // one interval; the loop looks every second). That it continues from the value the
+    // first leader reached is `a_new_leader_takes_the_step_after_the_last_published_one`'s
+    // business (it depends on when the survivors last looked).
+    let taken: Vec<_> = new_steps.iter().filter(|e| e.3).copied().collect();
+    assert!(
+        taken.len() >= 2 && taken.last().map(|e| e.2) == Some(160),
+        "new leader's events {new_steps:?}"
+    );
+    let mut chain: Vec<_> = own.iter().map(|e| **e).chain(taken).collect();
+    chain.sort_by_key(|e| e.0);
+    for pair in chain.windows(2) {
+        let gap = (pair[1].0 - pair[0].0).to_std().unwrap();
+        // The store keeps step times in whole ms: a gap may be short of the interval by 1 ms.
+        assert!(
+            gap >= interval - Duration::from_millis(1)
+                && gap <= interval * 2 + Duration::from_secs(1),
+            "two steps {gap:?} apart (interval {interval:?}): {chain:?}"
+        );
+    }
+    // The other survivor only followed.
+    let other = (0..3).find(|&i| live[i] && i != new).unwrap();
+    let events = scale_events(&replicas[other]).await;
+    assert!(
+        events.iter().all(|e| !e.3),
+        "{} stepped too: {events:?}",
+        IDS[other]
+    );
+}
+
+/// What a fleet did around a Redis outage under load (times from the start of the load).
+struct Outage {
+    shots: Vec<Shot>,
+    /// Redis was killed at this moment.
+    stopped: Duration,
+    /// Every replica said the store was down by then.
+    all_down: Duration,
+    /// Redis answered again (empty, like a restart without persistence) from then on.
+    back: Duration,
+    /// Every replica said the store was up again by then.
+    all_up: Duration,
+    /// `/readyz` of each replica while Redis was down.
+    readiness: Vec<(u16, serde_json::Value)>,
+    /// `sluice_store_up` of each replica while Redis was down.
+    store_up: Vec<f64>,
+    /// `fallbacks_total` of each replica half a second after all were up, and at the end.
+    fallbacks: Vec<(u64, u64)>,
+    /// `/readyz` of each replica at the end.
+    recovered: Vec<(u16, serde_json::Value)>,
+}
+
+/// The limit of the outage tests: 90 TPS, burst 90 (a third is 30 and 30).
+const OUTAGE_TPS: u32 = 90;
+
+/// Three replicas with `on_error`, one resource at 90 TPS (burst 90), an open-loop load of
+/// 270 TPS spread over them: 1.5 s with Redis, 2.5 s without (killed), then Redis again
+/// (empty) until 2 s after every replica is back on it.
+async fn outage(redis: &mut RedisServer, on_error: &str) -> Outage {
+    let backend = mock().start().await;
+    let services = rated_service(
+        &backend.url(),
+        "max_concurrent = 200",
+        OUTAGE_TPS,
+        OUTAGE_TPS,
+    );
+    let replicas = start_fleet(&redis.url(), &IDS, on_error, &services).await;
+    let load = open_loop(Targets::new(addrs(&replicas)), "key-a", 270.0, None);
+    let started = load.started;
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stopped = started.elapsed();
+    redis.stop();
+    for replica in &replicas {
+        until(replica, Duration::from_secs(2), "store down", |c| {
+            c["store"]["up"] == false
+        })
+        .await;
+    }
+    let all_down = started.elapsed();
+    tokio::time::sleep_until(started + stopped + Duration::from_millis(1500)).await;
+    let mut readiness = Vec::new();
+    let mut store_up = Vec::new();
+    for replica in &replicas {
+        readiness.push(replica.readyz().await);
+        store_up.push(replica.metric("sluice_store_up").await);
+    }
+    tokio::time::sleep_until(started + stopped + Duration::from_millis(2500)).await;
+
+    redis.start_again();
+    let back = started.elapsed();
+    for replica in &replicas {
+        until(replica, Duration::from_secs(3), "store up again", |c| {
+            c["store"]["up"] == true
+        })
+        .await;
+    }
+    let all_up = started.elapsed();
+    tokio::time::sleep_until(started + all_up + Duration::from_millis(500)).await;
+    let mut then = Vec::new();
+    for replica in &replicas {
+        then.push(replica.store().await["fallbacks_total"].as_u64().unwrap());
+    }
+    tokio::time::sleep_until(started + all_up + Duration::from_secs(2)).await;
+    let shots = load.stop().await;
+    let mut recovered = Vec::new();
+    let mut fallbacks = Vec::new();
+    for (i, replica) in replicas.iter().enumerate() {
+        let end = replica.store().await["fallbacks_total"].as_u64().unwrap();
+        fallbacks.push((then[i], end));
+        recovered.push(replica.readyz().await);
+    }
+    assert_eq!(
+        backend.requests(),
+        count(&shots, Shot::ok),
+        "the backend saw exactly the admitted requests"
+    );
+    Outage {
+        shots,
+        stopped,
+        all_down,
+        back,
+        all_up,
+        readiness,
+        store_up,
+        fallbacks,
+        recovered,
+    }
+}
+
+impl Outage {
+    fn during(&self, from: Duration, to: Duration) -> impl Iterator<Item = &Shot> {
+        self.shots
+            .iter()
+            .filter(move |s| s.sent >= from && s.sent < to)
+    }
+
+    /// Admitted per second from `from` to `to`, fleet-wide and per replica.
+    fn admitted_rate(&self, from: Duration, to: Duration) -> (f64, Vec<f64>) {
+        let secs = (to - from).as_secs_f64();
+        let ok: Vec<&Shot> = self.during(from, to).filter(|s| s.ok()).collect();
+        let per: Vec<f64> = (0..3)
+            .map(|i| ok.iter().filter(|s| s.target == i).count() as f64 / secs)
+            .collect();
+        (ok.len() as f64 / secs, per)
+    }
+
+    /// The longest any request sent around the stop waited (from 200 ms before it to 1 s
+    /// after), and the longest of the whole run.
+    fn slowest(&self) -> (Duration, Duration) {
+        let around = self
+            .during(
+                self.stopped.saturating_sub(Duration::from_millis(200)),
+                self.stopped + Duration::from_secs(1),
+            )
+            .map(|s| s.latency)
+            .max()
+            .unwrap_or_default();
+        let all = self
+            .shots
+            .iter()
+            .map(|s| s.latency)
+            .max()
+            .unwrap_or_default();
+        (around, all)
+    }
+
+    /// Checks common to every mode; returns a summary line.
+    fn check_common(&self, mode: &str) -> String {
+        let (around, all) = self.slowest();
+        let mut latencies: Vec<Duration> = self.shots.iter().map(|s| s.latency).collect();
+        let p99 = percentile(&mut latencies, 99);
+        let statuses: std::collections::BTreeMap<u16, usize> =
+            self.shots.iter().fold(Default::default(), |mut m, s| {
+                *m.entry(s.status).or_default() += 1;
+                m
+            });
+        let summary = format!(
+            "{mode}: {} requests {statuses:?}; stop at {:?}, all down after {:?}, back at {:?}, \
+             all up after {:?}; slowest around the stop {around:?}, overall {all:?}, p99 {p99:?}; \
+             readiness {:?}; fallbacks {:?}",
+            self.shots.len(),
+            self.stopped,
+            self.all_down - self.stopped,
+            self.back,
+            self.all_up - self.back,
+            self.readiness,
+            self.fallbacks
+        );
+        eprintln!("{summary}");
+        for (name, from, to) in [
+            ("before the stop", Duration::ZERO, self.stopped),
+            ("stop to back", self.stopped, self.back),
+            (
+                "first second after back",
+                self.back,
+                self.back + Duration::from_secs(1),
+            ),
+            ("later", self.back + Duration::from_secs(1), Duration::MAX),
+        ] {
+            let answers: std::collections::BTreeMap<(u16, Option<String>, usize), usize> =
+                self.during(from, to).fold(Default::default(), |mut m, s| {
+                    *m.entry((s.status, s.reason.clone(), s.target)).or_default() += 1;
+                    m
+                });
+            eprintln!("{mode} {name}: {answers:?}");
+        }
+        // Every request got an answer from sluice, whatever the store did.
+        assert!(self.shots.iter().all(|s| s.status != 0), "{summary}");
+        // No request waited on the dead store longer than the timeout and a margin for a
+        // busy machine (an answer normally takes a few ms; a connection attempt or retry
+        // that ignored the timeout would take 250 ms or more).
+        let bound = STORE_TIMEOUT + Duration::from_millis(100);
+        assert!(
+            around <= bound,
+            "a request waited {around:?} around the stop: {summary}"
+        );
+        assert!(all <= bound, "a request waited {all:?}: {summary}");
+        // The fleet noticed at once, and came back within a few heartbeats.
+        assert!(
+            self.all_down - self.stopped <= Duration::from_secs(1),
+            "{summary}"
+        );
+        assert!(self.all_up - self.back <= HEARTBEAT * 5, "{summary}");
+        assert!(self.store_up.iter().all(|&v| v == 0.0), "{summary}");
+        // Back on shared limits: nothing decided by on_error any more, ready again.
+        for &(then, end) in &self.fallbacks {
+            assert_eq!(then, end, "fallbacks after recovery: {summary}");
+        }
+        for (status, body) in &self.recovered {
+            assert_eq!(
+                (*status, body["status"].as_str()),
+                (200, Some("ready")),
+                "{summary}"
+            );
+        }
+        // Until Redis went away, nothing was refused for slots (the cap of 200 is far above
+        // what is ever in flight). What happens to slots when it returns is
+        // `replicas_stay_members_when_redis_hangs_or_restarts`'s business.
+        for shot in self.during(Duration::ZERO, self.back) {
+            assert_ne!(
+                shot.reason.as_deref(),
+                Some("endpoints_full"),
+                "{shot:?}: {summary}"
+            );
+        }
+        // Shared limits resume within a few heartbeats of every replica reaching the store
+        // again: from then on, admitted or refused for rate, and nothing decided by on_error.
+        for shot in self.during(self.all_up + HEARTBEAT * 5, Duration::MAX) {
+            assert!(
+                shot.ok() || shot.reason.as_deref() == Some("rate_limited"),
+                "{shot:?} after recovery: {summary}"
+            );
+        }
+        summary
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_on_error_local_each_replica_enforces_a_third() {
+    let _serial = one_at_a_time().await;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let run = outage(&mut redis, "local").await;
+    let tps = f64::from(OUTAGE_TPS);
+    // Without the store, each replica enforces its third: 30 TPS each (after the first
+    // second, in which each starts with its third of the burst).
+    let (fleet, per) = run.admitted_rate(run.stopped + Duration::from_secs(1), run.back);
+    eprintln!("local: without Redis the fleet admitted {fleet:.1}/s, per replica {per:.1?}");
+    // Back on the store (empty after the restart): no burst above the limit. A fresh bucket
+    // would let the whole burst (90) through on top of the rate; the replicas carry their
+    // local usage into it, so the first second admits about the rate, plus what replicas not
+    // yet back on the store admit locally until their next heartbeat (at most 2 heartbeats
+    // of their thirds), plus 10%.
+    let first_second = run
+        .during(run.back, run.back + Duration::from_secs(1))
+        .filter(|s| s.ok())
+        .count();
+    let bound = (tps + tps * 2.0 * HEARTBEAT.as_secs_f64()) * 1.1;
+    let (after, _) = run.admitted_rate(
+        run.all_up + Duration::from_millis(500),
+        run.all_up + Duration::from_secs(2),
+    );
+    eprintln!(
+        "local: first second after Redis came back admitted {first_second} (bound {bound:.0}), \
+         then {after:.1}/s"
+    );
+    let summary = run.check_common("local");
+    for (status, body) in &run.readiness {
+        assert_eq!(
+            (*status, body["status"].as_str()),
+            (200, Some("degraded")),
+            "{summary}"
+        );
+    }
+    // Answered throughout the outage: admitted or refused for rate.
+    for shot in run.during(Duration::ZERO, run.back) {
+        assert!(
+            shot.ok() || (shot.status == 429 && shot.reason.as_deref() == Some("rate_limited")),
+            "{shot:?}"
+        );
+    }
+    for rate in &per {
+        assert!(
+            (rate - tps / 3.0).abs() <= tps / 3.0 * 0.2,
+            "per replica {per:?}"
+        );
+    }
+    assert!(
+        (first_second as f64) <= bound,
+        "{first_second} > {bound}: {summary}"
+    );
+    assert!(
+        (after - tps).abs() <= tps * 0.15,
+        "after recovery {after:.1}/s: {summary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_on_error_allow_admits_everything() {
+    let _serial = one_at_a_time().await;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let run = outage(&mut redis, "allow").await;
+    let summary = run.check_common("allow");
+    for (status, body) in &run.readiness {
+        assert_eq!(
+            (*status, body["status"].as_str()),
+            (200, Some("degraded")),
+            "{summary}"
+        );
+    }
+    // Every replica fails open once its last lease is gone (at most 250 ms).
+    let down: Vec<&Shot> = run
+        .during(run.all_down + Duration::from_millis(300), run.back)
+        .collect();
+    assert!(!down.is_empty());
+    assert!(
+        down.iter().all(|s| s.ok()),
+        "refused while failing open: {summary}"
+    );
+    // Shared limits again after recovery: refusals for rate, never anything else.
+    let after: Vec<&Shot> = run
+        .during(
+            run.all_up + Duration::from_millis(500),
+            run.all_up + Duration::from_secs(2),
+        )
+        .collect();
+    assert!(
+        after.iter().any(|s| s.status == 429),
+        "no limit after recovery: {summary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_on_error_deny_answers_503_store_unavailable() {
+    let _serial = one_at_a_time().await;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let run = outage(&mut redis, "deny").await;
+    let summary = run.check_common("deny");
+    for (status, body) in &run.readiness {
+        assert_eq!(
+            (*status, body["status"].as_str()),
+            (503, Some("not_ready")),
+            "{summary}"
+        );
+    }
+    let down: Vec<&Shot> = run
+        .during(run.all_down + Duration::from_millis(300), run.back)
+        .collect();
+    assert!(!down.is_empty());
+    for shot in &down {
+        assert_eq!(
+            (shot.status, shot.reason.as_deref()),
+            (503, Some("store_unavailable")),
+            "{shot:?}: {summary}"
+        );
+    }
+    let after: Vec<&Shot> = run
+        .during(
+            run.all_up + Duration::from_millis(500),
+            run.all_up + Duration::from_secs(2),
+        )
+        .collect();
+    assert!(
+        after.iter().any(|s| s.ok()),
+        "nothing admitted after recovery: {summary}"
+    );
+    assert!(
+        after.iter().any(|s| s.status == 429),
+        "no limit after recovery: {summary}"
+    );
+}
+
+/// Send `signal` ("STOP", "CONT") to the Redis server process.
+fn signal_redis(redis: &RedisServer, signal: &str) {
+    let pid = redis.pid().expect("redis-server runs");
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_holds_no_request_longer_than_the_timeout() {
+    let _serial = one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let backend = mock().start().await;
+    let services = rated_service(
+        &backend.url(),
+        "max_concurrent = 200",
+        OUTAGE_TPS,
+        OUTAGE_TPS,
+    );
+    let replicas = start_fleet(&redis.url(), &IDS, "local", &services).await;
+    let load = open_loop(Targets::new(addrs(&replicas)), "key-a", 270.0, None);
+    let started = load.started;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Redis stops answering but keeps its connections open: every call runs into the timeout.
+    let hung = started.elapsed();
+    signal_redis(&redis, "STOP");
+    for replica in &replicas {
+        until(replica, Duration::from_secs(2), "store down", |c| {
+            c["store"]["up"] == false
+        })
+        .await;
+    }
+    let all_down = started.elapsed();
+    tokio::time::sleep_until(started + hung + Duration::from_millis(1500)).await;
+    let mut readiness = Vec::new();
+    for replica in &replicas {
+        readiness.push(replica.readyz().await);
+    }
+    signal_redis(&redis, "CONT");
+    let back = started.elapsed();
+    for replica in &replicas {
+        until(replica, Duration::from_secs(3), "store up again", |c| {
+            c["store"]["up"] == true
+        })
+        .await;
+    }
+    let all_up = started.elapsed();
+    tokio::time::sleep_until(started + all_up + Duration::from_millis(1500)).await;
+    let shots = load.stop().await;
+
+    let mut around: Vec<Duration> = shots
+        .iter()
+        .filter(|s| s.sent >= hung.saturating_sub(Duration::from_millis(200)) && s.sent < back)
+        .map(|s| s.latency)
+        .collect();
+    let slowest = percentile(&mut around, 100);
+    let p99 = percentile(&mut around, 99);
+    let overall = shots.iter().map(|s| s.latency).max().unwrap();
+    let answers: std::collections::BTreeMap<(u16, Option<String>), usize> =
+        shots.iter().fold(Default::default(), |mut m, s| {
+            *m.entry((s.status, s.reason.clone())).or_default() += 1;
+            m
+        });
+    let summary = format!(
+        "hung Redis at {hung:?}: all degraded after {:?}, resumed at {back:?}, all up after \
+         {:?}; while hung slowest {slowest:?} p99 {p99:?}, overall slowest {overall:?}; \
+         answers {answers:?}; readiness while hung {readiness:?}",
+        all_down - hung,
+        all_up - back
+    );
+    eprintln!("{summary}");
+    // The bound the issue sets: the timeout, plus a margin for a busy machine (a request
+    // normally takes a few ms here; one that waited on Redis without the bound would wait the
+    // whole 1.5 s).
+    let bound = STORE_TIMEOUT + Duration::from_millis(100);
+    assert!(slowest <= bound, "{summary}");
+    assert!(overall <= bound, "{summary}");
+    assert!(
+        all_down - hung <= STORE_TIMEOUT + HEARTBEAT * 2,
+        "{summary}"
+    );
+    for (status, body) in &readiness {
+        assert_eq!(
+            (*status, body["status"].as_str()),
+            (200, Some("degraded")),
+            "{summary}"
+        );
+    }
+    // Answered while Redis hung, and once the replicas are back on it: admitted, or refused
+    // for rate. (The moments right after it resumes are
+    // `replicas_stay_members_when_redis_hangs_or_restarts`'s business.)
+    let settled = all_up + HEARTBEAT * 5;
+    for shot in shots.iter().filter(|s| s.sent < back || s.sent >= settled) {
+        assert!(
+            shot.ok() || (shot.status == 429 && shot.reason.as_deref() == Some("rate_limited")),
+            "{shot:?}: {summary}"
+        );
+    }
+    assert!(all_up - back <= HEARTBEAT * 5, "{summary}");
+}
+
+/// Sample `backend.current()` every millisecond until `stop`: every sample above `cap`, with
+/// when it was taken (from the start of the sampling), and the highest value seen.
+fn sample_over(
+    backend: &std::sync::Arc<Mock>,
+    cap: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<(Duration, usize)>, usize)> {
+    let backend = std::sync::Arc::clone(backend);
+    tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let (mut over, mut highest) = (Vec::new(), 0);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let now = backend.current();
+            highest = highest.max(now);
+            if now > cap {
+                over.push((started.elapsed(), now));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        (over, highest)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_stay_members_when_redis_hangs_or_restarts() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _serial = one_at_a_time().await;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let backend = Arc::new(mock().hold(Duration::from_millis(100)).start().await);
+    let services = service(
+        &[backend.url()],
+        "max_concurrent = 20\nqueue_size = 100\nqueue_timeout = \"10s\"",
+    );
+    let replicas = start_fleet(&redis.url(), &IDS, "local", &services).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = closed_loop(&addrs(&replicas), &[30, 30, 30], Arc::clone(&stop));
+    let sampler = sample_over(&backend, 20, Arc::clone(&stop));
+    let readiness = watch_readiness(
+        replicas.iter().map(|r| r.admin).collect(),
+        Arc::clone(&stop),
+    );
+    let started = tokio::time::Instant::now();
+    let wait_up = || async {
+        for replica in &replicas {
+            until(replica, Duration::from_secs(3), "store up", |c| {
+                c["store"]["up"] == true
+            })
+            .await;
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // Redis hangs for longer than 3 heartbeats: every stamp is stale when it resumes.
+    let hung = started.elapsed();
+    signal_redis(&redis, "STOP");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    signal_redis(&redis, "CONT");
+    let resumed = started.elapsed();
+    wait_up().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // Redis restarts empty (no persistence): no stamps, no join times.
+    let restarted = started.elapsed();
+    redis.start_again();
+    wait_up().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    stop.store(true, Ordering::SeqCst);
+    let statuses = clients.await.unwrap();
+    let (over, highest) = sampler.await.unwrap();
+    let readiness = readiness.await.unwrap();
+    let answers: std::collections::BTreeMap<u16, usize> =
+        statuses.iter().fold(Default::default(), |mut m, &s| {
+            *m.entry(s).or_default() += 1;
+            m
+        });
+    let summary = format!(
+        "hang at {hung:?}, resumed at {resumed:?}, restart at {restarted:?}; backend peak {} \
+         (sampled {highest}), over the cap at {:?}; answers {answers:?}; readiness {readiness:?}",
+        backend.peak(),
+        over.iter().take(10).collect::<Vec<_>>()
+    );
+    eprintln!("{summary}");
+    // Σ in flight over the replicas ≤ the cap, at every moment.
+    assert!(backend.peak() <= 20, "{summary}");
+    assert!(statuses.iter().all(|&s| s == 200), "{summary}");
+    // A replica that was a member before stays one: it never tells the load balancer it is
+    // "joining the fleet" (not ready) because Redis hung or lost its data.
+    for (i, seen) in readiness.iter().enumerate() {
+        assert!(
+            seen.iter().all(|(_, status, _)| *status == 200),
+            "replica {} not ready at some point: {summary}",
+            IDS[i]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_error_deny_a_replica_cut_off_from_redis_gives_up_its_share_in_time() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let _serial = one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let backend = Arc::new(mock().hold(Duration::from_millis(100)).start().await);
+    let services = service(
+        &[backend.url()],
+        "max_concurrent = 20\nqueue_size = 100\nqueue_timeout = \"10s\"",
+    );
+    // c reaches Redis through a gate; a and b directly. With on_error = "deny" the cap holds
+    // through a partition (with "local" a cut-off replica keeps serving its share: README).
+    let gate = Gate::start(redis.addr()).await;
+    let mut replicas = Vec::new();
+    for (id, url) in [("a", redis.url()), ("b", redis.url()), ("c", gate.url())] {
+        replicas.push(Replica::start(id, &replica_config(&url, id, "deny", &services)).await);
+    }
+    for replica in &replicas {
+        replica.wait_ready().await;
+    }
+    wait_for_fleet(&replicas.iter().collect::<Vec<_>>(), 3).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = closed_loop(&addrs(&replicas), &[30, 30, 30], Arc::clone(&stop));
+    let sampler = sample_over(&backend, 20, Arc::clone(&stop));
+    let started = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    // c loses Redis; a and b keep it. After 3 heartbeats a and b count c gone and take its
+    // share; whatever c does meanwhile, the fleet must stay within the cap.
+    let cut = started.elapsed();
+    gate.cut();
+    let (a, b, c) = (&replicas[0], &replicas[1], &replicas[2]);
+    until(a, Duration::from_secs(3), "a counts 2 replicas", |cap| {
+        cap["store"]["replicas"] == 2
+    })
+    .await;
+    until(b, Duration::from_secs(3), "b counts 2 replicas", |cap| {
+        cap["store"]["replicas"] == 2
+    })
+    .await;
+    let reclaimed = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let shares = (
+        a.local_cap().await,
+        b.local_cap().await,
+        c.local_cap().await,
+    );
+    let c_store = c.store().await;
+    gate.restore();
+    until(c, Duration::from_secs(3), "c back on the store", |cap| {
+        cap["store"]["up"] == true
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::SeqCst);
+    let statuses = clients.await.unwrap();
+    let (over, highest) = sampler.await.unwrap();
+    let summary = format!(
+        "c cut off at {cut:?}, a and b count 2 from {reclaimed:?}; then local caps a, b, c = \
+         {shares:?}, c's store {c_store}; backend peak {} (sampled {highest}), over the cap \
+         {} times, first {:?}; {} answers",
+        backend.peak(),
+        over.len(),
+        over.first(),
+        statuses.len()
+    );
+    eprintln!("{summary}");
+    assert!(statuses.iter().all(|&s| s == 200), "{summary}");
+    assert!(
+        shares.0 + shares.1 + shares.2 <= 20,
+        "the replicas' shares add up to more than the cap: {summary}"
+    );
+    assert!(backend.peak() <= 20, "{summary}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_takes_the_step_after_the_last_published_one() {
+    let _serial = one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let backend = mock().start().await;
+    let services = autoscaled_service(&backend.url());
+    // The shortest heartbeat: the lease of a dead leader (3 heartbeats) ends within 300 ms.
+    let heartbeat = Duration::from_millis(100);
+    let config = |id: &str| replica_config_with(&redis.url(), id, "local", heartbeat, &services);
+    let a = Replica::start("a", &config("a")).await;
+    let a_listening = tokio::time::Instant::now();
+    a.wait_ready().await;
+    assert_eq!(a.store().await["leader"], true, "the first replica leads");
+    // b and c start 0.7 s later: their autoscale loops look at the fleet's steps about 0.8 s
+    // after a takes them (every loop ticks once a second from its start).
+    tokio::time::sleep_until(a_listening + Duration::from_millis(700)).await;
+    let (config_b, config_c) = (config("b"), config("c"));
+    let (b, c) = tokio::join!(
+        Replica::start("b", &config_b),
+        Replica::start("c", &config_c)
+    );
+    let replicas = [a, b, c];
+    for replica in &replicas[1..] {
+        replica.wait_ready().await;
+    }
+    wait_for_fleet(&replicas.iter().collect::<Vec<_>>(), 3).await;
+    let targets = Targets::new(addrs(&replicas));
+    let load = open_loop(targets.clone(), "key-a", 150.0, None);
+
+    // a takes the first step (10 → 20) and dies at once, before b and c looked at it.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while replicas[0].limit_tps("team-a").await != 20 {
+        assert!(tokio::time::Instant::now() < deadline, "a never stepped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = scale_events(&replicas[0]).await;
+    replicas[0].kill_in_place();
+    targets.drop_target(0);
+    let killed = tokio::time::Instant::now();
+    let live = [false, true, true];
+    // The new leader takes the next step two seconds after a's: 20 → 40.
+    let (new, step) = loop {
+        if let Some(new) = leader(&replicas, &live).await {
+            let own: Vec<_> = scale_events(&replicas[new])
+                .await
+                .into_iter()
+                .filter(|e| e.3)
+                .collect();
+            if let Some(&step) = own.first() {
+                break (new, step);
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(6),
+            "no step after the leader died"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let shots = load.stop().await;
+    let other = 3 - new;
+    let followed = scale_events(&replicas[other]).await;
+    let limits = (
+        replicas[new].limit_tps("team-a").await,
+        replicas[other].limit_tps("team-a").await,
+    );
+    let summary = format!(
+        "a stepped {first:?} and died; {} leads and stepped {} → {} at {}; {} followed {followed:?}; \
+         limits now {limits:?}; {} requests",
+        IDS[new],
+        step.1,
+        step.2,
+        step.0,
+        IDS[other],
+        shots.len()
+    );
+    eprintln!("{summary}");
+    assert_eq!(
+        (step.1, step.2),
+        (20, 40),
+        "the new leader repeated a step instead of taking the next: {summary}"
+    );
+    assert_eq!(limits, (40, 40), "{summary}");
+}
