@@ -615,6 +615,7 @@ struct Soak {
     answers: Tally,
     faults: Tally,
     stop: AtomicBool,
+    began: Instant,
 }
 
 // ---- one exchange ----
@@ -794,7 +795,22 @@ fn judge(soak: &Soak, plan: &Plan, outcome: &Outcome, started: Instant) -> Strin
             return violation("no answer within the client timeout", String::new())
         }
         Outcome::Failed(e) if aborting => return format!("aborting client: {e}"),
-        Outcome::Failed(e) => return violation("no answer", e.clone()),
+        Outcome::Failed(e) => {
+            // When, and what else happened around it, for the diagnosis.
+            let took = started.elapsed();
+            let killed = if killed() {
+                "; an endpoint was killed meanwhile"
+            } else {
+                ""
+            };
+            return violation(
+                "no answer",
+                format!(
+                    "{e} after {took:?}, {:?} into the run{killed}",
+                    soak.began.elapsed()
+                ),
+            );
+        }
         Outcome::Seen(seen) => seen,
     };
     let body = String::from_utf8_lossy(&seen.head);
@@ -1242,6 +1258,7 @@ async fn soak_with_faults_then_sigterm() {
         answers: Tally::default(),
         faults: Tally::default(),
         stop: AtomicBool::new(false),
+        began,
     });
 
     // Warm up without faults, then take the baseline with nothing in flight.
