@@ -606,7 +606,7 @@ scenario5_keys() {
 # wrk rotates over), so every request is checked against a resource's bucket; printed path.
 s6_config() {
     local backend=$1 port=$2 admin=$3 file=$WORK/sluice-s6-$1.toml k
-    sed -e "s/^proxy = .*/proxy = \"127.0.0.1:$port\"\nadmin = \"127.0.0.1:$admin\"/" "$CONF/sluice-s1.toml" >"$file"
+    sed -e "s/^proxy = .*/proxy = \"127.0.0.1:$port\"/" -e "s/^admin = .*/admin = \"127.0.0.1:$admin\"/" "$CONF/sluice-s1.toml" >"$file"
     for k in $(seq "$KEYS"); do
         printf '\n[[service.resource]]\nname = "r%s"\nkey = "bench-key-%s"\ntps = 1000\n' "$k" "$k" >>"$file"
     done
