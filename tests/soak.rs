@@ -17,7 +17,9 @@
 //! - every in-flight and queue gauge returns to 0; open file descriptors return to their
 //!   baseline and RSS stays near it; no panic in the log;
 //! - on SIGTERM, streams in flight complete, new connections are refused, and the process
-//!   exits 0 within `shutdown_grace`.
+//!   exits 0 within `shutdown_grace`;
+//! - no key a caller sent ever appears in sluice's log, in one of its own answers, or in any
+//!   admin response (API, metrics, dashboard), across the whole run.
 //!
 //! `cargo test --test soak` runs about 20 s (14 s of faults) with a fixed seed;
 //! `SOAK_SECS` (seconds of faults) and `SOAK_SEED` change both, and `bench/soak.sh` runs it
@@ -67,6 +69,16 @@ const SLOW_EVERY: Duration = Duration::from_millis(20);
 const WARM_UP: Duration = Duration::from_secs(2);
 const KEY_A: &str = "soak-key-a";
 const KEY_B: &str = "soak-key-b";
+/// Keys of callers no resource knows start with this.
+const UNKNOWN_KEY_PREFIX: &str = "unknown-";
+
+/// The plain key in `text`, if one leaked into it.
+fn leaked_key(text: &[u8]) -> Option<&'static str> {
+    let text = String::from_utf8_lossy(text);
+    [KEY_A, KEY_B, UNKNOWN_KEY_PREFIX]
+        .into_iter()
+        .find(|key| text.contains(key))
+}
 
 struct Settings {
     /// How long faults are injected.
@@ -185,7 +197,7 @@ impl Plan {
             0..30 => None,
             30..50 => Some(KEY_A.to_owned()),
             50..80 => Some(KEY_B.to_owned()),
-            _ => Some(format!("unknown-{}", rng.gen_range(0..5000))),
+            _ => Some(format!("{UNKNOWN_KEY_PREFIX}{}", rng.gen_range(0..5000))),
         };
         let mode = match rng.gen_range(0..100) {
             0..40 => Mode::Complete { pooled: true },
@@ -819,6 +831,9 @@ fn judge(soak: &Soak, plan: &Plan, outcome: &Outcome, started: Instant) -> Strin
             if plan.up == Up::Garbage && seen.status == 504 {
                 return violation("garbage answered as a timeout", body.into_owned());
             }
+            if let Some(key) = leaked_key(&seen.head) {
+                return violation("key in an answer", format!("{key} in {body}"));
+            }
             format!("{} {reason}", seen.status)
         }
         (429 | 502 | 503 | 504, None) if !(aborting && seen.broken) => violation(
@@ -921,8 +936,14 @@ fn admin_call(
     req
 }
 
+/// An admin call; a key in its answer is a violation.
 async fn admin(soak: &Soak, method: &str, path: &str, body: &str) -> support::Answer {
-    once(soak.admin, admin_call(soak, method, path, body)).await
+    let answer = once(soak.admin, admin_call(soak, method, path, body)).await;
+    if let Some(key) = leaked_key(answer.text().as_bytes()) {
+        soak.violations
+            .add("key in an admin response", format!("{key} in {method} {path}"));
+    }
+    answer
 }
 
 async fn live_cap(soak: &Soak) -> u64 {
@@ -1302,6 +1323,17 @@ async fn soak_with_faults_then_sigterm() {
         );
     }
 
+    // Every view an operator reads, after all that traffic: none may show a key.
+    for path in [
+        "/",
+        "/metrics",
+        "/admin/capacity",
+        "/admin/policy",
+        "/admin/autoscale/events",
+    ] {
+        admin(&soak, "GET", path, "").await;
+    }
+
     // SIGTERM under load, with room for every request of it: the highest cap, and a queue
     // wait long enough for endpoints still in their back-off after a kill.
     patch(
@@ -1343,6 +1375,10 @@ async fn soak_with_faults_then_sigterm() {
         );
     }
     let output = sluice.lock().await.output();
+    if let Some(key) = leaked_key(output.as_bytes()) {
+        let line = output.lines().find(|l| l.contains(key)).unwrap_or_default();
+        soak.violations.add("key in the log", line.to_owned());
+    }
     let panics: Vec<&str> = output
         .lines()
         .filter(|l| l.to_ascii_lowercase().contains("panic"))
