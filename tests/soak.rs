@@ -940,8 +940,10 @@ fn admin_call(
 async fn admin(soak: &Soak, method: &str, path: &str, body: &str) -> support::Answer {
     let answer = once(soak.admin, admin_call(soak, method, path, body)).await;
     if let Some(key) = leaked_key(answer.text().as_bytes()) {
-        soak.violations
-            .add("key in an admin response", format!("{key} in {method} {path}"));
+        soak.violations.add(
+            "key in an admin response",
+            format!("{key} in {method} {path}"),
+        );
     }
     answer
 }
