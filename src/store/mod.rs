@@ -190,7 +190,7 @@ pub struct FleetView {
     pub leader: bool,
     /// Version of the fleet policy in force here.
     pub policy_version: u64,
-    /// Store calls made and failed, and requests decided by `on_error`.
+    /// Store calls made.
     pub calls_total: u64,
     /// Store calls that failed or timed out.
     pub errors_total: u64,
