@@ -189,7 +189,7 @@ impl Lease {
         }
     }
 
-    /// Reserve the next batch while the lease still has cells (see [`Lease::running_low`]).
+    /// Reserve the next batch while the lease still has cells (see [`Lease::claim_prefetch`]).
     /// Skipped when a refill is already under way. The lease never holds more than one
     /// batch's cap, so the bound on what the fleet can run ahead stays as it is.
     pub async fn prefetch(
