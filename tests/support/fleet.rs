@@ -4,9 +4,8 @@
 //! sends at a fixed rate whatever the answers take and records every request.
 
 use std::net::SocketAddr;
-use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +14,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::client::{collect, once, request, Answer};
-use super::process::{sluice_bin, write_config};
+use super::process::{start_binary_with_env, write_config, Running};
 
 /// The admin token every replica gets (env `SLUICE_ADMIN_TOKEN`).
 pub const TOKEN: &str = "fleet-admin-t0ken";
@@ -69,8 +68,7 @@ pub struct Replica {
     pub addr: SocketAddr,
     /// Where its admin API listens.
     pub admin: SocketAddr,
-    child: Mutex<Child>,
-    lines: Arc<Mutex<Vec<String>>>,
+    process: Mutex<Running>,
 }
 
 impl Replica {
@@ -78,64 +76,15 @@ impl Replica {
     /// admin token; returns once it logged "sluice listening".
     pub async fn start(id: &str, toml: &str) -> Replica {
         let path = write_config(&format!("fleet-{id}"), toml);
-        let mut child = sluice_bin()
-            .env("SLUICE_ADMIN_TOKEN", TOKEN)
-            .args(["--log-format", "json", "run", "--config"])
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start sluice");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let lines = Arc::clone(&lines);
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    lines.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        drop(tx);
-        let listening = tokio::task::spawn_blocking(move || {
-            let deadline = std::time::Instant::now() + super::DEADLINE;
-            loop {
-                let left = deadline.checked_duration_since(std::time::Instant::now())?;
-                let line = rx.recv_timeout(left).ok()?;
-                let Ok(json) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if json["message"] == "sluice listening" {
-                    let proxy = json["proxy"].as_str()?.parse().ok()?;
-                    let admin = json["admin"].as_str()?.parse().ok()?;
-                    return Some((proxy, admin));
-                }
-            }
-        })
-        .await
-        .expect("reader");
-        let Some((addr, admin)) = listening else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "replica {id} did not report its addresses; output:\n{}",
-                lines.lock().unwrap().join("\n")
-            );
-        };
+        let path = path.to_str().expect("temp paths are UTF-8");
+        let process =
+            start_binary_with_env(&["run", "--config", path], &[("SLUICE_ADMIN_TOKEN", TOKEN)])
+                .await;
         Replica {
             id: id.to_owned(),
-            addr,
-            admin,
-            child: Mutex::new(child),
-            lines,
+            addr: process.addr,
+            admin: process.admin.expect("fleet configs enable the admin API"),
+            process: Mutex::new(process),
         }
     }
 
@@ -146,23 +95,19 @@ impl Replica {
 
     /// [`Replica::kill`] through a shared reference (the process handle is behind a lock).
     pub fn kill_in_place(&self) {
-        let mut child = self.child.lock().unwrap();
-        let _ = child.kill();
-        let _ = child.wait();
+        self.process.lock().unwrap().kill();
     }
 
     /// Everything it logged so far.
     pub fn output(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
+        self.process.lock().unwrap().output()
     }
 
     /// Its JSON log lines whose message is `message`.
     pub fn logged(&self, message: &str) -> Vec<Value> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        let lines = self.process.lock().unwrap().json_lines();
+        lines
+            .into_iter()
             .filter(|j| j["message"] == message)
             .collect()
     }
@@ -236,12 +181,6 @@ impl Replica {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

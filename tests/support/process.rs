@@ -197,6 +197,14 @@ impl Running {
         }
     }
 
+    /// SIGKILL (like a crash) if it still runs, and reap it.
+    pub fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
     /// Everything it wrote so far, stdout and stderr interleaved by arrival.
     pub fn output(&self) -> String {
         self.lines.lock().unwrap().join("\n")
@@ -215,9 +223,6 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.kill();
     }
 }
