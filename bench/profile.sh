@@ -17,7 +17,15 @@ PROF_SECS=${PROF_SECS:-15}
 PROF_CONNS=${PROF_CONNS:-16}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-prof.XXXXXX")
 mkdir -p "$WORK/run" "$WORK/logs"
-command -v valgrind >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >&2
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v nginx >/dev/null || need+=(nginx-light)
+[ -e /usr/lib/nginx/modules/ngx_http_echo_module.so ] || need+=(libnginx-mod-http-echo)
+command -v curl >/dev/null || need+=(curl)
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >&2
+fi
 TD=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ -z "${SLUICE_BIN:-}" ]; then
     (cd "$ROOT" && CARGO_PROFILE_RELEASE_DEBUG=line-tables-only cargo build --release --quiet)

@@ -127,11 +127,12 @@ tree() { echo "$1"; pgrep -P "$1" || true; } # a pid and its children (nginx's w
 cpu_ticks() { # utime+stime of a process tree, all threads included, in clock ticks
     local p t=0 v
     for p in $(tree "$1"); do
-        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
+        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk "{print ${2:-\$12 + \$13}}") || v=0
         t=$((t + ${v:-0}))
     done
     echo "$t"
 }
+user_ticks() { cpu_ticks "$1" '$12'; } # utime alone: the process's own code, not the kernel's
 
 rss_kib() { # resident memory of a process tree
     local p t=0 v
@@ -305,20 +306,26 @@ scenario1() {
         log "scenario 1: warm-up ${WARMUP}s per target"
         for t in "${targets[@]}"; do run_wrk "${addr[$t]}" "$WARMUP" >/dev/null; done
     fi
-    echo "target rep requests rps p50_ms p99_ms non2xx sockerr cpu_us_per_req" >"$rows"
-    local rep i n=${#targets[@]} line c0 c1 reqs cpu
+    echo "target rep requests rps p50_ms p99_ms non2xx sockerr cpu_us_per_req user_us_per_req" >"$rows"
+    local rep i n=${#targets[@]} line c0 c1 u0 u1 reqs cpu user
+    per_req() { # per_req PID TICKS REQUESTS -> µs per request
+        awk -v p="$1" -v d="$2" -v hz="$CLK_TCK" -v r="$3" \
+            'BEGIN { if (p == "-" || r == 0) print "-"; else printf("%.2f\n", d / hz * 1e6 / r) }'
+    }
     for rep in $(seq "$REPS"); do
         for i in $(seq 0 $((n - 1))); do
             t=${targets[$(((i + rep - 1) % n))]}
             wait_quiet
             c0=$([ "${pid[$t]}" = - ] && echo 0 || cpu_ticks "${pid[$t]}")
+            u0=$([ "${pid[$t]}" = - ] && echo 0 || user_ticks "${pid[$t]}")
             line=$(run_wrk "${addr[$t]}" "$DUR")
             c1=$([ "${pid[$t]}" = - ] && echo 0 || cpu_ticks "${pid[$t]}")
+            u1=$([ "${pid[$t]}" = - ] && echo 0 || user_ticks "${pid[$t]}")
             reqs=$(sed 's/.*requests=\([0-9]*\).*/\1/' <<<"$line")
-            cpu=$(awk -v p="${pid[$t]}" -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v r="$reqs" \
-                'BEGIN { if (p == "-" || r == 0) print "-"; else printf("%.2f\n", d / hz * 1e6 / r) }')
-            echo "$t $rep $(sed 's/^WRK //; s/[a-z0-9_]*=//g' <<<"$line") $cpu" >>"$rows"
-            log "scenario 1 rep $rep/$REPS $t: $line cpu_us_per_req=$cpu"
+            cpu=$(per_req "${pid[$t]}" $((c1 - c0)) "$reqs")
+            user=$(per_req "${pid[$t]}" $((u1 - u0)) "$reqs")
+            echo "$t $rep $(sed 's/^WRK //; s/[a-z0-9_]*=//g' <<<"$line") $cpu $user" >>"$rows"
+            log "scenario 1 rep $rep/$REPS $t: $line cpu_us_per_req=$cpu user_us_per_req=$user"
             sleep 1
         done
     done
@@ -327,22 +334,22 @@ scenario1() {
     {
         echo "### Scenario 1 — overhead (wrk -t$THREADS -c$CONNS -d${DUR}s, $KEYS rotating x-api-key values, median (min–max) over $REPS interleaved reps)"
         echo
-        echo "| target | req/s | p50 ms | p99 ms | non-2xx per run | proxy CPU µs/req |"
-        echo "|---|---|---|---|---|---|"
+        echo "| target | req/s | p50 ms | p99 ms | non-2xx per run | proxy CPU µs/req | of which user space µs/req |"
+        echo "|---|---|---|---|---|---|---|"
         for t in "${targets[@]}"; do
-            echo "| $t | $(fmt 0 "$(stat "$rows" 1 "$t" 4)") | $(fmt 3 "$(stat "$rows" 1 "$t" 5)") | $(fmt 3 "$(stat "$rows" 1 "$t" 6)") | $(fmt 0 "$(stat "$rows" 1 "$t" 7)") | $(fmt 2 "$(stat "$rows" 1 "$t" 9)") |"
+            echo "| $t | $(fmt 0 "$(stat "$rows" 1 "$t" 4)") | $(fmt 3 "$(stat "$rows" 1 "$t" 5)") | $(fmt 3 "$(stat "$rows" 1 "$t" 6)") | $(fmt 0 "$(stat "$rows" 1 "$t" 7)") | $(fmt 2 "$(stat "$rows" 1 "$t" 9)") | $(fmt 2 "$(stat "$rows" 1 "$t" 10)") |"
         done
         echo
         echo "Ratios of medians (target: CPU/req ≤ 0.80 × nginx's, req/s ≥ 1.00 ×, p99 ≤ 1.00 ×):"
         echo
-        echo "| ratio | req/s | p99 | CPU µs/req |"
-        echo "|---|---|---|---|"
+        echo "| ratio | req/s | p99 | CPU µs/req | user space µs/req |"
+        echo "|---|---|---|---|---|"
         local s p
         for s in sluice sluice-nolimit sluice-noqueue sluice-cap200; do
             [[ " $S1_TARGETS " == *" $s "* ]] || continue
             for p in nginx-nocap nginx haproxy; do
                 [[ " $S1_TARGETS " == *" $p "* ]] || continue
-                echo "| $s / $p | $(ratio "$(median "$rows" 1 "$s" 4)" "$(median "$rows" 1 "$p" 4)") | $(ratio "$(median "$rows" 1 "$s" 6)" "$(median "$rows" 1 "$p" 6)") | $(ratio "$(median "$rows" 1 "$s" 9)" "$(median "$rows" 1 "$p" 9)") |"
+                echo "| $s / $p | $(ratio "$(median "$rows" 1 "$s" 4)" "$(median "$rows" 1 "$p" 4)") | $(ratio "$(median "$rows" 1 "$s" 6)" "$(median "$rows" 1 "$p" 6)") | $(ratio "$(median "$rows" 1 "$s" 9)" "$(median "$rows" 1 "$p" 9)") | $(ratio "$(median "$rows" 1 "$s" 10)" "$(median "$rows" 1 "$p" 10)") |"
             done
         done
         echo

@@ -121,10 +121,17 @@ fn block_on(
     work: impl Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
     telemetry::init(log_format);
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
-        runtime.worker_threads(workers.max(1));
-    }
+    // One worker: a current-thread runtime does the same work on one thread without the
+    // work-stealing scheduler's cross-thread bookkeeping (BENCHMARKS.md, scenario 1).
+    let mut runtime = match workers {
+        Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
+        Some(workers) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.worker_threads(workers);
+            runtime
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let result = runtime
         .enable_all()
         .build()

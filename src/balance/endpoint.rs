@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::header::HeaderValue;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::Uri;
 use tokio::time::Instant;
 
@@ -23,8 +23,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Endpoint {
     url: String,
-    scheme: Scheme,
-    authority: Authority,
     host_header: HeaderValue,
     /// Path of the endpoint URL without the trailing '/', prepended to request paths.
     base_path: String,
@@ -62,16 +60,14 @@ impl Endpoint {
             .unwrap_or_default();
         let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid())?;
         let base_uri = Uri::builder()
-            .scheme(scheme.clone())
-            .authority(authority.clone())
+            .scheme(scheme)
+            .authority(authority)
             .path_and_query("/")
             .build()
             .map_err(|_| invalid())?;
         Ok(Self {
             host_header,
             url: url.to_owned(),
-            scheme,
-            authority,
             base_path,
             in_flight: AtomicU32::new(0),
             down_until_ms: AtomicU64::new(0),
@@ -104,21 +100,20 @@ impl Endpoint {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// The upstream URI for a request path: endpoint base path + request path and query.
-    pub fn upstream_uri(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        let pq = path_and_query.map_or("/", PathAndQuery::as_str);
-        let builder = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone());
-        if self.base_path.is_empty() {
-            match path_and_query {
-                Some(pq) => builder.path_and_query(pq.clone()).build(),
-                None => builder.path_and_query("/").build(),
+    /// The request-target sent to the endpoint: endpoint base path + request path and query,
+    /// in origin form (`/v1/score?x=1`). Origin form is what an origin server expects from a
+    /// proxy (RFC 9112 §3.2.1); the endpoint's authority goes in `Host`.
+    pub fn upstream_target(
+        &self,
+        path_and_query: Option<&PathAndQuery>,
+    ) -> Result<Uri, http::Error> {
+        match (self.base_path.is_empty(), path_and_query) {
+            (true, Some(pq)) => Ok(Uri::from(pq.clone())),
+            (true, None) => Ok(Uri::from_static("/")),
+            (false, pq) => {
+                let pq = pq.map_or("/", PathAndQuery::as_str);
+                Ok(Uri::try_from(format!("{}{pq}", self.base_path))?)
             }
-        } else {
-            builder
-                .path_and_query(format!("{}{pq}", self.base_path))
-                .build()
         }
     }
 

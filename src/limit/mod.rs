@@ -26,7 +26,7 @@ use crate::stats::RecentCount;
 use crate::store::{self, Fleet, Lease};
 pub use gcra::{Bucket, Quota, Verdict};
 pub use headers::{policy_value, Status};
-pub use keys::{key_digest, KeySource, KeyTable};
+pub use keys::{key_digest, DigestMemo, KeySource, KeyTable};
 
 /// Name under which requests with unknown keys are counted (keys themselves are never shown).
 pub const UNKNOWN: &str = "unknown";
@@ -247,6 +247,8 @@ pub struct RateLimiter {
     unknown: Arc<Resource>,
     anonymous: Arc<Resource>,
     table: Arc<KeyTable>,
+    /// Digests of the keys seen lately; kept across reloads (a digest never changes).
+    memo: Arc<DigestMemo>,
     epoch: Instant,
     fleet: Option<Arc<Fleet>>,
 }
@@ -323,6 +325,7 @@ impl RateLimiter {
             unknown: reuse(UNKNOWN, default, false),
             anonymous: reuse(ANONYMOUS, default, false),
             table,
+            memo: previous.map_or_else(Arc::default, |p| Arc::clone(&p.memo)),
             epoch: previous.map_or_else(Instant::now, |p| p.epoch),
             fleet: fleet.map(|(f, _)| Arc::clone(f)),
         }
@@ -374,7 +377,7 @@ impl RateLimiter {
                 MissingKey::Anonymous => &self.anonymous,
             },
             Some(key) => {
-                let digest = key_digest(key);
+                let digest = self.memo.digest(key);
                 match self.by_digest.get(&digest) {
                     Some(resource) => resource,
                     None => match self.settings.unknown_keys {

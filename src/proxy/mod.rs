@@ -333,7 +333,7 @@ fn upstream_request(
     endpoint: &Endpoint,
     body: UpstreamBody,
 ) -> Result<Request<UpstreamBody>, http::Error> {
-    let uri = endpoint.upstream_uri(head.uri.path_and_query())?;
+    let uri = endpoint.upstream_target(head.uri.path_and_query())?;
     let mut request = Request::new(body);
     *request.method_mut() = head.method;
     *request.uri_mut() = uri;

@@ -28,7 +28,7 @@ const KEEP_BODY: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct Received {
     pub method: Method,
-    /// Path and query exactly as received.
+    /// The request-target exactly as received (path and query, in origin form).
     pub uri: String,
     pub version: Version,
     pub headers: HeaderMap,
@@ -371,11 +371,8 @@ impl Drop for Serving {
 
 async fn serve(req: Request<Incoming>, state: Arc<State>) -> Result<Response<MockBody>, MockError> {
     let (head, mut body) = req.into_parts();
-    let uri = head
-        .uri
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
+    // The request-target as sent (origin form from a proxy; absolute form would show here).
+    let uri = head.uri.to_string();
     state.arrivals.lock().unwrap().push(uri.clone());
     state.requests.fetch_add(1, Ordering::SeqCst);
     let mut serving = Serving::new(&state, &uri);
