@@ -82,13 +82,30 @@ async fn requests_in_flight_when_shutdown_begins_complete_with_200() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
+    sigterm_drains(&[]).await;
+}
+
+/// `--workers 1` runs another kind of runtime (current-thread): the same proxying, concurrency
+/// and drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_serves_concurrent_requests_and_drains_on_sigterm() {
+    sigterm_drains(&["--workers", "1"]).await;
+}
+
+/// Three requests held by the endpoint at once, SIGTERM: the listener closes, the three
+/// complete with 200, exit 0.
+async fn sigterm_drains(extra_args: &[&str]) {
     let backend = mock().gated().start().await;
     let path = write_config("sigterm", &config(&service(&[backend.url()], "")));
-    let mut sluice = start_binary(&["run", "--config", path.to_str().unwrap()]).await;
+    let mut args = vec!["run", "--config", path.to_str().unwrap()];
+    args.extend_from_slice(extra_args);
+    let mut sluice = start_binary(&args).await;
     let addr = sluice.addr;
 
-    let in_flight = tokio::spawn(async move { once(addr, get(addr, "/score")).await });
-    backend.wait_current(1).await;
+    let in_flight: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(async move { once(addr, get(addr, "/score")).await }))
+        .collect();
+    backend.wait_current(3).await;
     sluice.signal("TERM");
     // New connections are refused while the old one drains.
     support::eventually("the listener closes", || {
@@ -97,8 +114,9 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     .await;
     backend.open_gate();
 
-    let answer = in_flight.await.unwrap();
-    assert_eq!(answer.status, 200);
+    for answer in in_flight {
+        assert_eq!(answer.await.unwrap().status, 200);
+    }
     let status = sluice.wait_exit(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "output:\n{}", sluice.output());
 }
