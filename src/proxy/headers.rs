@@ -10,45 +10,82 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Hop-by-hop headers: meaningful for one connection only, never forwarded. A match on the
-/// lower-case name (what `HeaderName` holds): every header of every request and response
-/// goes through it, and it compiles to a length switch and at most one comparison.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "keep-alive"
-            | "proxy-connection"
-    )
+/// Hop-by-hop headers: meaningful for one connection only, never forwarded.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
+
+/// The position of `name` (lower case) in [`HOP_BY_HOP`]. A match on the name: every header
+/// of every request and response goes through it, and it compiles to a length switch and at
+/// most one comparison.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "proxy-authenticate" => 1,
+        "proxy-authorization" => 2,
+        "te" => 3,
+        "trailer" => 4,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        "keep-alive" => 7,
+        "proxy-connection" => 8,
+        _ => return None,
+    })
 }
 
 /// Remove hop-by-hop headers, including every header named in `Connection`.
+///
+/// Most endpoints answer with `Connection: keep-alive` (nginx, gunicorn, uvicorn...), so the
+/// path that strips something is the usual one for responses: it allocates nothing unless
+/// `Connection` names an end-to-end header.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names, without hashing, settles the usual case: nothing to strip.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the names, without hashing: which hop-by-hop headers are here.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = hop_by_hop_index(name.as_str()) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let mut doomed: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n))
-        .cloned()
-        .collect();
-    let named = headers
+    // Names listed in `Connection` that are not hop-by-hop anyway (nor the `close` option).
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok());
-    doomed.extend(named);
-    for name in doomed {
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|token| !token.eq_ignore_ascii_case(b"close") && !is_hop_by_hop_token(token))
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
+        .collect();
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    for name in named {
         headers.remove(name);
     }
+}
+
+/// A `Connection` token (any case) that names a hop-by-hop header.
+fn is_hop_by_hop_token(token: &[u8]) -> bool {
+    let mut lower = [0u8; 24];
+    let Some(lower) = lower.get_mut(..token.len()) else {
+        return false;
+    };
+    for (l, t) in lower.iter_mut().zip(token) {
+        *l = t.to_ascii_lowercase();
+    }
+    std::str::from_utf8(lower).is_ok_and(|name| hop_by_hop_index(name).is_some())
 }
 
 /// The client address as an `X-Forwarded-For` element.
@@ -161,6 +198,23 @@ mod tests {
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.keys().collect::<Vec<_>>(), ["content-type"]);
+    }
+
+    #[test]
+    fn connection_tokens_are_matched_in_any_case() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("text/plain"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        headers.append("connection", HeaderValue::from_static("Keep-Alive, X-Hop"));
+        headers.append("connection", HeaderValue::from_static("close,TE"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.keys().collect::<Vec<_>>(), ["content-type"]);
+        assert!(is_hop_by_hop_token(b"Proxy-Connection"));
+        assert!(!is_hop_by_hop_token(
+            b"x-a-rather-long-header-name-of-no-importance"
+        ));
     }
 
     #[test]
