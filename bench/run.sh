@@ -24,7 +24,7 @@
 #   S1_TARGETS    default "direct nginx nginx-nocap haproxy sluice sluice-nolimit sluice-noqueue
 #                 sluice-cap200" (what each is: the comments at the top of bench/conf/*)
 #   S2_CONNS=200  clients in scenario 2;  S2_BACKOFFS="0 50": ms a client waits after a
-#                 refusal before its next request (0 = retry at once, a 429 storm)
+#                 refusal before its next request, jittered ±50 % (0 = retry at once, a 429 storm)
 #   S2_TARGETS    default "sluice sluice-queue nginx haproxy"
 #   S3_LIMITS="10 100 1000"  TPS limits in scenario 3; S3_DUR=30 seconds per run; S3_FACTOR=3
 #                 (driven at S3_FACTOR x the limit)
@@ -423,7 +423,7 @@ scenario2() {
         for b in $S2_BACKOFFS; do
             echo
             if [ "$b" = 0 ]; then echo "Clients retry a refused request at once (a refusal storm: the proxy core is saturated):"
-            else echo "Clients wait ${b} ms after a refused request before the next one:"; fi
+            else echo "Clients wait ${b} ms on average (drawn uniformly from $((b / 2))–$((b * 3 / 2)) ms) after a refused request before the next one:"; fi
             echo
             echo "| target | admitted req/s | admitted / ceiling | admitted p50 ms | admitted p99 ms | refused req/s | refused p50 ms | refused p99 ms | codes | proxy CPU µs/answer |"
             echo "|---|---|---|---|---|---|---|---|---|---|"

@@ -29,7 +29,7 @@ use tokio::time::{sleep, timeout_at, Instant};
 
 const USAGE: &str = "usage:
   sluice-bench-load run  --addr HOST:PORT [--path /] [--conns 200] [--duration 10]
-                         [--keys 1000] [--backoff-ms 0]
+                         [--keys 1000] [--backoff-ms 0]  (after a refusal: wait backoff/2..3·backoff/2)
   sluice-bench-load hold --addr HOST:PORT [--conns 10000] [--batch 200]
   sluice-bench-load rate --addr HOST:PORT --rps N [--duration 30] [--header NAME:VALUE]...
   sluice-bench-load sweep --addr HOST:PORT [--keys 100000] [--conns 50] [--prefix s]";
@@ -285,6 +285,7 @@ async fn client(o: Opts, id: usize, deadline: Instant) -> Tally {
     let keys = o.keys.max(1);
     let reqs: Vec<Vec<u8>> = (1..=keys).map(|k| request(&o, k)).collect();
     let mut next = id % keys;
+    let mut rng = (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut t = Tally::default();
     let mut conn: Option<Conn> = None;
     while Instant::now() < deadline {
@@ -313,7 +314,7 @@ async fn client(o: Opts, id: usize, deadline: Instant) -> Tally {
                     t.reconnects += 1;
                 }
                 if !(200..300).contains(&head.status) && !o.backoff.is_zero() {
-                    sleep(o.backoff).await;
+                    sleep(jittered(o.backoff, &mut rng)).await;
                 }
             }
             Ok(Err(_)) => {
@@ -323,6 +324,17 @@ async fn client(o: Opts, id: usize, deadline: Instant) -> Tally {
         }
     }
     t
+}
+
+/// A back-off drawn uniformly from [base/2, 3·base/2] (xorshift64 in `state`): clients that all
+/// waited exactly `base` would come back in lock-step, every refused client in the same
+/// millisecond, and the refusal latency measured would be that herd's queue.
+fn jittered(base: Duration, state: &mut u64) -> Duration {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    let unit = (*state >> 11) as f64 / (1u64 << 53) as f64;
+    base.mul_f64(0.5 + unit)
 }
 
 fn pct(sorted: &[u32], q: f64) -> f64 {
