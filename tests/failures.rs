@@ -567,3 +567,55 @@ async fn a_slow_but_steady_upload_is_not_cut_by_the_client_body_timeout() {
     assert!(backend.received()[0].complete);
     sluice.assert_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_abandons_an_upload_resets_only_that_stream() {
+    // The soak's HTTP/2 clients give up uploads by dropping the request: hyper resets the
+    // stream (RST_STREAM) and keeps the connection. sluice must see the reset at once (not at
+    // `client_body`, 30 s by default): the endpoint gets a cut request, the slot comes back.
+    let backend = mock().start().await;
+    let sluice = start_sluice(&config(&service(&[backend.url()], ""))).await;
+    let stream = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
+    let (mut stalling, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let upload = http::Request::post(format!("http://{}/score", sluice.addr))
+        .body(OneFrame {
+            frame: Some(bytes::Bytes::from_static(b"0123456789")),
+            stall: true,
+        })
+        .unwrap();
+    let exchange = tokio::spawn(stalling.send_request(upload));
+    eventually("the endpoint holds the request", || backend.requests() == 1).await;
+    let abandoned = tokio::time::Instant::now();
+    exchange.abort();
+    eventually("the endpoint saw the request end", || {
+        !backend.received().is_empty()
+    })
+    .await;
+    assert!(
+        abandoned.elapsed() < Duration::from_secs(2),
+        "seen after {:?}",
+        abandoned.elapsed()
+    );
+    assert!(
+        !backend.received()[0].complete,
+        "the endpoint took it for whole"
+    );
+    sluice.assert_idle().await;
+    // The connection of the abandoned stream still serves.
+    let next = http::Request::post(format!("http://{}/score", sluice.addr))
+        .body(OneFrame {
+            frame: Some(bytes::Bytes::from_static(b"0123456789")),
+            stall: false,
+        })
+        .unwrap();
+    let answer = collect(stalling.send_request(next).await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+}
