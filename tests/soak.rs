@@ -24,9 +24,13 @@
 //! - no key a caller sent ever appears in sluice's log, in one of its own answers, or in any
 //!   admin response (API, metrics, dashboard), across the whole run.
 //!
-//! `cargo test --test soak` runs about 20 s (14 s of faults) with a fixed seed;
-//! `SOAK_SECS` (seconds of faults) and `SOAK_SEED` change both, and `bench/soak.sh` runs it
-//! for as long as asked. The summary is printed to stderr (`-- --nocapture` shows it).
+//! A second variant, [`store`], runs the same load and endpoint faults through a sluice whose
+//! limits live in Redis while Redis dies and hangs (see its module documentation).
+//!
+//! `cargo test --test soak` runs both, one after the other, in about 35 s (14 s and 9 s of
+//! faults) with a fixed seed; `SOAK_SECS`, `SOAK_STORE_SECS` (seconds of faults) and
+//! `SOAK_SEED` change them, and `bench/soak.sh` runs either or both for as long as asked. The
+//! summaries are printed to stderr (`-- --nocapture` shows them).
 
 mod support;
 
@@ -90,6 +94,8 @@ fn leaked_key(text: &[u8]) -> Option<&'static str> {
 struct Settings {
     /// How long faults are injected.
     soak: Duration,
+    /// How long faults are injected in the Redis store variant.
+    store_soak: Duration,
     seed: u64,
 }
 
@@ -105,6 +111,7 @@ fn settings() -> Settings {
     };
     Settings {
         soak: Duration::from_secs(env("SOAK_SECS", 14)),
+        store_soak: Duration::from_secs(env("SOAK_STORE_SECS", 9)),
         seed: env("SOAK_SEED", 7),
     }
 }
@@ -640,6 +647,17 @@ struct Soak {
     faults: Tally,
     stop: AtomicBool,
     began: Instant,
+    /// Every judged exchange, kept when a variant checks them against its faults afterwards.
+    exchanges: Option<Mutex<Vec<Exchange>>>,
+}
+
+/// One judged exchange, for checks made after the run.
+struct Exchange {
+    plan: Plan,
+    started: Instant,
+    ended: Instant,
+    /// Status and reason when a response came (`None`: aborted or failed).
+    answer: Option<(u16, Option<String>)>,
 }
 
 // ---- one exchange ----
@@ -968,11 +986,12 @@ async fn worker(soak: Arc<Soak>, seed: u64, first_id: u64, h2: Option<Arc<H2Clie
         id += 1;
         let started = Instant::now();
         let outcome = run(&soak, &plan, h2.as_deref()).await;
+        let ended = Instant::now();
         soak.endpoints
             .client_done
             .lock()
             .unwrap()
-            .insert(plan.id, Instant::now());
+            .insert(plan.id, ended);
         let label = judge(&soak, &plan, &outcome, started);
         if let Outcome::Aborted(what) = outcome {
             soak.faults.add(if h2.is_some() {
@@ -989,6 +1008,18 @@ async fn worker(soak: Arc<Soak>, seed: u64, first_id: u64, h2: Option<Arc<H2Clie
             soak.h2_answers.add(label.clone());
         }
         soak.answers.add(label);
+        if let Some(exchanges) = &soak.exchanges {
+            let answer = match &outcome {
+                Outcome::Seen(seen) => Some((seen.status, seen.reason.clone())),
+                _ => None,
+            };
+            exchanges.lock().unwrap().push(Exchange {
+                plan,
+                started,
+                ended,
+                answer,
+            });
+        }
     }
 }
 
@@ -1051,13 +1082,15 @@ async fn patch(soak: &Soak, change: &str) {
     }
 }
 
-/// Faults that are not per request: endpoint kills, admin changes, reloads.
+/// Faults that are not per request: endpoint kills, and with `admin`, admin changes and
+/// reloads.
 async fn inject_faults(
     soak: Arc<Soak>,
     sluice: Arc<AsyncMutex<Running>>,
     file: std::path::PathBuf,
     garbage: SocketAddr,
     seed: u64,
+    with_admin_changes: bool,
 ) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xfa17);
     let mut restarts = Vec::new();
@@ -1066,7 +1099,11 @@ async fn inject_faults(
         let cap = rng.gen_range(CAP_LOW..=CAP_HIGH);
         let queue = rng.gen_range(0..=16);
         let sighup = rng.gen_bool(0.5);
-        match rng.gen_range(0..100) {
+        let kind = rng.gen_range(0..100);
+        if !with_admin_changes && kind >= 35 {
+            continue;
+        }
+        match kind {
             0..35 => {
                 if soak.endpoints.down() > 0 {
                     continue;
@@ -1333,13 +1370,21 @@ async fn sigterm_under_load(soak: &Arc<Soak>, sluice: &AsyncMutex<Running>) -> S
     }
 }
 
-// ---- the test ----
+// ---- the tests ----
+
+/// The variants drive the same two cores: they run one after the other.
+static ONE_AT_A_TIME: AsyncMutex<()> = AsyncMutex::const_new(());
+
+#[path = "soak/store.rs"]
+mod store;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_with_faults_then_sigterm() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let Settings {
         soak: soak_for,
         seed,
+        ..
     } = settings();
     let began = Instant::now();
     let endpoints = Endpoints::start().await;
@@ -1377,6 +1422,7 @@ async fn soak_with_faults_then_sigterm() {
         faults: Tally::default(),
         stop: AtomicBool::new(false),
         began,
+        exchanges: None,
     });
 
     // Warm up without faults, then take the baseline with nothing in flight.
@@ -1394,6 +1440,7 @@ async fn soak_with_faults_then_sigterm() {
         file.clone(),
         garbage,
         seed,
+        true,
     ));
     let gauges = tokio::spawn(watch_gauges(Arc::clone(&soak)));
     load(&soak, seed.wrapping_add(1), 1_000_000_000, soak_for).await;
