@@ -102,15 +102,17 @@ struct Stall {
 impl Stall {
     /// The client has nothing for us yet: true once it has kept us waiting for the limit.
     fn waiting(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = Instant::now() + self.limit;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         if !self.armed {
-            timer.as_mut().reset(deadline);
+            let deadline = Instant::now() + self.limit;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
             self.armed = true;
         }
-        timer.as_mut().poll(cx).is_ready()
+        self.timer
+            .as_mut()
+            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
     }
 
     /// A frame came: the next wait starts a new count.
