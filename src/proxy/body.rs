@@ -282,6 +282,11 @@ impl Body for UpstreamBody {
     }
 }
 
+/// How long an endpoint body's error is held back, so that what hyper has not written out
+/// yet (the head) reaches the client first. A yield to the runtime was not enough: an HTTP/2
+/// connection task on the other worker of a busy machine still lost the race now and then.
+const HOLD_ERROR: Duration = Duration::from_millis(10);
+
 /// The body of a response to a client.
 pub enum ResponseBody {
     /// An endpoint's body, streamed; the slot is released when the body is dropped, i.e. when
@@ -293,6 +298,9 @@ pub enum ResponseBody {
         slot: Slot,
         /// The connection, back to the pool once the body was read to its end.
         reuse: Reuse,
+        /// The endpoint's body broke: its error, held back for [`HOLD_ERROR`] (see
+        /// `poll_frame`).
+        failed: Option<(hyper::Error, Pin<Box<Sleep>>)>,
     },
     /// A complete body built by sluice (`None` once sent).
     Full(Option<Bytes>),
@@ -303,7 +311,12 @@ impl ResponseBody {
     pub fn upstream(body: Incoming, slot: Slot, mut reuse: Reuse) -> Self {
         // A body that is empty from the start may never be polled.
         reuse.finished = body.is_end_stream();
-        Self::Upstream { body, slot, reuse }
+        Self::Upstream {
+            body,
+            slot,
+            reuse,
+            failed: None,
+        }
     }
 
     /// A complete body.
@@ -321,8 +334,36 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Self::Upstream { body, reuse, .. } => {
+            Self::Upstream {
+                body,
+                reuse,
+                failed,
+                ..
+            } => {
+                if let Some((_, pause)) = failed {
+                    if pause.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let (error, _) = failed.take().expect("checked above");
+                    return Poll::Ready(Some(Err(error)));
+                }
                 let polled = Pin::new(&mut *body).poll_frame(cx);
+                if let Poll::Ready(Some(Err(error))) = polled {
+                    // The endpoint broke its body. hyper ends the client's exchange at this
+                    // error and drops what it has not written out yet: when the error comes at
+                    // once (an endpoint that died right after its response head), that is the
+                    // head, and the client gets no answer at all (HTTP/2: the stream's reset
+                    // discards its queued HEADERS frame). Hold the error back a moment: hyper's
+                    // HTTP/1 connection flushes while this body is pending, and the HTTP/2
+                    // connection task gets to write the head out. The client then sees the
+                    // head and a body that ends broken, as for an endpoint that dies mid-body.
+                    let mut pause = Box::pin(tokio::time::sleep(HOLD_ERROR));
+                    if pause.as_mut().poll(cx).is_pending() {
+                        *failed = Some((error, pause));
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Some(Err(error)));
+                }
                 // hyper stops polling once the body says it is at its end.
                 if matches!(polled, Poll::Ready(None))
                     || (matches!(polled, Poll::Ready(Some(Ok(_)))) && body.is_end_stream())
