@@ -131,6 +131,30 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
             vec!["timeouts.client_header", "greater than 0"],
         ),
         (
+            "client body timeout below its range",
+            format!(
+                "[timeouts]\nclient_body = \"50ms\"\n\n{}",
+                with_service_keys("")
+            ),
+            vec!["timeouts.client_body: 50ms is out of range; allowed 100ms..=1h"],
+        ),
+        (
+            "client body timeout above its range",
+            format!(
+                "[timeouts]\nclient_body = \"2h\"\n\n{}",
+                with_service_keys("")
+            ),
+            vec!["timeouts.client_body: 2h is out of range; allowed 100ms..=1h"],
+        ),
+        (
+            "lingering close above its range",
+            format!(
+                "[limits]\nlingering_close = \"1m\"\n\n{}",
+                with_service_keys("")
+            ),
+            vec!["limits.lingering_close: 1m is out of range; allowed 0s..=30s"],
+        ),
+        (
             "zero shutdown grace",
             format!(
                 "[timeouts]\nshutdown_grace = \"0s\"\n\n{}",

@@ -326,6 +326,67 @@ async fn an_answer_given_before_the_body_was_read_reaches_a_client_still_uploadi
     sluice.stop().await;
 }
 
+/// After an early answer (429 at the head, the only slot being held), how long sluice goes on
+/// taking what the client still uploads: the client reads the answer and sluice's FIN, then
+/// writes 16 KiB every 20 ms until a write fails (sluice closed the socket and the client's
+/// stack got a reset).
+async fn lingered_for(lingering_close: &str) -> Duration {
+    let backend = mock().gated().start().await;
+    let sluice = start_sluice(
+        &limited(
+            &backend,
+            &format!("lingering_close = \"{lingering_close}\""),
+            "",
+        )
+        .replace(
+            "path_prefix = \"/\"\n",
+            "path_prefix = \"/\"\nmax_concurrent = 1\n",
+        ),
+    )
+    .await;
+    let addr = sluice.addr;
+    let held = tokio::spawn(async move { once(addr, get(addr, "/held")).await });
+    backend.wait_current(1).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = "POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000000\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+        .await
+        .expect("the answer and a FIN, at once")
+        .expect("the answer arrives whole");
+    let answer = String::from_utf8_lossy(&answer);
+    assert_eq!(status_of(&answer), 429, "{answer}");
+    let answered = Instant::now();
+    let chunk = vec![b'u'; 16 << 10];
+    let lingered = loop {
+        if stream.write_all(&chunk).await.is_err() {
+            break answered.elapsed();
+        }
+        assert!(answered.elapsed() < DEADLINE, "sluice never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    backend.open_gate();
+    assert_eq!(held.await.unwrap().status, 200);
+    sluice.assert_idle().await;
+    sluice.stop().await;
+    lingered
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lingering_close_sets_how_long_an_early_answer_keeps_reading() {
+    // 0 closes at once: the client's writes fail within a few round trips.
+    let off = lingered_for("0s").await;
+    assert!(off < Duration::from_millis(300), "with 0s: {off:?}");
+    // 700 ms: the writes go on being taken for that long (from the client's reading of the
+    // answer, a moment after sluice started lingering), then fail.
+    let on = lingered_for("700ms").await;
+    assert!(
+        on >= Duration::from_millis(500) && on < Duration::from_secs(3),
+        "with 700ms: {on:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_is_dropped_at_client_header() {
     let backend = mock().start().await;

@@ -1,8 +1,11 @@
 //! The fault soak (issue 7, "Faults"): mixed load through the real `sluice` binary (keyed and
-//! unkeyed callers, large request bodies, streamed responses) while, at random, endpoints are
+//! unkeyed callers, large request bodies, streamed responses; HTTP/1.1 clients pooled or on a
+//! connection per request, and HTTP/2 clients multiplexing several streams on a connection)
+//! while, at random, endpoints are
 //! killed and restarted on the same port, reset connections before and in the middle of a
 //! body, stall past `timeouts.response` or answer garbage; clients abort in the middle of a
-//! request and of a response; the config is reloaded (valid and invalid, by `POST
+//! request and of a response (over HTTP/2: a stream reset, RST_STREAM, while the connection
+//! and its other streams go on); the config is reloaded (valid and invalid, by `POST
 //! /admin/reload` and SIGHUP); and caps and queues are lowered and raised through the admin
 //! API. Then SIGTERM under load.
 //!
@@ -21,9 +24,13 @@
 //! - no key a caller sent ever appears in sluice's log, in one of its own answers, or in any
 //!   admin response (API, metrics, dashboard), across the whole run.
 //!
-//! `cargo test --test soak` runs about 20 s (14 s of faults) with a fixed seed;
-//! `SOAK_SECS` (seconds of faults) and `SOAK_SEED` change both, and `bench/soak.sh` runs it
-//! for as long as asked. The summary is printed to stderr (`-- --nocapture` shows it).
+//! A second variant, [`store`], runs the same load and endpoint faults through a sluice whose
+//! limits live in Redis while Redis dies and hangs (see its module documentation).
+//!
+//! `cargo test --test soak` runs both, one after the other, in about 35 s (14 s and 9 s of
+//! faults) with a fixed seed; `SOAK_SECS`, `SOAK_STORE_SECS` (seconds of faults) and
+//! `SOAK_SEED` change them, and `bench/soak.sh` runs either or both for as long as asked. The
+//! summaries are printed to stderr (`-- --nocapture` shows them).
 
 mod support;
 
@@ -56,6 +63,10 @@ use tokio::sync::Mutex as AsyncMutex;
 const TOKEN: &str = "soak-admin-token";
 const ENDPOINTS: usize = 3;
 const WORKERS: usize = 24;
+/// Of the workers, this many share HTTP/2 connections (h2c, prior knowledge), each
+/// connection carrying [`H2_STREAMS`] of them as concurrent streams; the rest speak HTTP/1.1.
+const H2_CONNECTIONS: usize = 2;
+const H2_STREAMS: usize = 4;
 /// Caps move between these (admin PATCH and reloads); the cap check uses the highest.
 const CAP_LOW: u32 = 2;
 const CAP_HIGH: u32 = 6;
@@ -83,6 +94,8 @@ fn leaked_key(text: &[u8]) -> Option<&'static str> {
 struct Settings {
     /// How long faults are injected.
     soak: Duration,
+    /// How long faults are injected in the Redis store variant.
+    store_soak: Duration,
     seed: u64,
 }
 
@@ -98,6 +111,7 @@ fn settings() -> Settings {
     };
     Settings {
         soak: Duration::from_secs(env("SOAK_SECS", 14)),
+        store_soak: Duration::from_secs(env("SOAK_STORE_SECS", 9)),
         seed: env("SOAK_SEED", 7),
     }
 }
@@ -625,9 +639,25 @@ struct Soak {
     pooled: Mutex<Client<HttpConnector, UploadBody>>,
     violations: Violations,
     answers: Tally,
+    /// The answers given over HTTP/2 (also counted in `answers`).
+    h2_answers: Tally,
+    /// HTTP/2 connections opened by the workers (a connection that closed under its streams
+    /// is opened again).
+    h2_connections: AtomicU64,
     faults: Tally,
     stop: AtomicBool,
     began: Instant,
+    /// Every judged exchange, kept when a variant checks them against its faults afterwards.
+    exchanges: Option<Mutex<Vec<Exchange>>>,
+}
+
+/// One judged exchange, for checks made after the run.
+struct Exchange {
+    plan: Plan,
+    started: Instant,
+    ended: Instant,
+    /// Status and reason when a response came (`None`: aborted or failed).
+    answer: Option<(u16, Option<String>)>,
 }
 
 // ---- one exchange ----
@@ -738,8 +768,26 @@ async fn own_connection(
     Ok((sender, OwnConnection(task)))
 }
 
-async fn run(soak: &Soak, plan: &Plan) -> Outcome {
+/// Send `plan`'s request: over HTTP/2 on `h2`'s connection when given, else over HTTP/1.1
+/// (pooled or on a connection of its own).
+async fn run(soak: &Soak, plan: &Plan, h2: Option<&H2Client>) -> Outcome {
     let request = plan.request(soak.addr);
+    let stop_after_first = matches!(plan.mode, Mode::AbortMidResponse);
+    if let Some(h2) = h2 {
+        let mut sender = match h2.sender(soak).await {
+            Ok(sender) => sender,
+            Err(e) => return Outcome::Failed(e),
+        };
+        // Dropping the exchange (an abort) drops the stream: hyper resets it (RST_STREAM
+        // CANCEL) while the connection and its other streams go on.
+        let exchange = async move {
+            match sender.send_request(request).await {
+                Ok(response) => Outcome::Seen(read_response(response, stop_after_first).await),
+                Err(e) => Outcome::Failed(format!("HTTP/2 request: {}", chain(&e))),
+            }
+        };
+        return finish(plan, exchange).await;
+    }
     match plan.mode {
         Mode::Complete { pooled: true } => {
             let exchange = async {
@@ -758,38 +806,87 @@ async fn run(soak: &Soak, plan: &Plan) -> Outcome {
                 Ok(c) => c,
                 Err(e) => return Outcome::Failed(e),
             };
-            let stop_after_first = matches!(plan.mode, Mode::AbortMidResponse);
             let exchange = async {
                 match sender.send_request(request).await {
                     Ok(response) => Outcome::Seen(read_response(response, stop_after_first).await),
                     Err(e) => Outcome::Failed(format!("request: {}", chain(&e))),
                 }
             };
-            match plan.mode {
-                Mode::AbortAfter(after) | Mode::AbortMidUpload(after) => {
-                    let what = if matches!(plan.mode, Mode::AbortAfter(_)) {
-                        "client aborted after a random time"
-                    } else {
-                        "client aborted mid-upload"
-                    };
-                    tokio::time::timeout(after, exchange)
-                        .await
-                        .unwrap_or(Outcome::Aborted(what))
-                }
-                Mode::AbortMidResponse => {
-                    match tokio::time::timeout(CLIENT_TIMEOUT, exchange).await {
-                        Ok(Outcome::Seen(seen)) if seen.status == 200 && !seen.broken => {
-                            Outcome::Aborted("client aborted mid-response")
-                        }
-                        Ok(outcome) => outcome,
-                        Err(_) => Outcome::TimedOut,
-                    }
-                }
-                Mode::Complete { .. } => tokio::time::timeout(CLIENT_TIMEOUT, exchange)
-                    .await
-                    .unwrap_or(Outcome::TimedOut),
+            finish(plan, exchange).await
+        }
+    }
+}
+
+/// Run `exchange` the way `plan`'s client means to: to its end (within the client timeout),
+/// or given up after a time, mid-upload or after the first frame of the answer.
+async fn finish(plan: &Plan, exchange: impl std::future::Future<Output = Outcome>) -> Outcome {
+    match plan.mode {
+        Mode::AbortAfter(after) | Mode::AbortMidUpload(after) => {
+            let what = if matches!(plan.mode, Mode::AbortAfter(_)) {
+                "client aborted after a random time"
+            } else {
+                "client aborted mid-upload"
+            };
+            tokio::time::timeout(after, exchange)
+                .await
+                .unwrap_or(Outcome::Aborted(what))
+        }
+        Mode::AbortMidResponse => match tokio::time::timeout(CLIENT_TIMEOUT, exchange).await {
+            Ok(Outcome::Seen(seen)) if seen.status == 200 && !seen.broken => {
+                Outcome::Aborted("client aborted mid-response")
+            }
+            Ok(outcome) => outcome,
+            Err(_) => Outcome::TimedOut,
+        },
+        Mode::Complete { .. } => tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+            .await
+            .unwrap_or(Outcome::TimedOut),
+    }
+}
+
+/// An HTTP/2 connection (h2c, prior knowledge) that several workers use at once, one stream
+/// each; opened again if it closed.
+struct H2Client {
+    connection: AsyncMutex<
+        Option<(
+            hyper::client::conn::http2::SendRequest<UploadBody>,
+            OwnConnection,
+        )>,
+    >,
+}
+
+impl H2Client {
+    fn new() -> Self {
+        Self {
+            connection: AsyncMutex::new(None),
+        }
+    }
+
+    /// A handle for one more stream on the connection.
+    async fn sender(
+        &self,
+        soak: &Soak,
+    ) -> Result<hyper::client::conn::http2::SendRequest<UploadBody>, String> {
+        let mut connection = self.connection.lock().await;
+        if let Some((sender, _)) = connection.as_ref() {
+            if !sender.is_closed() {
+                return Ok(sender.clone());
             }
         }
+        let stream = TcpStream::connect(soak.addr)
+            .await
+            .map_err(|e| format!("HTTP/2 connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, driver) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("HTTP/2 handshake: {}", chain(&e)))?;
+        let task = tokio::spawn(async move {
+            let _ = driver.await;
+        });
+        soak.h2_connections.fetch_add(1, Ordering::Relaxed);
+        *connection = Some((sender.clone(), OwnConnection(task)));
+        Ok(sender)
     }
 }
 
@@ -881,28 +978,48 @@ fn judge(soak: &Soak, plan: &Plan, outcome: &Outcome, started: Instant) -> Strin
     }
 }
 
-async fn worker(soak: Arc<Soak>, seed: u64, first_id: u64) {
+async fn worker(soak: Arc<Soak>, seed: u64, first_id: u64, h2: Option<Arc<H2Client>>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut id = first_id;
     while !soak.stop.load(Ordering::Relaxed) {
         let plan = Plan::random(id, &mut rng);
         id += 1;
         let started = Instant::now();
-        let outcome = run(&soak, &plan).await;
+        let outcome = run(&soak, &plan, h2.as_deref()).await;
+        let ended = Instant::now();
         soak.endpoints
             .client_done
             .lock()
             .unwrap()
-            .insert(plan.id, Instant::now());
+            .insert(plan.id, ended);
         let label = judge(&soak, &plan, &outcome, started);
         if let Outcome::Aborted(what) = outcome {
-            soak.faults.add(what);
+            soak.faults.add(if h2.is_some() {
+                format!("{what} (HTTP/2: stream reset)")
+            } else {
+                what.to_owned()
+            });
         }
         if label.starts_with("429") {
             // A client that heeds a refusal a little (and leaves room for the others).
             tokio::time::sleep(Duration::from_millis(rng.gen_range(5..40))).await;
         }
+        if h2.is_some() {
+            soak.h2_answers.add(label.clone());
+        }
         soak.answers.add(label);
+        if let Some(exchanges) = &soak.exchanges {
+            let answer = match &outcome {
+                Outcome::Seen(seen) => Some((seen.status, seen.reason.clone())),
+                _ => None,
+            };
+            exchanges.lock().unwrap().push(Exchange {
+                plan,
+                started,
+                ended,
+                answer,
+            });
+        }
     }
 }
 
@@ -965,13 +1082,15 @@ async fn patch(soak: &Soak, change: &str) {
     }
 }
 
-/// Faults that are not per request: endpoint kills, admin changes, reloads.
+/// Faults that are not per request: endpoint kills, and with `admin`, admin changes and
+/// reloads.
 async fn inject_faults(
     soak: Arc<Soak>,
     sluice: Arc<AsyncMutex<Running>>,
     file: std::path::PathBuf,
     garbage: SocketAddr,
     seed: u64,
+    with_admin_changes: bool,
 ) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0xfa17);
     let mut restarts = Vec::new();
@@ -980,7 +1099,11 @@ async fn inject_faults(
         let cap = rng.gen_range(CAP_LOW..=CAP_HIGH);
         let queue = rng.gen_range(0..=16);
         let sighup = rng.gen_bool(0.5);
-        match rng.gen_range(0..100) {
+        let kind = rng.gen_range(0..100);
+        if !with_admin_changes && kind >= 35 {
+            continue;
+        }
+        match kind {
             0..35 => {
                 if soak.endpoints.down() > 0 {
                     continue;
@@ -1130,12 +1253,19 @@ async fn settle(soak: &Soak, sluice: &AsyncMutex<Running>) -> (u64, usize, Optio
 
 async fn load(soak: &Arc<Soak>, seed: u64, id_base: u64, for_how_long: Duration) {
     soak.stop.store(false, Ordering::Relaxed);
-    let workers: Vec<_> = (0..WORKERS as u64)
+    let h2: Vec<Arc<H2Client>> = (0..H2_CONNECTIONS)
+        .map(|_| Arc::new(H2Client::new()))
+        .collect();
+    let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
+            // The first workers share the HTTP/2 connections, H2_STREAMS to a connection.
+            let h2 = h2.get(w / H2_STREAMS).map(Arc::clone);
+            let w = w as u64;
             tokio::spawn(worker(
                 Arc::clone(soak),
                 seed.wrapping_mul(1000).wrapping_add(w),
                 id_base + w * 10_000_000,
+                h2,
             ))
         })
         .collect();
@@ -1240,13 +1370,21 @@ async fn sigterm_under_load(soak: &Arc<Soak>, sluice: &AsyncMutex<Running>) -> S
     }
 }
 
-// ---- the test ----
+// ---- the tests ----
+
+/// The variants drive the same two cores: they run one after the other.
+static ONE_AT_A_TIME: AsyncMutex<()> = AsyncMutex::const_new(());
+
+#[path = "soak/store.rs"]
+mod store;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_with_faults_then_sigterm() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let Settings {
         soak: soak_for,
         seed,
+        ..
     } = settings();
     let began = Instant::now();
     let endpoints = Endpoints::start().await;
@@ -1279,9 +1417,12 @@ async fn soak_with_faults_then_sigterm() {
         pooled: Mutex::new(new_pool()),
         violations: Violations::default(),
         answers: Tally::default(),
+        h2_answers: Tally::default(),
+        h2_connections: AtomicU64::new(0),
         faults: Tally::default(),
         stop: AtomicBool::new(false),
         began,
+        exchanges: None,
     });
 
     // Warm up without faults, then take the baseline with nothing in flight.
@@ -1299,6 +1440,7 @@ async fn soak_with_faults_then_sigterm() {
         file.clone(),
         garbage,
         seed,
+        true,
     ));
     let gauges = tokio::spawn(watch_gauges(Arc::clone(&soak)));
     load(&soak, seed.wrapping_add(1), 1_000_000_000, soak_for).await;
@@ -1414,6 +1556,12 @@ async fn soak_with_faults_then_sigterm() {
         summary,
         "soak: answers by kind (warm-up included)\n{}",
         soak.answers.lines()
+    );
+    let _ = write!(
+        summary,
+        "soak: of which over HTTP/2 ({} connections opened, {H2_STREAMS} streams each)\n{}",
+        soak.h2_connections.load(Ordering::Relaxed),
+        soak.h2_answers.lines()
     );
     endpoints.faults.0.lock().unwrap().insert(
         "endpoint answered garbage (connections)".into(),

@@ -20,6 +20,10 @@ pub const H2_RESETS_RANGE: RangeInclusive<u32> = 1..=100_000;
 /// Allowed `max_connections`.
 pub const MAX_CONNECTIONS_RANGE: RangeInclusive<u32> = 1..=1_000_000;
 
+/// Allowed `lingering_close` (0 turns it off).
+pub const LINGERING_CLOSE_RANGE: RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(30);
+
 /// hyper's own default for `max_headers`: kept on the stack, so sluice only sets a value
 /// that differs from it (any other value costs a heap allocation per request).
 pub const HYPER_DEFAULT_MAX_HEADERS: u32 = 100;
@@ -49,6 +53,11 @@ pub struct Limits {
     /// closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// After an answer given before the request body was read, how long the connection goes
+    /// on reading (and discarding) what the client still sends before closing, so the answer
+    /// is not lost to a TCP reset. 0 closes at once.
+    #[serde(with = "humantime_serde")]
+    pub lingering_close: Duration,
 }
 
 impl Default for Limits {
@@ -61,6 +70,7 @@ impl Default for Limits {
             http2_max_local_error_reset_streams: 1024,
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(60),
+            lingering_close: Duration::from_secs(2),
         }
     }
 }
@@ -95,6 +105,11 @@ pub(super) fn validate(p: &mut Problems, limits: &Limits) {
         &MAX_CONNECTIONS_RANGE,
     );
     p.positive(key("idle_timeout"), limits.idle_timeout);
+    p.duration_range(
+        key("lingering_close"),
+        limits.lingering_close,
+        &LINGERING_CLOSE_RANGE,
+    );
 }
 
 #[cfg(test)]
@@ -126,6 +141,12 @@ mod tests {
                 "limits.max_connections: 0 is out of range; allowed 1..=1000000",
                 "limits.idle_timeout: must be greater than 0 (e.g. \"500ms\", \"2s\")",
             ]
+        );
+        assert!(problems("lingering_close = \"0s\"").is_empty());
+        assert!(problems("lingering_close = \"30s\"").is_empty());
+        assert_eq!(
+            problems("lingering_close = \"31s\""),
+            ["limits.lingering_close: 31s is out of range; allowed 0s..=30s"]
         );
         assert_eq!(
             problems("http2_max_concurrent_streams = 0\nhttp2_max_pending_accept_reset_streams = 0\nhttp2_max_local_error_reset_streams = 100001"),

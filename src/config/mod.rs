@@ -76,6 +76,10 @@ pub struct Timeouts {
     /// The client must finish sending request headers within this time.
     #[serde(with = "humantime_serde")]
     pub client_header: Duration,
+    /// A request body from which no byte arrives for this long, while sluice waits for one,
+    /// is cut: the endpoint connection is closed and the client gets a 408.
+    #[serde(with = "humantime_serde")]
+    pub client_body: Duration,
     /// How long in-flight requests may drain on SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -87,6 +91,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(2),
             response: Duration::from_secs(60),
             client_header: Duration::from_secs(10),
+            client_body: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
         }
     }

@@ -12,6 +12,11 @@ use super::Config;
 /// Allowed per-endpoint concurrency cap (managed scoring endpoints allow at most 200).
 pub const MAX_CONCURRENT_RANGE: RangeInclusive<u32> = 1..=200;
 
+/// Allowed `timeouts.client_body`: shorter than 100 ms would cut healthy uploads over any
+/// real network; longer than an hour is no bound.
+pub const CLIENT_BODY_TIMEOUT_RANGE: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
+
 /// One problem in a config: the key it concerns and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -64,6 +69,28 @@ impl Problems {
         }
     }
 
+    /// `value` within `range`, else "out of range; allowed LOW..=HIGH" in the config's own
+    /// duration syntax.
+    pub(super) fn duration_range(
+        &mut self,
+        key: impl Into<String>,
+        value: Duration,
+        range: &RangeInclusive<Duration>,
+    ) {
+        if !range.contains(&value) {
+            let show = |d: Duration| humantime::format_duration(d).to_string();
+            self.add(
+                key,
+                format!(
+                    "{} is out of range; allowed {}..={}",
+                    show(value),
+                    show(*range.start()),
+                    show(*range.end())
+                ),
+            );
+        }
+    }
+
     pub(super) fn positive(&mut self, key: impl Into<String>, value: Duration) {
         if value.is_zero() {
             self.add(key, "must be greater than 0 (e.g. \"500ms\", \"2s\")");
@@ -95,6 +122,11 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
     p.positive("timeouts.connect", t.connect);
     p.positive("timeouts.response", t.response);
     p.positive("timeouts.client_header", t.client_header);
+    p.duration_range(
+        "timeouts.client_body",
+        t.client_body,
+        &CLIENT_BODY_TIMEOUT_RANGE,
+    );
     p.positive("timeouts.shutdown_grace", t.shutdown_grace);
     super::limits::validate(&mut p, &config.limits);
     super::store::validate(&mut p, &config.store);

@@ -1,7 +1,9 @@
 //! Body types: the request body sent upstream (watched, so the response timeout counts from
-//! when it stopped moving) and the response body sent to the client (an endpoint's streamed
-//! body holding its slot and connection, or a small JSON answer built by sluice).
+//! when it stopped moving, and cut when the client stops sending it for `timeouts.client_body`)
+//! and the response body sent to the client (an endpoint's streamed body holding its slot and
+//! connection, or a small JSON answer built by sluice).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use hyper::body::Incoming;
 use std::time::Duration;
 
 use tokio::task::AbortHandle;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use super::upstream::Reuse;
 use crate::balance::Slot;
@@ -28,6 +30,16 @@ pub struct Progress {
     broken: AtomicBool,
     /// Set when the client's body was read to its end.
     ended: AtomicBool,
+    /// Set while the endpoint connection waits for the client's next frame (its last poll of
+    /// the body found nothing): the upload is held up by the client, not by the endpoint.
+    /// hyper's connection only asks for the body while its write buffer has room, and the
+    /// buffer only drains while it waits, so once woken by the client it reads the body again
+    /// and the flag clears.
+    waiting_for_client: AtomicBool,
+    /// Set when no byte of the body came for `timeouts.client_body` while it was waited for.
+    stalled: AtomicBool,
+    /// `timeouts.client_body`.
+    client_body: Duration,
 }
 
 impl Progress {
@@ -42,13 +54,20 @@ impl Progress {
 }
 
 /// Wrap the client's body for the endpoint connection that `cut` aborts, and get the handle
-/// that watches it move.
-pub fn track(body: Incoming, cut: AbortHandle) -> (UpstreamBody, BodyWatch) {
+/// that watches it move. `client_body` (`timeouts.client_body`) bounds how long the client may
+/// leave the connection waiting for the next byte.
+pub fn track(body: Incoming, cut: AbortHandle, client_body: Duration) -> (UpstreamBody, BodyWatch) {
+    let stall = Stall {
+        limit: client_body,
+        timer: None,
+        armed: false,
+    };
     if body.is_end_stream() {
         return (
             UpstreamBody {
                 state: Upload::Empty,
                 cut,
+                stall,
             },
             BodyWatch(None),
         );
@@ -58,13 +77,54 @@ pub fn track(body: Incoming, cut: AbortHandle) -> (UpstreamBody, BodyWatch) {
         latest_ns: AtomicU64::new(0),
         broken: AtomicBool::new(false),
         ended: AtomicBool::new(false),
+        waiting_for_client: AtomicBool::new(false),
+        stalled: AtomicBool::new(false),
+        client_body,
     });
     let upstream = UpstreamBody {
         state: Upload::Streaming(body, Arc::clone(&progress)),
         cut,
+        stall,
     };
     (upstream, BodyWatch(Some(progress)))
 }
+
+/// The `timeouts.client_body` clock of one upload: runs while the endpoint connection waits
+/// for the client's next frame, reset by every frame.
+struct Stall {
+    limit: Duration,
+    /// Allocated the first time the upload waits for the client.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether the timer counts the current wait.
+    armed: bool,
+}
+
+impl Stall {
+    /// The client has nothing for us yet: true once it has kept us waiting for the limit.
+    fn waiting(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.armed {
+            let deadline = Instant::now() + self.limit;
+            match &mut self.timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.armed = true;
+        }
+        self.timer
+            .as_mut()
+            .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+    }
+
+    /// A frame came: the next wait starts a new count.
+    fn moved(&mut self) {
+        self.armed = false;
+    }
+}
+
+/// The error the endpoint connection gets when the client stopped sending its body.
+#[derive(Debug, thiserror::Error)]
+#[error("no byte of the request body for {0:?} (timeouts.client_body)")]
+pub struct ClientBodyTimeout(Duration);
 
 /// Watches a request body on its way to the endpoint.
 #[derive(Clone)]
@@ -73,18 +133,27 @@ pub struct BodyWatch(Option<Arc<Progress>>);
 impl BodyWatch {
     /// Resolves once `limit` has passed without any of the body moving (from now when there
     /// is no body): the endpoint has had the whole request, or stopped reading it, for that
-    /// long. A client's slow but steady upload keeps pushing the deadline back.
+    /// long. A client's slow but steady upload keeps pushing the deadline back, and time spent
+    /// waiting for a client that stopped sending is not counted (`timeouts.client_body` judges
+    /// that): the endpoint is not to blame for it.
     pub async fn idle_for(&self, limit: Duration) {
         let Some(progress) = &self.0 else {
             return tokio::time::sleep(limit).await;
         };
         progress.mark();
+        let mut deadline = progress.latest() + limit;
         loop {
-            let latest = progress.latest();
-            tokio::time::sleep_until(latest + limit).await;
-            if progress.latest() <= latest {
+            tokio::time::sleep_until(deadline).await;
+            let mut next = progress.latest() + limit;
+            if progress.waiting_for_client.load(Ordering::Acquire) {
+                // The client holds the upload up: `client_body` gives its verdict first. Should
+                // none come, the wait still ends, later by `client_body`.
+                next += progress.client_body;
+            }
+            if next <= Instant::now() {
                 return;
             }
+            deadline = next;
         }
     }
 
@@ -102,6 +171,14 @@ impl BodyWatch {
             .as_ref()
             .is_some_and(|p| p.broken.load(Ordering::Acquire))
     }
+
+    /// True once the client sent no byte of its body for `timeouts.client_body` while the
+    /// endpoint connection waited for one (the connection was cut).
+    pub fn client_stalled(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|p| p.stalled.load(Ordering::Acquire))
+    }
 }
 
 /// Where the upload stands.
@@ -110,7 +187,7 @@ enum Upload {
     Empty,
     /// Frames still come from the client.
     Streaming(Incoming, Arc<Progress>),
-    /// The client's body broke: nothing more is ever yielded, not even its end.
+    /// The client's body broke or stalled: nothing more is ever yielded, not even its end.
     Broken,
 }
 
@@ -119,16 +196,20 @@ pub struct UpstreamBody {
     state: Upload,
     /// Aborts the endpoint connection.
     cut: AbortHandle,
+    stall: Stall,
 }
+
+/// Why an upload did not reach its end: the client's body broke, or stalled.
+pub type UploadError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UploadError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, UploadError>>> {
         let this = self.get_mut();
         let (body, progress) = match &mut this.state {
             Upload::Empty => return Poll::Ready(None),
@@ -148,19 +229,40 @@ impl Body for UpstreamBody {
                 // ending the body), and the connection's task is aborted as well.
                 tracing::debug!(error = %e, "client body broke: cutting the endpoint connection");
                 progress.broken.store(true, Ordering::Release);
+                progress.waiting_for_client.store(false, Ordering::Release);
                 progress.mark();
                 this.state = Upload::Broken;
                 this.cut.abort();
             }
             Poll::Ready(frame) => {
                 progress.mark();
+                progress.waiting_for_client.store(false, Ordering::Release);
+                this.stall.moved();
                 if frame.is_none() || body.is_end_stream() {
                     progress.ended.store(true, Ordering::Release);
                 }
             }
-            Poll::Pending => {}
+            Poll::Pending => {
+                progress.waiting_for_client.store(true, Ordering::Release);
+                if this.stall.waiting(cx) {
+                    // Decided here, where the frames are read, so no late frame can reach the
+                    // endpoint after the verdict: the upload is latched like a broken one, the
+                    // connection gets the error (hyper closes it without ending the body) and
+                    // its task is aborted as well.
+                    let limit = this.stall.limit;
+                    tracing::debug!(
+                        ?limit,
+                        "client body stalled: cutting the endpoint connection"
+                    );
+                    progress.stalled.store(true, Ordering::Release);
+                    progress.waiting_for_client.store(false, Ordering::Release);
+                    this.state = Upload::Broken;
+                    this.cut.abort();
+                    return Poll::Ready(Some(Err(Box::new(ClientBodyTimeout(limit)))));
+                }
+            }
         }
-        polled
+        polled.map(|frame| frame.map(|result| result.map_err(UploadError::from)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -180,6 +282,11 @@ impl Body for UpstreamBody {
     }
 }
 
+/// How long an endpoint body's error is held back, so that what hyper has not written out
+/// yet (the head) reaches the client first. A yield to the runtime was not enough: an HTTP/2
+/// connection task on the other worker of a busy machine still lost the race now and then.
+const HOLD_ERROR: Duration = Duration::from_millis(10);
+
 /// The body of a response to a client.
 pub enum ResponseBody {
     /// An endpoint's body, streamed; the slot is released when the body is dropped, i.e. when
@@ -191,6 +298,9 @@ pub enum ResponseBody {
         slot: Slot,
         /// The connection, back to the pool once the body was read to its end.
         reuse: Reuse,
+        /// The endpoint's body broke: its error, held back for [`HOLD_ERROR`] (see
+        /// `poll_frame`).
+        failed: Option<(hyper::Error, Pin<Box<Sleep>>)>,
     },
     /// A complete body built by sluice (`None` once sent).
     Full(Option<Bytes>),
@@ -201,7 +311,12 @@ impl ResponseBody {
     pub fn upstream(body: Incoming, slot: Slot, mut reuse: Reuse) -> Self {
         // A body that is empty from the start may never be polled.
         reuse.finished = body.is_end_stream();
-        Self::Upstream { body, slot, reuse }
+        Self::Upstream {
+            body,
+            slot,
+            reuse,
+            failed: None,
+        }
     }
 
     /// A complete body.
@@ -219,8 +334,36 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            Self::Upstream { body, reuse, .. } => {
+            Self::Upstream {
+                body,
+                reuse,
+                failed,
+                ..
+            } => {
+                if let Some((_, pause)) = failed {
+                    if pause.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let (error, _) = failed.take().expect("checked above");
+                    return Poll::Ready(Some(Err(error)));
+                }
                 let polled = Pin::new(&mut *body).poll_frame(cx);
+                if let Poll::Ready(Some(Err(error))) = polled {
+                    // The endpoint broke its body. hyper ends the client's exchange at this
+                    // error and drops what it has not written out yet: when the error comes at
+                    // once (an endpoint that died right after its response head), that is the
+                    // head, and the client gets no answer at all (HTTP/2: the stream's reset
+                    // discards its queued HEADERS frame). Hold the error back a moment: hyper's
+                    // HTTP/1 connection flushes while this body is pending, and the HTTP/2
+                    // connection task gets to write the head out. The client then sees the
+                    // head and a body that ends broken, as for an endpoint that dies mid-body.
+                    let mut pause = Box::pin(tokio::time::sleep(HOLD_ERROR));
+                    if pause.as_mut().poll(cx).is_pending() {
+                        *failed = Some((error, pause));
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Some(Err(error)));
+                }
                 // hyper stops polling once the body says it is at its end.
                 if matches!(polled, Poll::Ready(None))
                     || (matches!(polled, Poll::Ready(Some(Ok(_)))) && body.is_end_stream())

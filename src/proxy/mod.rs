@@ -258,7 +258,8 @@ impl Proxy {
         };
         let endpoint = Arc::clone(slot.endpoint());
         outcome.endpoint = Some(Arc::clone(&endpoint));
-        let (body, watch) = body::track(body, connection.abort_handle());
+        let (body, watch) =
+            body::track(body, connection.abort_handle(), policy.timeouts.client_body);
         outcome.upload = Some(watch.clone());
         let Ok(request) = upstream_request(head, &endpoint, body) else {
             return outcome.reject(Reason::UpstreamError, Some(service));
@@ -289,6 +290,10 @@ impl Proxy {
                 endpoint.mark_unreachable();
                 tracing::warn!(endpoint = endpoint.url(), error = %e, "endpoint unreachable");
                 outcome.reject(Reason::UpstreamUnreachable, Some(service))
+            }
+            Err(SendError::Exchange(_)) if watch.client_stalled() => {
+                // The client stopped sending its body (the endpoint's connection was cut).
+                outcome.reject(Reason::ClientBodyTimeout, Some(service))
             }
             Err(SendError::Exchange(_)) if watch.client_broke() => {
                 // The client's fault, not the endpoint's (whose connection was cut).

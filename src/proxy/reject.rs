@@ -1,4 +1,4 @@
-//! Every answer sluice gives on its own behalf (400, 401, 404, 429, 502, 503, 504) is built
+//! Every answer sluice gives on its own behalf (400, 401, 404, 408, 429, 502, 503, 504) is built
 //! here, with a JSON body that says why, so clients can tell a refusal from an endpoint's
 //! answer.
 
@@ -38,11 +38,14 @@ pub enum Reason {
     /// The request head carried both `Content-Length` and `Transfer-Encoding` (a
     /// request-smuggling shape): refused before routing, the connection closed.
     ConflictingFraming,
+    /// No byte of the request body came for `timeouts.client_body`: the endpoint's connection
+    /// was cut, so it never took the part it got for a whole request.
+    ClientBodyTimeout,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Self::NoRoute,
         Self::MissingKey,
         Self::UnknownKey,
@@ -55,6 +58,7 @@ impl Reason {
         Self::StoreUnavailable,
         Self::ClientBodyError,
         Self::ConflictingFraming,
+        Self::ClientBodyTimeout,
     ];
 
     /// Position in [`Reason::ALL`].
@@ -77,6 +81,7 @@ impl Reason {
             Self::StoreUnavailable => "store_unavailable",
             Self::ClientBodyError => "client_body_error",
             Self::ConflictingFraming => "conflicting_framing",
+            Self::ClientBodyTimeout => "client_body_timeout",
         }
     }
 
@@ -92,6 +97,7 @@ impl Reason {
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::ClientBodyError | Self::ConflictingFraming => StatusCode::BAD_REQUEST,
+            Self::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -103,6 +109,7 @@ impl Reason {
             StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
             StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
             StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::REQUEST_TIMEOUT => "request_timeout",
             _ => "bad_gateway",
         }
     }

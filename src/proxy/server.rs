@@ -38,11 +38,6 @@ use crate::config::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 
 /// How often refused connections are logged at most (a flood must not flood the log).
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(1);
-/// How long a connection closed in the middle of a request body goes on reading (and
-/// discarding) what the client still sends. Closing a socket with unread data sends a TCP
-/// reset, and a client that is still uploading then loses the answer it was just given (a 429
-/// before the body was read, say): its stack drops what it had not read yet.
-const LINGER: Duration = Duration::from_secs(2);
 
 /// Accept connections on `listener` until `shutdown` resolves, then stop accepting and give
 /// in-flight exchanges up to `grace` to finish. Returns once drained or the grace ran out.
@@ -94,6 +89,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             stream: Some(stream),
             activity: Arc::clone(&activity),
             framing: Framing::default(),
+            linger: settings.limits.lingering_close,
             _open: Some(open_guard),
         };
         let connection_proxy = Arc::clone(&proxy);
@@ -349,6 +345,11 @@ struct Watched {
     stream: Option<TcpStream>,
     activity: Arc<Activity>,
     framing: Framing,
+    /// `limits.lingering_close`: how long a connection closed in the middle of a request body
+    /// goes on reading (and discarding) what the client still sends. Closing a socket with
+    /// unread data sends a TCP reset, and a client that is still uploading then loses the
+    /// answer it was just given (a 429 before the body was read, say). Zero: close at once.
+    linger: Duration,
     /// Counted as open until the stream is closed, lingering included.
     _open: Option<OpenGuard>,
 }
@@ -373,23 +374,23 @@ impl Drop for Watched {
     fn drop(&mut self) {
         // hyper closes a connection whose request body it did not read to its end (an early
         // answer): keep reading for a while so that the answer reaches the client.
-        if !self.framing.mid_body() {
+        if !self.framing.mid_body() || self.linger.is_zero() {
             return;
         }
         if let (Some(stream), Ok(runtime)) =
             (self.stream.take(), tokio::runtime::Handle::try_current())
         {
-            runtime.spawn(linger(stream, self._open.take()));
+            runtime.spawn(linger(stream, self.linger, self._open.take()));
         }
     }
 }
 
 /// Send FIN (if hyper did not), then discard what the client sends until it closes too or
-/// [`LINGER`] passed.
-async fn linger(mut stream: TcpStream, _open: Option<OpenGuard>) {
+/// `how_long` passed.
+async fn linger(mut stream: TcpStream, how_long: Duration, _open: Option<OpenGuard>) {
     let _ = stream.shutdown().await;
     let mut sink = vec![0u8; 16 * 1024];
-    let _ = tokio::time::timeout(LINGER, async {
+    let _ = tokio::time::timeout(how_long, async {
         while let Ok(1..) = stream.read(&mut sink).await {}
     })
     .await;

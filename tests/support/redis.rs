@@ -192,6 +192,33 @@ impl RedisServer {
         })
     }
 
+    /// Every key matching `pattern` (e.g. `"sluice:*"`) with its value as text: a string as
+    /// it is, a hash, set, sorted set or list as its fields/members (and scores) joined by
+    /// '\n'. A value that is not UTF-8 is shown as `<binary>`.
+    pub fn dump(&self, pattern: &str) -> Vec<(String, String)> {
+        let keys = self.command(&["KEYS", pattern]);
+        keys.lines()
+            .filter(|key| !key.is_empty())
+            .map(|key| {
+                let read: &[&str] = match self.command(&["TYPE", key]).as_str() {
+                    "string" => &["GET", key],
+                    "hash" => &["HGETALL", key],
+                    "set" => &["SMEMBERS", key],
+                    "zset" => &["ZRANGE", key, "0", "-1", "WITHSCORES"],
+                    "list" => &["LRANGE", key, "0", "-1"],
+                    // Expired between KEYS and TYPE.
+                    _ => &[],
+                };
+                let value = if read.is_empty() {
+                    String::new()
+                } else {
+                    try_command(self.addr(), read).unwrap_or_else(|_| "<binary>".into())
+                };
+                (key.to_owned(), value)
+            })
+            .collect()
+    }
+
     /// Whether it answers PING right now.
     pub fn ping(&self) -> bool {
         ping(self.addr())

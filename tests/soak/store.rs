@@ -1,0 +1,463 @@
+//! The fault soak with the Redis store (issue 7): the same mixed load (HTTP/1.1 and HTTP/2,
+//! uploads, aborts, endpoint kills and per-request endpoint faults) through a sluice whose
+//! limits live in a `redis-server` this test starts, while Redis is killed and restarted empty,
+//! or hung (SIGSTOP) past `store.timeout` and resumed (SIGCONT). `store.on_error = "deny"`, so
+//! what sluice does while Redis is away can be seen in every answer.
+//!
+//! What must hold, besides the per-request invariants of the memory soak (one answer within
+//! its timeout, JSON bodies for sluice's own answers, no double delivery, caps, gauges back to
+//! 0, file descriptors back to baseline, no panic, no key in the log or an answer):
+//! - a request of a shared resource (team-a, team-b, anonymous) that arrives while Redis has
+//!   been away for half a second gets `503 store_unavailable` (on_error = deny), at once;
+//! - `503 store_unavailable` only ever while Redis is away or just back (within 1.5 s), and
+//!   never for an unknown key (judged locally, never through the store);
+//! - after Redis returns (even empty), requests are admitted again, and once the load is over a
+//!   burst of one resource is held to its shared limit, whose bucket is back in Redis;
+//! - no plain key in Redis: every key under the prefix and every value is free of them;
+//! - SIGTERM: exit 0.
+//!
+//! Skipped (with a note) when `redis-server` is not installed, unless `SLUICE_REQUIRE_REDIS`
+//! is set. `SOAK_STORE_SECS` (default 9) sets how long the faults last.
+
+use super::*;
+use support::fleet::{HEARTBEAT, STORE_TIMEOUT};
+use support::redis::RedisServer;
+
+/// sluice has noticed that Redis is away this long after it went (a heartbeat or a lease
+/// refill fails within `heartbeat` + `timeout`; the rest is margin for a busy machine).
+const DETECT: Duration = Duration::from_millis(500);
+/// sluice is back on the store this long after Redis returned (a few heartbeats).
+const RECOVER: Duration = Duration::from_millis(1500);
+const PREFIX: &str = "soak-fleet:";
+
+/// When Redis was away, and how.
+struct RedisFault {
+    kind: &'static str,
+    from: Instant,
+    to: Instant,
+}
+
+/// Send `signal` ("STOP", "CONT") to the Redis server.
+fn signal_redis(redis: &RedisServer, signal: &str) {
+    let pid = redis.pid().expect("redis-server runs");
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Kill Redis (it comes back empty) or hang it, for 0.8–2 s at a time, with 1.8–3 s of
+/// Redis in between (long enough to see shared limits resume), until the load stops; Redis is
+/// up when this returns.
+async fn inject_redis_faults(
+    soak: Arc<Soak>,
+    redis: Arc<Mutex<RedisServer>>,
+    faults: Arc<Mutex<Vec<RedisFault>>>,
+    seed: u64,
+) {
+    let mut rng = StdRng::seed_from_u64(seed ^ 0xed15);
+    loop {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1800..3000))).await;
+        if soak.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let kill = rng.gen_bool(0.5);
+        let down_for = Duration::from_millis(rng.gen_range(800..2000));
+        let from = Instant::now();
+        let kind = if kill {
+            // Blocking (kill and wait): off the runtime's worker.
+            tokio::task::block_in_place(|| redis.lock().unwrap().stop());
+            "Redis killed, restarted empty"
+        } else {
+            signal_redis(&redis.lock().unwrap(), "STOP");
+            "Redis hung (SIGSTOP past store.timeout), then resumed"
+        };
+        tokio::time::sleep(down_for).await;
+        if kill {
+            tokio::task::block_in_place(|| redis.lock().unwrap().start_again());
+        } else {
+            signal_redis(&redis.lock().unwrap(), "CONT");
+        }
+        faults.lock().unwrap().push(RedisFault {
+            kind,
+            from,
+            to: Instant::now(),
+        });
+        soak.faults.add(kind);
+    }
+}
+
+/// Wait until sluice says its store is up; false after [`DEADLINE`].
+async fn store_up(soak: &Soak) -> bool {
+    let deadline = Instant::now() + DEADLINE;
+    while Instant::now() < deadline {
+        let capacity = admin(soak, "GET", "/admin/capacity", "").await.json();
+        if capacity["store"]["up"] == true {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Whether the store judges `plan`'s request: a configured resource or the anonymous bucket
+/// of the rate-limited service (unknown keys are judged by each replica alone).
+fn shared(plan: &Plan) -> bool {
+    plan.up != Up::Garbage
+        && !plan
+            .key
+            .as_deref()
+            .is_some_and(|k| k.starts_with(UNKNOWN_KEY_PREFIX))
+}
+
+/// Check every exchange against the Redis faults; returns (503s, requests that arrived while
+/// Redis was known to be away).
+fn check_answers_against_faults(
+    soak: &Soak,
+    faults: &[RedisFault],
+    load_end: Instant,
+) -> (u64, u64) {
+    let exchanges = soak.exchanges.as_ref().expect("kept").lock().unwrap();
+    let (mut unavailable, mut while_down) = (0, 0);
+    for exchange in exchanges.iter() {
+        let Some((status, reason)) = &exchange.answer else {
+            continue;
+        };
+        let plan = &exchange.plan;
+        let is_503 = *status == 503 && reason.as_deref() == Some("store_unavailable");
+        let around_a_fault = faults
+            .iter()
+            .any(|f| exchange.started <= f.to + RECOVER && exchange.ended >= f.from);
+        let when = exchange.started.saturating_duration_since(soak.began);
+        if is_503 {
+            unavailable += 1;
+            if !shared(plan) {
+                soak.violations.add(
+                    "store_unavailable for a request the store does not judge",
+                    format!("{plan:?} {when:?} into the run"),
+                );
+            } else if !around_a_fault {
+                soak.violations.add(
+                    "503 store_unavailable while Redis was up",
+                    format!("{plan:?} {when:?} into the run"),
+                );
+            }
+        }
+        // Arrived once sluice surely knew Redis was away, and well before it came back.
+        let down = faults.iter().any(|f| {
+            exchange.started >= f.from + DETECT
+                && exchange.started + Duration::from_millis(100) <= f.to
+        });
+        if down && shared(plan) {
+            while_down += 1;
+            if !is_503 {
+                soak.violations.add(
+                    "not on_error = \"deny\" while Redis was away",
+                    format!("{plan:?}: {status} {reason:?}, {when:?} into the run"),
+                );
+            }
+        }
+    }
+    // Admitted again after each return: some request of a shared resource got its 200
+    // between the recovery and the next fault.
+    for (i, fault) in faults.iter().enumerate() {
+        let from = fault.to + RECOVER;
+        let to = faults.get(i + 1).map_or(load_end, |next| next.from);
+        if to < from + Duration::from_millis(300) {
+            continue;
+        }
+        let admitted = exchanges.iter().any(|e| {
+            e.started >= from
+                && e.started < to
+                && shared(&e.plan)
+                && matches!(e.answer, Some((200, _)))
+        });
+        if !admitted {
+            soak.violations.add(
+                "nothing admitted after Redis returned",
+                format!(
+                    "{} from {:?} to {:?} into the run",
+                    fault.kind,
+                    from.saturating_duration_since(soak.began),
+                    to.saturating_duration_since(soak.began)
+                ),
+            );
+        }
+    }
+    (unavailable, while_down)
+}
+
+/// Once the load is over: a quick burst of team-a (40 TPS, burst 40) is held to its limit
+/// through the store, and its bucket is in Redis again. Returns (admitted, refused, took).
+async fn shared_limit_holds(soak: &Soak, redis: &Mutex<RedisServer>) -> (u64, u64, Duration) {
+    const BURST: u64 = 120;
+    let client = soak.pooled.lock().unwrap().clone();
+    let started = Instant::now();
+    let (mut admitted, mut refused) = (0, 0);
+    for i in 0..BURST {
+        let request = Request::get(format!(
+            "http://{}/score?id={}&up=ok",
+            soak.addr,
+            950_000_000 + i
+        ))
+        .header("x-api-key", KEY_A)
+        .body(UploadBody::Full(None))
+        .expect("a valid request");
+        let Ok(response) = client.request(request).await else {
+            continue;
+        };
+        let seen = read_response(response, false).await;
+        match (seen.status, seen.reason.as_deref()) {
+            (200, _) => admitted += 1,
+            (429, Some("rate_limited")) => refused += 1,
+            (503, _) => soak.violations.add(
+                "503 after Redis returned and the store was up",
+                String::from_utf8_lossy(&seen.head).into_owned(),
+            ),
+            _ => {}
+        }
+    }
+    let took = started.elapsed();
+    // The burst, what refilled meanwhile, and 10 % for lease batches in flight.
+    let bound = ((40.0 + 40.0 * took.as_secs_f64()) * 1.1).ceil() as u64 + 2;
+    if admitted > bound || refused == 0 {
+        soak.violations.add(
+            "shared limit not held after Redis returned",
+            format!(
+                "{admitted} admitted, {refused} refused of {BURST} in {took:?} (at most {bound})"
+            ),
+        );
+    }
+    let bucket = redis
+        .lock()
+        .unwrap()
+        .command(&["EXISTS", &format!("{PREFIX}rate:scoring:team-a")]);
+    if bucket != "1" {
+        soak.violations.add(
+            "team-a's shared bucket not in Redis after it returned",
+            format!("EXISTS: {bucket}"),
+        );
+    }
+    (admitted, refused, took)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_with_the_redis_store_while_redis_dies_and_hangs() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Settings {
+        store_soak: soak_for,
+        seed,
+        ..
+    } = settings();
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let redis_url = redis.url();
+    let redis = Arc::new(Mutex::new(redis));
+    let began = Instant::now();
+    let endpoints = Endpoints::start().await;
+    let (garbage, garbage_served) = garbage_endpoint().await;
+    let store = format!(
+        "\n[store]\nbackend = \"redis\"\nurl = \"{redis_url}\"\nkey_prefix = \"{PREFIX}\"\n\
+         on_error = \"deny\"\nheartbeat = \"{}ms\"\ntimeout = \"{}ms\"\n",
+        HEARTBEAT.as_millis(),
+        STORE_TIMEOUT.as_millis()
+    );
+    let file = write_config(
+        "soak-store",
+        &(config_text(&endpoints, garbage, 4, 8) + &store),
+    );
+    let running = start_binary_with_env(
+        &["run", "--config", file.to_str().unwrap()],
+        &[
+            ("SLUICE_ADMIN_TOKEN", TOKEN),
+            ("SLUICE_LOG", "info,sluice::access=off"),
+        ],
+    )
+    .await;
+    let sluice = Arc::new(AsyncMutex::new(running));
+    let (addr, admin_addr) = {
+        let running = sluice.lock().await;
+        (running.addr, running.admin.expect("admin address"))
+    };
+    let new_pool = || {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(2))
+            .build(connector)
+    };
+    let soak = Arc::new(Soak {
+        addr,
+        admin: admin_addr,
+        endpoints: Arc::clone(&endpoints),
+        pooled: Mutex::new(new_pool()),
+        violations: Violations::default(),
+        answers: Tally::default(),
+        h2_answers: Tally::default(),
+        h2_connections: AtomicU64::new(0),
+        faults: Tally::default(),
+        stop: AtomicBool::new(false),
+        began,
+        exchanges: Some(Mutex::new(Vec::new())),
+    });
+    assert!(store_up(&soak).await, "sluice never reached its Redis");
+
+    // Warm up without faults, then take the baseline with nothing in flight.
+    load(&soak, seed, 0, WARM_UP).await;
+    *soak.pooled.lock().unwrap() = new_pool();
+    let (rss_base, fds_base, _) = settle(&soak, &sluice).await;
+    let warm_requests = soak.answers.total();
+
+    let soak_started = Instant::now();
+    soak.stop.store(false, Ordering::Relaxed);
+    let faults = Arc::new(Mutex::new(Vec::new()));
+    let endpoint_faults = tokio::spawn(inject_faults(
+        Arc::clone(&soak),
+        Arc::clone(&sluice),
+        file.clone(),
+        garbage,
+        seed,
+        false,
+    ));
+    let redis_faults = tokio::spawn(inject_redis_faults(
+        Arc::clone(&soak),
+        Arc::clone(&redis),
+        Arc::clone(&faults),
+        seed,
+    ));
+    let gauges = tokio::spawn(watch_gauges(Arc::clone(&soak)));
+    load(&soak, seed.wrapping_add(1), 1_000_000_000, soak_for).await;
+    let load_end = Instant::now();
+    endpoint_faults.await.expect("endpoint fault injector");
+    redis_faults.await.expect("Redis fault injector");
+    let samples = gauges.await.expect("gauge watch");
+    let soak_took = soak_started.elapsed();
+    let requests = soak.answers.total() - warm_requests;
+
+    if !store_up(&soak).await {
+        soak.violations
+            .add("store not up again after Redis returned", String::new());
+    }
+    let faults = std::mem::take(&mut *faults.lock().unwrap());
+    let (unavailable, while_down) = check_answers_against_faults(&soak, &faults, load_end);
+    let (admitted, refused, burst_took) = shared_limit_holds(&soak, &redis).await;
+
+    *soak.pooled.lock().unwrap() = new_pool();
+    let (rss_end, fds_end, drained) = settle(&soak, &sluice).await;
+    if fds_end > fds_base + 4 {
+        soak.violations.add(
+            "file descriptors not back to baseline",
+            format!("{fds_base} → {fds_end}"),
+        );
+    }
+
+    // No plain key in Redis, in a key's name or in a value; and sluice's data is there, so
+    // the check looked at something.
+    let stored = redis.lock().unwrap().dump(&format!("{PREFIX}*"));
+    if stored.is_empty() {
+        soak.violations
+            .add("no sluice data in Redis to check for keys", String::new());
+    }
+    for (key, value) in &stored {
+        if let Some(plain) = leaked_key(format!("{key} {value}").as_bytes()) {
+            soak.violations
+                .add("key in Redis", format!("{plain} in {key}"));
+        }
+    }
+
+    let mut running = sluice.lock().await;
+    running.signal("TERM");
+    let exit = running.wait_exit(SHUTDOWN_GRACE + DEADLINE).await;
+    if exit.code() != Some(0) {
+        soak.violations
+            .add("exit after SIGTERM", format!("{exit:?}"));
+    }
+    let output = running.output();
+    if let Some(key) = leaked_key(output.as_bytes()) {
+        let line = output.lines().find(|l| l.contains(key)).unwrap_or_default();
+        soak.violations.add("key in the log", line.to_owned());
+    }
+    let panics: Vec<&str> = output
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().contains("panic"))
+        .collect();
+    if !panics.is_empty() {
+        soak.violations.add("panic in the log", panics.join("\n"));
+    }
+    endpoints.cycle_all(&soak.violations).await;
+
+    let violations = soak.violations.total();
+    let (kinds, examples) = soak.violations.0.lock().unwrap().clone();
+    let peaks = *endpoints.max_peak.lock().unwrap();
+    let down: Duration = faults.iter().map(|f| f.to - f.from).sum();
+    let mut summary = String::new();
+    let _ = writeln!(
+        summary,
+        "soak-store: seed {seed}, {:.1} s of faults ({WORKERS} clients, {H2_CONNECTIONS} HTTP/2 \
+         connections of {H2_STREAMS} streams among them; store.on_error deny, timeout \
+         {STORE_TIMEOUT:?}, heartbeat {HEARTBEAT:?}); whole run {:.1} s",
+        soak_took.as_secs_f64(),
+        began.elapsed().as_secs_f64()
+    );
+    let _ = writeln!(
+        summary,
+        "soak-store: requests {requests} during the faults ({:.0}/s), {warm_requests} in the warm-up",
+        requests as f64 / soak_took.as_secs_f64(),
+    );
+    let _ = writeln!(
+        summary,
+        "soak-store: Redis away {} times, {:.1} s in all; {while_down} requests of shared \
+         resources arrived while it was known away (all must be 503); 503 store_unavailable \
+         {unavailable} in all",
+        faults.len(),
+        down.as_secs_f64()
+    );
+    let _ = writeln!(
+        summary,
+        "soak-store: after the load, team-a (40 TPS, burst 40): {admitted} admitted, {refused} \
+         refused of a burst of 120 in {burst_took:?}"
+    );
+    let _ = write!(
+        summary,
+        "soak-store: answers by kind (warm-up included)\n{}",
+        soak.answers.lines()
+    );
+    let _ = write!(
+        summary,
+        "soak-store: of which over HTTP/2 ({} connections opened)\n{}",
+        soak.h2_connections.load(Ordering::Relaxed),
+        soak.h2_answers.lines()
+    );
+    endpoints.faults.0.lock().unwrap().insert(
+        "endpoint answered garbage (connections)".into(),
+        garbage_served.load(Ordering::Relaxed),
+    );
+    let _ = write!(
+        summary,
+        "soak-store: faults injected (warm-up included)\n{}{}",
+        soak.faults.lines(),
+        endpoints.faults.lines()
+    );
+    let _ = writeln!(
+        summary,
+        "soak-store: most served at once by one endpoint: {} as it counted, {} with abandoned \
+         exchanges ended when sluice gave them up (cap {CAP_HIGH}); gauge samples {samples}",
+        peaks.0, peaks.1
+    );
+    let _ = writeln!(
+        summary,
+        "soak-store: gauges back to 0 after {drained:?}; RSS baseline {rss_base} KiB, end \
+         {rss_end} KiB; open fds baseline {fds_base}, end {fds_end}; {} keys under {PREFIX} in \
+         Redis, none with a plain key; exit {:?}",
+        stored.len(),
+        exit.code()
+    );
+    let _ = writeln!(summary, "soak-store: violations {violations} {kinds:?}");
+    for example in &examples {
+        let _ = writeln!(summary, "soak-store:   {example}");
+    }
+    eprint!("{summary}");
+    assert_eq!(violations, 0, "invariants broken:\n{summary}");
+}
