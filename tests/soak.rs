@@ -597,8 +597,11 @@ struct Violations(Mutex<(BTreeMap<&'static str, u64>, Vec<String>)>);
 impl Violations {
     fn add(&self, kind: &'static str, detail: String) {
         let mut inner = self.0.lock().unwrap();
-        *inner.0.entry(kind).or_default() += 1;
-        if inner.1.len() < 30 {
+        let seen = inner.0.entry(kind).or_default();
+        *seen += 1;
+        // The first few of each kind, so that one frequent kind does not hide the others.
+        let first = *seen <= 8;
+        if first && inner.1.len() < 40 {
             inner.1.push(format!("{kind}: {detail}"));
         }
     }
