@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use std::time::Duration;
 
@@ -51,6 +52,26 @@ impl Progress {
     fn latest(&self) -> Instant {
         self.start + Duration::from_nanos(self.latest_ns.load(Ordering::Acquire))
     }
+}
+
+/// Read and discard, for at most `for_at_most`, what is left of an HTTP/2 request body that
+/// sluice answered without reading (a 401, 429, 503...). Dropped unread, the stream would be
+/// reset, and the DATA frames the client already had in flight would arrive for a stream h2
+/// has forgotten (it remembers 50 resets for 1 s): h2 answers each with a reset of its own and
+/// counts it against `limits.http2_max_local_error_reset_streams` for the connection's whole
+/// life, so a client whose uploads are refused often enough loses its connection (GOAWAY) and
+/// every stream on it. Drained, the stream ends when the client's upload does. HTTP/1's
+/// counterpart is the lingering close (`src/proxy/server.rs`), bounded by the same setting.
+pub fn drain(mut body: Incoming, for_at_most: Duration) {
+    if body.is_end_stream() || for_at_most.is_zero() {
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(for_at_most, async {
+            while let Some(Ok(_)) = body.frame().await {}
+        })
+        .await;
+    });
 }
 
 /// Wrap the client's body for the endpoint connection that `cut` aborts, and get the handle

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::{Request, Response};
+use http::{request, Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -102,13 +102,20 @@ impl Proxy {
         let unread_body_closes =
             !http_body::Body::is_end_stream(req.body()) && req.version() <= http::Version::HTTP_11;
         let service = policy.route(req.uri().path());
+        let (head, body) = req.into_parts();
+        // Taken when the request is forwarded; still here when sluice answered on its own.
+        let mut body = Some(body);
         let mut response = match service {
             None => outcome.reject(Reason::NoRoute, None),
             Some(service) => {
-                self.serve(&policy, service, req, client, &mut outcome)
+                self.serve(&policy, service, head, &mut body, client, &mut outcome)
                     .await
             }
         };
+        if let Some(body) = body.filter(|_| !unread_body_closes) {
+            // HTTP/2 (HTTP/1 closes the connection instead, above): see `body::drain`.
+            body::drain(body, policy.config.limits.lingering_close);
+        }
         if unread_body_closes && !outcome.upload.as_ref().is_some_and(BodyWatch::finished) {
             // hyper closes an HTTP/1 connection whose request body was not read to its end,
             // after the answer; say so in it, or the client would send its next request on a
@@ -150,14 +157,17 @@ impl Proxy {
         &self,
         policy: &Policy,
         service: &Service,
-        req: Request<Incoming>,
+        head: request::Parts,
+        body: &mut Option<Incoming>,
         client: SocketAddr,
         outcome: &mut Outcome,
     ) -> Response<ResponseBody> {
         let Some(limits) = &service.limits else {
-            return self.forward(policy, service, req, client, outcome).await;
+            return self
+                .forward(policy, service, head, body, client, outcome)
+                .await;
         };
-        let admission = match limits.check(req.headers()) {
+        let admission = match limits.check(&head.headers) {
             Admission::Ask { resource } => limits.ask(resource).await,
             decided => decided,
         };
@@ -195,7 +205,9 @@ impl Proxy {
             }
             Admission::Admitted { resource, status } => {
                 outcome.resource = Some(Arc::clone(&resource.name));
-                let mut response = self.forward(policy, service, req, client, outcome).await;
+                let mut response = self
+                    .forward(policy, service, head, body, client, outcome)
+                    .await;
                 limits.insert_headers(response.headers_mut(), &status);
                 if outcome.reason.is_none() && response.status().is_success() {
                     resource.counters.count_success();
@@ -221,12 +233,13 @@ impl Proxy {
     }
 
     /// Take a slot and forward the request to its endpoint, retrying once elsewhere if the
-    /// connection is refused.
+    /// connection is refused. `body` is taken once the request is on its way.
     async fn forward(
         &self,
         policy: &Policy,
         service: &Service,
-        req: Request<Incoming>,
+        mut head: request::Parts,
+        body: &mut Option<Incoming>,
         client: SocketAddr,
         outcome: &mut Outcome,
     ) -> Response<ResponseBody> {
@@ -239,7 +252,6 @@ impl Proxy {
                 return outcome.reject(Reason::QueueTimeout, Some(service))
             }
         };
-        let (mut head, body) = req.into_parts();
         headers::to_upstream(&mut head, client.ip());
         // A connection first, the request only then: a refused connect leaves the request
         // untouched, so it can go to another endpoint with a free slot (once).
@@ -258,6 +270,7 @@ impl Proxy {
         };
         let endpoint = Arc::clone(slot.endpoint());
         outcome.endpoint = Some(Arc::clone(&endpoint));
+        let body = body.take().expect("a request's body is taken once, here");
         let (body, watch) =
             body::track(body, connection.abort_handle(), policy.timeouts.client_body);
         outcome.upload = Some(watch.clone());
