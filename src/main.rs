@@ -121,8 +121,8 @@ fn block_on(
     work: impl Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
     telemetry::init(log_format);
-    // One worker: a current-thread runtime does the same work on one thread without the
-    // work-stealing scheduler's cross-thread bookkeeping (BENCHMARKS.md, scenario 1).
+    // One worker: a current-thread runtime runs the whole proxy on one thread, where the
+    // multi-thread runtime would use the main thread (accept loop) plus a worker.
     let mut runtime = match workers {
         Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
         Some(workers) => {
