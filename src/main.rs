@@ -121,17 +121,12 @@ fn block_on(
     work: impl Future<Output = anyhow::Result<()>>,
 ) -> ExitCode {
     telemetry::init(log_format);
-    // One worker: a current-thread runtime runs the whole proxy on one thread, where the
-    // multi-thread runtime would use the main thread (accept loop) plus a worker.
-    let mut runtime = match workers {
-        Some(0 | 1) => tokio::runtime::Builder::new_current_thread(),
-        Some(workers) => {
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.worker_threads(workers);
-            runtime
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
+    // Multi-thread even with one worker: the current-thread runtime was tried, and admitted
+    // less in a refusal storm at a higher CPU cost per answer (BENCHMARKS.md, scenario 2).
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        runtime.worker_threads(workers.max(1));
+    }
     let result = runtime
         .enable_all()
         .build()

@@ -85,8 +85,7 @@ async fn sigterm_lets_the_request_in_flight_finish_then_exits_0() {
     sigterm_drains(&[]).await;
 }
 
-/// `--workers 1` runs another kind of runtime (current-thread): the same proxying, concurrency
-/// and drain.
+/// `--workers 1` (what the benchmarks run): the same proxying, concurrency and drain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_worker_serves_concurrent_requests_and_drains_on_sigterm() {
     sigterm_drains(&["--workers", "1"]).await;

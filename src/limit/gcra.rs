@@ -120,6 +120,26 @@ impl Bucket {
         self.tat.load(Ordering::Acquire).saturating_sub(now)
     }
 
+    /// Count a request admitted at `now` by another judge (the fleet's bucket) against this
+    /// bucket too, never running it further ahead than empty. With [`Bucket::exhaust`] this
+    /// bucket mirrors the other, so that when it takes over it starts where the other stood
+    /// rather than with a full burst.
+    pub fn charge(&self, now: u64) {
+        let quota = self.quota();
+        let (interval, window) = (quota.interval_ns(), quota.window_ns());
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some((tat.max(now) + interval).min(now + window))
+            });
+    }
+
+    /// The other judge refused a request at `now`: its bucket is empty, so this one is too.
+    pub fn exhaust(&self, now: u64) {
+        self.tat
+            .fetch_max(now + self.quota().window_ns(), Ordering::AcqRel);
+    }
+
     /// Judge one request arriving at `now` (ns on the limiter's clock).
     pub fn check(&self, now: u64) -> (Quota, Verdict) {
         let quota = self.quota();
@@ -146,6 +166,46 @@ mod tests {
 
     fn quota(tps: u32, burst: u32) -> Quota {
         Quota::new(NonZeroU32::new(tps).unwrap(), NonZeroU32::new(burst))
+    }
+
+    #[test]
+    fn a_charged_bucket_takes_over_without_a_burst() {
+        let second = 1_000_000_000;
+        let bucket = Bucket::new(quota(10, 10));
+        // Ten admissions a second made elsewhere for two seconds, the rest refused there:
+        // mirrored here.
+        for i in 0..20 {
+            bucket.charge(i * second / 10);
+            bucket.exhaust(i * second / 10 + 1);
+        }
+        // Taking over at 2 s: no burst, the rate only (one more every 100 ms).
+        let admitted_at = |t: u64| {
+            (0..20)
+                .filter(|_| matches!(bucket.check(t).1, Verdict::Admit { .. }))
+                .count()
+        };
+        assert_eq!(admitted_at(2 * second), 0);
+        assert_eq!(admitted_at(2 * second + second / 10), 1);
+        // Admissions alone at the rate leave the burst (as in the other bucket: GCRA's
+        // tolerance is capacity not used).
+        let fresh = Bucket::new(quota(10, 10));
+        for i in 0..20 {
+            fresh.charge(i * second / 10);
+        }
+        assert_eq!(
+            (0..20)
+                .filter(|_| matches!(fresh.check(2 * second).1, Verdict::Admit { .. }))
+                .count(),
+            10
+        );
+        // Charged far more than its quota, it is merely empty, not in debt.
+        for _ in 0..1000 {
+            bucket.charge(3 * second);
+        }
+        assert!(matches!(
+            bucket.check(3 * second + second / 10).1,
+            Verdict::Admit { .. }
+        ));
     }
 
     #[test]

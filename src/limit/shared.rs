@@ -23,7 +23,14 @@ impl RateLimiter {
         }
         let quota = resource.limit();
         match lease.take(now) {
-            Local::Admit(verdict) | Local::Refuse(verdict) => Judged::Verdict(quota, verdict),
+            Local::Admit(verdict) => {
+                lease.fallback.charge(now);
+                Judged::Verdict(quota, verdict)
+            }
+            Local::Refuse(verdict) => {
+                lease.fallback.exhaust(now);
+                Judged::Verdict(quota, verdict)
+            }
             Local::Empty => Judged::Ask,
         }
     }
@@ -89,7 +96,14 @@ impl RateLimiter {
         let quota = resource.limit();
         let clock = || self.nanos(Instant::now());
         let judged = match fleet.refill(lease, key, quota, clock).await {
-            Ok(verdict) => Judged::Verdict(quota, verdict),
+            Ok(verdict) => {
+                // The fallback bucket mirrors the fleet's, for when the store goes away.
+                match verdict {
+                    Verdict::Admit { .. } => lease.fallback.charge(clock()),
+                    Verdict::Refuse { .. } => lease.fallback.exhaust(clock()),
+                }
+                Judged::Verdict(quota, verdict)
+            }
             // The store did not fail; this request's turn did not come in time. Refusing
             // keeps the fleet within its limit (a local admission here would add to it).
             Err(StoreError::Busy(_)) => Judged::Verdict(
