@@ -47,6 +47,12 @@ async fn fleet_wide_rate(tps: u32, offered: f64, seconds: u64) {
     let last = shots.iter().map(|s| s.sent).max().unwrap();
     let span = (last - first).as_secs_f64();
     let admitted = count(&shots, Shot::ok);
+    // Passed the rate check but found this replica's share of the slots taken: only when the
+    // machine starves the replicas (answers slow, so more in flight than the cap of 200
+    // allows); they spent a cell of the shared bucket like any admission.
+    let slots_full = count(&shots, |s| {
+        s.status == 429 && s.reason.as_deref() == Some("endpoints_full")
+    });
     let expected = f64::from(tps) * span + f64::from(tps);
     let mut lags: Vec<Duration> = shots.iter().map(Shot::lag).collect();
     let (lag_p99, lag_max) = (percentile(&mut lags, 99), percentile(&mut lags, 100));
@@ -63,7 +69,7 @@ async fn fleet_wide_rate(tps: u32, offered: f64, seconds: u64) {
     let errors: Vec<&serde_json::Value> = stores.iter().map(|s| &s["errors_total"]).collect();
     eprintln!(
         "fleet rate {tps} TPS offered {offered}: sent {} over {span:.3} s, admitted {admitted} \
-         (expected {expected:.0}, {:+.2}%), per replica {per_replica:?}, backend {}, \
+         (expected {expected:.0}, {:+.2}%), refused for slots {slots_full}, per replica {per_replica:?}, backend {}, \
          lag p99 {lag_p99:?} max {lag_max:?}, latency p99 {latency_p99:?}, \
          store errors {errors:?}, fallbacks {fallbacks:?}",
         shots.len(),
@@ -77,23 +83,34 @@ async fn fleet_wide_rate(tps: u32, offered: f64, seconds: u64) {
         sent_rate >= offered * 0.95,
         "the generator sent {sent_rate:.0}/s instead of {offered}/s"
     );
-    // Every answer is an admission or a rate refusal.
+    // Every answer is an admission or a rate refusal (or, on a starved machine, a full
+    // share of slots, counted above).
     for shot in &shots {
         assert!(
-            shot.ok() || (shot.status == 429 && shot.reason.as_deref() == Some("rate_limited")),
+            shot.ok()
+                || (shot.status == 429
+                    && matches!(
+                        shot.reason.as_deref(),
+                        Some("rate_limited" | "endpoints_full")
+                    )),
             "unexpected answer {shot:?}"
         );
     }
+    assert!(
+        slots_full as f64 <= expected * 0.05,
+        "{slots_full} refused for slots: the replicas were starved"
+    );
     assert_eq!(
         backend.requests(),
         admitted,
         "every admitted request reached the backend, nothing else did"
     );
-    let error = (admitted as f64 - expected).abs() / expected;
+    let passed = admitted + slots_full;
+    let error = (passed as f64 - expected).abs() / expected;
     assert!(
         error <= 0.05,
-        "fleet admitted {admitted}, expected {expected:.0} = {tps} × {span:.3} s + {tps} \
-         (±5%); per replica {per_replica:?}"
+        "fleet passed {passed} ({admitted} admitted, {slots_full} then refused for slots), \
+         expected {expected:.0} = {tps} × {span:.3} s + {tps} (±5%); per replica {per_replica:?}"
     );
 }
 
@@ -110,7 +127,11 @@ async fn fleet_admits_1000_tps_plus_burst_over_three_replicas() {
     // session's benchmark running beside it the generator fell 0.1-1.2 s behind (lag p99
     // 98 ms to 1.24 s) and the starved replicas answered in up to 0.9 s. 2000 TPS kept lag p99
     // at 6 ms under the same neighbour, and is still twice the limit on every replica.
-    fleet_wide_rate(1000, 2000.0, 10).await;
+    // 1500 TPS since the machine became a slower one (Intel Xeon 2.5 GHz): a clean-clone CI
+    // run with nothing beside it had the generator 0.43 s behind (lag p99) at 2000 TPS, store
+    // calls timing out and replicas' slots full; 1.5 times the limit still keeps every
+    // replica over its share throughout.
+    fleet_wide_rate(1000, 1500.0, 10).await;
 }
 
 /// Sample `backend.current()` every millisecond until `stop`; the highest value seen.
