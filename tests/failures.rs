@@ -313,21 +313,25 @@ impl http_body::Body for Trickle {
 async fn a_slow_upload_to_a_healthy_endpoint_is_not_cut_off_by_the_response_timeout() {
     // `response` bounds the wait for the endpoint's response headers. Here the endpoint
     // answers as soon as it has the body; the client just takes 800 ms to send it.
+    let (answer, _backend, sluice) = trickled_upload("response = \"300ms\"").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.text(), "80", "the endpoint got the whole body");
+    sluice.assert_idle().await;
+}
+
+/// POST a [`Trickle`] upload (8 chunks of 10 bytes, 100 ms apart) through a sluice with
+/// `timeouts` as its `[timeouts]` table, to an endpoint that answers with the body's length.
+async fn trickled_upload(timeouts: &str) -> (Answer, Mock, Sluice) {
     let backend = mock()
         .reply(|r| Reply::ok(r.body_len.to_string()))
         .start()
         .await;
     let sluice = start_sluice(&config(&format!(
-        "[timeouts]\nresponse = \"300ms\"\n\n{}",
+        "[timeouts]\n{timeouts}\n\n{}",
         service(&[backend.url()], "")
     )))
     .await;
-    let stream = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect_http1(sluice.addr).await;
     let req = http::Request::post(format!("http://{}/score", sluice.addr))
         .body(Trickle {
             chunks: 8,
@@ -337,9 +341,7 @@ async fn a_slow_upload_to_a_healthy_endpoint_is_not_cut_off_by_the_response_time
     let answer = collect(sender.send_request(req).await.unwrap())
         .await
         .unwrap();
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    assert_eq!(answer.text(), "80", "the endpoint got the whole body");
-    sluice.assert_idle().await;
+    (answer, backend, sluice)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,12 +355,7 @@ async fn an_endpoint_that_stops_reading_the_request_gets_504_at_the_response_tim
         service(&[backend.url()], "")
     )))
     .await;
-    let stream = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = connect_http1(sluice.addr).await;
     let req = http::Request::post(format!("http://{}/score", sluice.addr))
         .body(GeneratedBody::new(64 << 20))
         .unwrap();
@@ -538,30 +535,7 @@ async fn an_http2_stream_whose_body_stalls_gets_408_and_the_connection_lives_on(
 async fn a_slow_but_steady_upload_is_not_cut_by_the_client_body_timeout() {
     // One 10-byte chunk every 100 ms for 800 ms: the whole upload takes longer than
     // `client_body`, but no gap between two bytes does.
-    let backend = mock()
-        .reply(|r| Reply::ok(r.body_len.to_string()))
-        .start()
-        .await;
-    let sluice = start_sluice(&config(&format!(
-        "[timeouts]\nclient_body = \"300ms\"\n\n{}",
-        service(&[backend.url()], "")
-    )))
-    .await;
-    let stream = tokio::net::TcpStream::connect(sluice.addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{}/score", sluice.addr))
-        .body(Trickle {
-            chunks: 8,
-            timer: None,
-        })
-        .unwrap();
-    let answer = collect(sender.send_request(req).await.unwrap())
-        .await
-        .unwrap();
+    let (answer, backend, sluice) = trickled_upload("client_body = \"300ms\"").await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.text(), "80", "the endpoint got the whole body");
     assert!(backend.received()[0].complete);

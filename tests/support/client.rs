@@ -106,7 +106,12 @@ pub async fn send(pool: &Pool, req: Request<Full<Bytes>>) -> Answer {
 }
 
 /// An HTTP/1.1 connection of its own to `addr`; it closes when the sender is dropped.
-pub async fn connect_http1(addr: SocketAddr) -> http1::SendRequest<Full<Bytes>> {
+pub async fn connect_http1<B>(addr: SocketAddr) -> http1::SendRequest<B>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = TcpStream::connect(addr).await.expect("connect to sluice");
     stream.set_nodelay(true).expect("TCP_NODELAY");
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
