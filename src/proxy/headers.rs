@@ -201,6 +201,14 @@ mod tests {
     }
 
     #[test]
+    fn the_name_match_and_the_list_agree() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name.as_str()), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop_index("content-type"), None);
+    }
+
+    #[test]
     fn connection_tokens_are_matched_in_any_case() {
         let mut headers = HeaderMap::new();
         headers.insert("content-type", HeaderValue::from_static("text/plain"));
