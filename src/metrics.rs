@@ -353,7 +353,7 @@ impl Collector for Live {
                     let c = &r.counters;
                     for (outcome, n) in [("admitted", &c.admitted), ("throttled", &c.throttled), ("succeeded", &c.succeeded)] {
                         let l = labels(&[("service", &s.name), ("resource", &r.name), ("outcome", outcome)]);
-                        counter(m, &l, n.load(Ordering::Relaxed))?;
+                        counter(m, &l, n.total())?;
                     }
                 }
             }

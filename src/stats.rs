@@ -5,8 +5,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use crate::autoscale::CounterRing;
-
 /// Seconds kept: the last minute plus the second being filled.
 const SLOTS: usize = 61;
 /// The window the views report on.
@@ -14,39 +12,101 @@ pub const WINDOW_SECS: u64 = 60;
 
 /// Time on tokio's clock since the first call (tests that pause time drive it too).
 pub fn uptime() -> Duration {
-    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
     let now = tokio::time::Instant::now().into_std();
-    let epoch = *EPOCH.get_or_init(|| now);
-    now.saturating_duration_since(epoch)
+    now.saturating_duration_since(*EPOCH.get_or_init(|| now))
 }
+
+static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
 
 /// Whole seconds of [`uptime`].
 pub fn now_secs() -> u64 {
-    uptime().as_secs()
+    secs_at(tokio::time::Instant::now())
 }
 
-/// A count per second over the last minute (lock-free). The ring (about 1 KiB) is made on
-/// the first event, so the many resources of a large config that see no traffic cost nothing.
+/// Whole seconds of [`uptime`] at `at` (saves a clock read where the caller has one).
+pub fn secs_at(at: tokio::time::Instant) -> u64 {
+    let at = at.into_std();
+    at.saturating_duration_since(*EPOCH.get_or_init(|| at))
+        .as_secs()
+}
+
+/// A count since start and over the last minute, cheap enough for every request.
+///
+/// An event is one add to the total; the minute is kept as the total at the first event of
+/// each second, written once per second into a ring made on first use (about 1 KiB, so the
+/// many resources of a large config that see no traffic cost nothing). A request therefore
+/// touches only this struct, not the ring: with 100k resources, rings touched on every request
+/// would not stay in the CPU's cache (BENCHMARKS.md, scenario 4).
 #[derive(Debug, Default)]
-pub struct RecentCount(OnceLock<CounterRing>);
+#[repr(C)] // The two words every event touches first.
+pub struct RecentCount {
+    total: AtomicU64,
+    /// The second of the latest event, plus one (0: none yet).
+    second: AtomicU64,
+    /// Slot `s % SLOTS`: `[s + 1, the total before second s's first event]`.
+    marks: OnceLock<Box<[[AtomicU64; 2]]>>,
+}
 
 impl RecentCount {
     /// Count one event now.
     pub fn add(&self) {
-        self.0
-            .get_or_init(|| CounterRing::new(SLOTS))
-            .add(now_secs(), 1);
+        self.add_at(now_secs());
+    }
+
+    /// Count one event in second `secs` (of [`uptime`]).
+    pub fn add_at(&self, secs: u64) {
+        let stamp = secs + 1;
+        let seen = self.second.load(Ordering::Relaxed);
+        // Only the first event of a second (the one that moves `second` on) writes a mark;
+        // an event counted concurrently with it may land in the mark: off by one at a
+        // second's edge, never lost from the total.
+        if seen < stamp
+            && self
+                .second
+                .compare_exchange(seen, stamp, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let marks = self.marks.get_or_init(|| {
+                (0..SLOTS)
+                    .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
+                    .collect()
+            });
+            let [at, before] = &marks[(secs % SLOTS as u64) as usize];
+            // Invalidate, write, stamp: a reader that sees the stamp sees its total.
+            at.store(0, Ordering::Release);
+            before.store(self.total.load(Ordering::Relaxed), Ordering::Release);
+            at.store(stamp, Ordering::Release);
+        }
+        self.total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Events since start.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
     }
 
     /// Events in the last `WINDOW_SECS` complete seconds plus the current one.
     pub fn last_minute(&self) -> u64 {
-        let Some(ring) = self.0.get() else {
+        let Some(marks) = self.marks.get() else {
             return 0;
         };
-        let now = now_secs();
-        (now.saturating_sub(WINDOW_SECS - 1)..=now)
-            .map(|s| ring.get(s))
-            .sum()
+        let total = self.total();
+        let now = now_secs() + 1;
+        let window = now.saturating_sub(WINDOW_SECS - 1)..=now;
+        // Every second with events has a mark, so the earliest mark in the window holds the
+        // total before the window's first event.
+        let before = marks
+            .iter()
+            .filter_map(|[at, before]| {
+                let stamp = at.load(Ordering::Acquire);
+                let value = before.load(Ordering::Acquire);
+                // A mark rewritten while read is a second older than the window anyway.
+                (window.contains(&stamp) && at.load(Ordering::Acquire) == stamp)
+                    .then_some((stamp, value))
+            })
+            .min()
+            .map_or(total, |(_, before)| before);
+        total.saturating_sub(before)
     }
 }
 
@@ -188,6 +248,25 @@ mod tests {
         assert_eq!(count.last_minute(), 1);
         tokio::time::advance(Duration::from_secs(60)).await;
         assert_eq!(count.last_minute(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_minute_is_the_events_of_its_sixty_seconds_whatever_the_gaps() {
+        let count = RecentCount::default();
+        // Second s gets s % 7 events (none in every seventh): 200 s, checked every second
+        // against the plain sum of the last 60 seconds.
+        let events = |s: u64| s % 7;
+        let start = now_secs();
+        for s in 0..200u64 {
+            for _ in 0..events(s) {
+                count.add();
+            }
+            let expected: u64 = (s.saturating_sub(59)..=s).map(events).sum();
+            assert_eq!(count.last_minute(), expected, "second {s}");
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(now_secs() - start, 200);
+        assert_eq!(count.total(), (0..200).map(events).sum::<u64>());
     }
 
     #[tokio::test(start_paused = true)]

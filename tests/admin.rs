@@ -421,6 +421,47 @@ async fn resources_are_created_changed_and_removed_live() {
     sluice.stop().await;
 }
 
+#[tokio::test]
+async fn a_rotated_key_stops_working_at_once_and_the_new_one_keeps_the_bucket() {
+    let backend = mock().start().await;
+    let toml = limited(&backend.url(), "").replace(
+        "default_tps = 100",
+        "default_tps = 100\nunknown_keys = \"reject\"",
+    );
+    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+    let client = pool();
+    // key-a is seen (and so known by its tag) before it is rotated: 3 of team-a's 5 used.
+    for _ in 0..3 {
+        assert_eq!(send(&client, keyed(sluice.addr, "key-a")).await.status, 200);
+    }
+    let hex: String = sluice::limit::key_digest(b"key-a2")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let rotated = call(
+        &sluice,
+        "PUT",
+        "/admin/services/scoring/resources/team-a",
+        &format!(r#"{{"key_sha256": "{hex}"}}"#),
+    )
+    .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text());
+    for _ in 0..2 {
+        let old = send(&client, keyed(sluice.addr, "key-a")).await;
+        assert_eq!(old.status, 401, "the old key is nobody's now");
+    }
+    let new = send(&client, keyed(sluice.addr, "key-a2")).await;
+    assert_eq!(new.status, 200);
+    assert_eq!(new.header("ratelimit-policy"), Some("\"tps\";q=5;w=1"));
+    // team-a's usage carried over to the new key: 1 left (2 if a refill came meanwhile).
+    let left = new.header("ratelimit").expect("RateLimit header");
+    assert!(
+        left.starts_with("\"tps\";r=1;") || left.starts_with("\"tps\";r=2;"),
+        "{left}"
+    );
+    sluice.stop().await;
+}
+
 /// Parse Prometheus text into `name{labels}` → value, checking every line's shape.
 fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
     let mut samples = BTreeMap::new();

@@ -154,9 +154,9 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
                 limit_tps: limit.tps.get(),
                 burst: limit.burst.get(),
                 autoscale: r.autoscale(),
-                admitted_last_minute: r.counters.recent_admitted.last_minute(),
-                throttled_last_minute: r.counters.recent_throttled.last_minute(),
-                succeeded_last_minute: r.counters.recent_succeeded.last_minute(),
+                admitted_last_minute: r.counters.admitted.last_minute(),
+                throttled_last_minute: r.counters.throttled.last_minute(),
+                succeeded_last_minute: r.counters.succeeded.last_minute(),
                 last_event: history.query(&query).pop(),
             }
         })

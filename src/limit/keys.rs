@@ -59,9 +59,15 @@ impl Default for DigestMemo {
 }
 
 impl DigestMemo {
-    /// `key_digest(key)`, from the memo when the key was seen lately.
-    pub fn digest(&self, key: &[u8]) -> [u8; 32] {
-        let tag = self.hasher.hash(key).as_u128() | 1;
+    /// The key's tag: a keyed 128-bit SipHash-1-3, never 0. It stands for the key wherever a
+    /// key must be recognised again ([`super::ResourceIndex`], the memo's own slots).
+    pub fn tag(&self, key: &[u8]) -> u128 {
+        self.hasher.hash(key).as_u128() | 1
+    }
+
+    /// `key_digest(key)` for a key whose [`tag`](Self::tag) is `tag`, from the memo when the
+    /// key was seen lately.
+    pub fn digest(&self, key: &[u8], tag: u128) -> [u8; 32] {
         let slot = tag as usize % MEMO_SLOTS;
         let tag = tag.to_le_bytes();
         let mut shard = self.shards[slot % MEMO_SHARDS]
@@ -214,15 +220,15 @@ mod tests {
             .collect();
         for _round in 0..2 {
             for key in &keys {
-                assert_eq!(memo.digest(key), key_digest(key));
+                assert_eq!(memo.digest(key, memo.tag(key)), key_digest(key));
             }
         }
         let total: usize = memo.shards.iter().map(|s| s.lock().unwrap().len()).sum();
         assert_eq!(total, MEMO_SLOTS);
         // Binary and empty keys too.
         for key in [&b""[..], b"\x00\xff\xfe", &[0u8; 300][..]] {
-            assert_eq!(memo.digest(key), key_digest(key));
-            assert_eq!(memo.digest(key), key_digest(key));
+            assert_eq!(memo.digest(key, memo.tag(key)), key_digest(key));
+            assert_eq!(memo.digest(key, memo.tag(key)), key_digest(key));
         }
     }
 

@@ -14,7 +14,7 @@ impl RateLimiter {
     /// The verdict on `resource` without waiting: its own bucket, its lease on the shared
     /// one, or `on_error` while the store is unreachable.
     pub(super) fn judge(&self, resource: &Resource, now: u64) -> Judged {
-        let (Some(fleet), Some((_, lease))) = (&self.fleet, &resource.shared) else {
+        let (Some(fleet), Some((_, lease))) = (&self.fleet, resource.shared.as_deref()) else {
             let (quota, verdict) = resource.check(now);
             return Judged::Verdict(quota, verdict);
         };
@@ -38,7 +38,7 @@ impl RateLimiter {
     /// With a shared store, reserve the resource's next batch in the background when its
     /// lease runs low.
     pub(super) fn prefetch_if_low(&self, resource: &Arc<Resource>) {
-        let (Some(fleet), Some((_, lease))) = (&self.fleet, &resource.shared) else {
+        let (Some(fleet), Some((_, lease))) = (&self.fleet, resource.shared.as_deref()) else {
             return;
         };
         if !fleet.is_up() || !lease.claim_prefetch() {
@@ -49,7 +49,7 @@ impl RateLimiter {
         };
         let (fleet, resource, epoch) = (Arc::clone(fleet), Arc::clone(resource), self.epoch);
         runtime.spawn(async move {
-            if let Some((key, lease)) = &resource.shared {
+            if let Some((key, lease)) = resource.shared.as_deref() {
                 let clock = || nanos_since(epoch, Instant::now());
                 // A failure marks the store down; the next request decides by on_error.
                 let _ = fleet.prefetch(lease, key, resource.limit(), clock).await;
@@ -90,7 +90,7 @@ impl RateLimiter {
     /// Ask the shared store for `resource` (after [`Admission::Ask`]). Never waits longer
     /// than `store.timeout`; past it, or on an error, `store.on_error` decides.
     pub async fn ask<'a>(&'a self, resource: &'a Arc<Resource>) -> Admission<'a> {
-        let (Some(fleet), Some((key, lease))) = (&self.fleet, &resource.shared) else {
+        let (Some(fleet), Some((key, lease))) = (&self.fleet, resource.shared.as_deref()) else {
             return self.check_resource(resource);
         };
         let quota = resource.limit();

@@ -210,7 +210,7 @@ impl Proxy {
                     .await;
                 limits.insert_headers(response.headers_mut(), &status);
                 if outcome.reason.is_none() && response.status().is_success() {
-                    resource.counters.count_success();
+                    resource.counters.succeeded.add();
                 }
                 response
             }

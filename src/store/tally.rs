@@ -50,14 +50,7 @@ impl Tally {
         let mut fields: HashMap<String, i64> = HashMap::new();
         if let Some(limits) = &service.limits {
             for r in limits.all_resources() {
-                let now = (
-                    r.counters
-                        .admitted
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    r.counters
-                        .throttled
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                );
+                let now = (r.counters.admitted.total(), r.counters.throttled.total());
                 let before = self.last.insert(r.name.to_string(), now).unwrap_or(now);
                 let (a, t) = (now.0 - before.0.min(now.0), now.1 - before.1.min(now.1));
                 if a > 0 {
