@@ -33,7 +33,7 @@ pub fn secs_at(at: tokio::time::Instant) -> u64 {
 /// A count since start and over the last minute, cheap enough for every request.
 ///
 /// An event is one add to the total; the minute is kept as the total at the first event of
-/// each second, written once per second into a ring made on first use (about 1 KiB, so the
+/// each second, written once per second into a ring made on first use (about ½ KiB, so the
 /// many resources of a large config that see no traffic cost nothing). A request therefore
 /// touches only this struct, not the ring: with 100k resources, rings touched on every request
 /// would not stay in the CPU's cache (BENCHMARKS.md, scenario 4).
@@ -43,8 +43,10 @@ pub struct RecentCount {
     total: AtomicU64,
     /// The second of the latest event, plus one (0: none yet).
     second: AtomicU64,
-    /// Slot `s % SLOTS`: `[s + 1, the total before second s's first event]`.
-    marks: OnceLock<Box<[[AtomicU64; 2]]>>,
+    /// Slot `s % SLOTS`: second `s` + 1 in the high 32 bits, the total before that second's
+    /// first event in the low 32 (modulo 2³²: a minute's count is far below it at any limit
+    /// sluice enforces), one word so that a mark is read whole.
+    marks: OnceLock<Box<[AtomicU64]>>,
 }
 
 impl RecentCount {
@@ -66,16 +68,12 @@ impl RecentCount {
                 .compare_exchange(seen, stamp, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let marks = self.marks.get_or_init(|| {
-                (0..SLOTS)
-                    .map(|_| [AtomicU64::new(0), AtomicU64::new(0)])
-                    .collect()
-            });
-            let [at, before] = &marks[(secs % SLOTS as u64) as usize];
-            // Invalidate, write, stamp: a reader that sees the stamp sees its total.
-            at.store(0, Ordering::Release);
-            before.store(self.total.load(Ordering::Relaxed), Ordering::Release);
-            at.store(stamp, Ordering::Release);
+            let marks = self
+                .marks
+                .get_or_init(|| (0..SLOTS).map(|_| AtomicU64::new(0)).collect());
+            let before = self.total.load(Ordering::Relaxed) as u32;
+            marks[(secs % SLOTS as u64) as usize]
+                .store((stamp << 32) | u64::from(before), Ordering::Relaxed);
         }
         self.total.fetch_add(1, Ordering::Relaxed);
     }
@@ -95,18 +93,12 @@ impl RecentCount {
         let window = now.saturating_sub(WINDOW_SECS - 1)..=now;
         // Every second with events has a mark, so the earliest mark in the window holds the
         // total before the window's first event.
-        let before = marks
+        let earliest = marks
             .iter()
-            .filter_map(|[at, before]| {
-                let stamp = at.load(Ordering::Acquire);
-                let value = before.load(Ordering::Acquire);
-                // A mark rewritten while read is a second older than the window anyway.
-                (window.contains(&stamp) && at.load(Ordering::Acquire) == stamp)
-                    .then_some((stamp, value))
-            })
-            .min()
-            .map_or(total, |(_, before)| before);
-        total.saturating_sub(before)
+            .map(|m| m.load(Ordering::Relaxed))
+            .filter(|m| window.contains(&(m >> 32)))
+            .min();
+        earliest.map_or(0, |m| u64::from((total as u32).wrapping_sub(m as u32)))
     }
 }
 
