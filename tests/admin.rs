@@ -52,6 +52,14 @@ fn limited(url: &str, extra: &str) -> String {
     ))
 }
 
+/// `limited`, with keys that match no resource refused (401).
+fn rejecting_unknown_keys(url: &str) -> String {
+    limited(url, "").replace(
+        "default_tps = 100",
+        "default_tps = 100\nunknown_keys = \"reject\"",
+    )
+}
+
 #[tokio::test]
 async fn health_readiness_and_metrics_need_no_token() {
     let backend = mock().start().await;
@@ -335,11 +343,8 @@ async fn a_lower_cap_applies_to_the_next_request_and_lets_in_flight_ones_finish(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resources_are_created_changed_and_removed_live() {
     let backend = mock().start().await;
-    let toml = limited(&backend.url(), "").replace(
-        "default_tps = 100",
-        "default_tps = 100\nunknown_keys = \"reject\"",
-    );
-    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+    let sluice =
+        start_sluice_with(&rejecting_unknown_keys(&backend.url()), Some(TOKEN), None).await;
     let client = pool();
     // key-b is unknown, so refused.
     assert_eq!(send(&client, keyed(sluice.addr, "key-b")).await.status, 401);
@@ -424,11 +429,8 @@ async fn resources_are_created_changed_and_removed_live() {
 #[tokio::test]
 async fn a_rotated_key_stops_working_at_once_and_the_new_one_keeps_the_bucket() {
     let backend = mock().start().await;
-    let toml = limited(&backend.url(), "").replace(
-        "default_tps = 100",
-        "default_tps = 100\nunknown_keys = \"reject\"",
-    );
-    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+    let sluice =
+        start_sluice_with(&rejecting_unknown_keys(&backend.url()), Some(TOKEN), None).await;
     let client = pool();
     // key-a is seen (and so known by its tag) before it is rotated: 3 of team-a's 5 used.
     for _ in 0..3 {
