@@ -654,6 +654,49 @@ struct Soak {
     exchanges: Option<Mutex<Vec<Exchange>>>,
 }
 
+/// A keep-alive client for the soak's workers (replaced to close its connections).
+fn new_pool() -> Client<HttpConnector, UploadBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build(connector)
+}
+
+/// Start the binary on the config in `file` (admin token set, no access log) and the soak's
+/// state around it; with `keep_exchanges`, every judged exchange is kept for later checks.
+async fn start_soak(
+    file: &std::path::Path,
+    endpoints: &Arc<Endpoints>,
+    began: Instant,
+    keep_exchanges: bool,
+) -> (Arc<AsyncMutex<Running>>, Arc<Soak>) {
+    let running = start_binary_with_env(
+        &["run", "--config", file.to_str().unwrap()],
+        &[
+            ("SLUICE_ADMIN_TOKEN", TOKEN),
+            ("SLUICE_LOG", "info,sluice::access=off"),
+        ],
+    )
+    .await;
+    let (addr, admin) = (running.addr, running.admin.expect("admin address"));
+    let soak = Arc::new(Soak {
+        addr,
+        admin,
+        endpoints: Arc::clone(endpoints),
+        pooled: Mutex::new(new_pool()),
+        violations: Violations::default(),
+        answers: Tally::default(),
+        h2_answers: Tally::default(),
+        h2_connections: AtomicU64::new(0),
+        faults: Tally::default(),
+        stop: AtomicBool::new(false),
+        began,
+        exchanges: keep_exchanges.then(|| Mutex::new(Vec::new())),
+    });
+    (Arc::new(AsyncMutex::new(running)), soak)
+}
+
 /// One judged exchange, for checks made after the run.
 struct Exchange {
     plan: Plan,
@@ -1393,40 +1436,7 @@ async fn soak_with_faults_then_sigterm() {
     let endpoints = Endpoints::start().await;
     let (garbage, garbage_served) = garbage_endpoint().await;
     let file = write_config("soak", &config_text(&endpoints, garbage, 4, 8));
-    let running = start_binary_with_env(
-        &["run", "--config", file.to_str().unwrap()],
-        &[
-            ("SLUICE_ADMIN_TOKEN", TOKEN),
-            ("SLUICE_LOG", "info,sluice::access=off"),
-        ],
-    )
-    .await;
-    let sluice = Arc::new(AsyncMutex::new(running));
-    let (addr, admin_addr) = {
-        let running = sluice.lock().await;
-        (running.addr, running.admin.expect("admin address"))
-    };
-    let new_pool = || {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(2))
-            .build(connector)
-    };
-    let soak = Arc::new(Soak {
-        addr,
-        admin: admin_addr,
-        endpoints: Arc::clone(&endpoints),
-        pooled: Mutex::new(new_pool()),
-        violations: Violations::default(),
-        answers: Tally::default(),
-        h2_answers: Tally::default(),
-        h2_connections: AtomicU64::new(0),
-        faults: Tally::default(),
-        stop: AtomicBool::new(false),
-        began,
-        exchanges: None,
-    });
+    let (sluice, soak) = start_soak(&file, &endpoints, began, false).await;
 
     // Warm up without faults, then take the baseline with nothing in flight.
     load(&soak, seed, 0, WARM_UP).await;

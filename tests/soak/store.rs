@@ -327,40 +327,7 @@ async fn soak_with_the_redis_store_while_redis_dies_and_hangs() {
         "soak-store",
         &(config_text(&endpoints, garbage, 4, 8) + &store),
     );
-    let running = start_binary_with_env(
-        &["run", "--config", file.to_str().unwrap()],
-        &[
-            ("SLUICE_ADMIN_TOKEN", TOKEN),
-            ("SLUICE_LOG", "info,sluice::access=off"),
-        ],
-    )
-    .await;
-    let sluice = Arc::new(AsyncMutex::new(running));
-    let (addr, admin_addr) = {
-        let running = sluice.lock().await;
-        (running.addr, running.admin.expect("admin address"))
-    };
-    let new_pool = || {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(2))
-            .build(connector)
-    };
-    let soak = Arc::new(Soak {
-        addr,
-        admin: admin_addr,
-        endpoints: Arc::clone(&endpoints),
-        pooled: Mutex::new(new_pool()),
-        violations: Violations::default(),
-        answers: Tally::default(),
-        h2_answers: Tally::default(),
-        h2_connections: AtomicU64::new(0),
-        faults: Tally::default(),
-        stop: AtomicBool::new(false),
-        began,
-        exchanges: Some(Mutex::new(Vec::new())),
-    });
+    let (sluice, soak) = start_soak(&file, &endpoints, began, true).await;
     assert!(store_up(&soak).await, "sluice never reached its Redis");
 
     // Warm up without faults, then take the baseline with nothing in flight.
