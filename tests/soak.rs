@@ -654,6 +654,33 @@ struct Soak {
     exchanges: Option<Mutex<Vec<Exchange>>>,
 }
 
+impl Soak {
+    /// The summary lines of every variant: answers by kind (and over HTTP/2), faults injected.
+    fn write_tallies(&self, summary: &mut String, label: &str, garbage_served: &AtomicU64) {
+        self.endpoints.faults.0.lock().unwrap().insert(
+            "endpoint answered garbage (connections)".into(),
+            garbage_served.load(Ordering::Relaxed),
+        );
+        let _ = write!(
+            summary,
+            "{label}: answers by kind (warm-up included)\n{}",
+            self.answers.lines()
+        );
+        let _ = write!(
+            summary,
+            "{label}: of which over HTTP/2 ({} connections opened, {H2_STREAMS} streams each)\n{}",
+            self.h2_connections.load(Ordering::Relaxed),
+            self.h2_answers.lines()
+        );
+        let _ = write!(
+            summary,
+            "{label}: faults injected (warm-up included)\n{}{}",
+            self.faults.lines(),
+            self.endpoints.faults.lines()
+        );
+    }
+}
+
 /// A keep-alive client for the soak's workers (replaced to close its connections).
 fn new_pool() -> Client<HttpConnector, UploadBody> {
     let mut connector = HttpConnector::new();
@@ -1565,27 +1592,7 @@ async fn soak_with_faults_then_sigterm() {
         requests as f64 / soak_took.as_secs_f64(),
         warm_requests
     );
-    let _ = write!(
-        summary,
-        "soak: answers by kind (warm-up included)\n{}",
-        soak.answers.lines()
-    );
-    let _ = write!(
-        summary,
-        "soak: of which over HTTP/2 ({} connections opened, {H2_STREAMS} streams each)\n{}",
-        soak.h2_connections.load(Ordering::Relaxed),
-        soak.h2_answers.lines()
-    );
-    endpoints.faults.0.lock().unwrap().insert(
-        "endpoint answered garbage (connections)".into(),
-        garbage_served.load(Ordering::Relaxed),
-    );
-    let _ = write!(
-        summary,
-        "soak: faults injected (warm-up included)\n{}{}",
-        soak.faults.lines(),
-        endpoints.faults.lines()
-    );
+    soak.write_tallies(&mut summary, "soak", &garbage_served);
     let _ = writeln!(
         summary,
         "soak: endpoint instances {} (most served at once by one: {} as it counted, {} with \

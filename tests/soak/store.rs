@@ -472,27 +472,7 @@ async fn soak_with_the_redis_store_while_redis_dies_and_hangs() {
         "soak-store: after the load, team-a (40 TPS, burst 40): {admitted} admitted, {refused} \
          refused of a burst of 120 in {burst_took:?}"
     );
-    let _ = write!(
-        summary,
-        "soak-store: answers by kind (warm-up included)\n{}",
-        soak.answers.lines()
-    );
-    let _ = write!(
-        summary,
-        "soak-store: of which over HTTP/2 ({} connections opened)\n{}",
-        soak.h2_connections.load(Ordering::Relaxed),
-        soak.h2_answers.lines()
-    );
-    endpoints.faults.0.lock().unwrap().insert(
-        "endpoint answered garbage (connections)".into(),
-        garbage_served.load(Ordering::Relaxed),
-    );
-    let _ = write!(
-        summary,
-        "soak-store: faults injected (warm-up included)\n{}{}",
-        soak.faults.lines(),
-        endpoints.faults.lines()
-    );
+    soak.write_tallies(&mut summary, "soak-store", &garbage_served);
     let _ = writeln!(
         summary,
         "soak-store: most served at once by one endpoint: {} as it counted, {} with abandoned \
