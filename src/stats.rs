@@ -12,22 +12,19 @@ pub const WINDOW_SECS: u64 = 60;
 
 /// Time on tokio's clock since the first call (tests that pause time drive it too).
 pub fn uptime() -> Duration {
-    let now = tokio::time::Instant::now().into_std();
-    now.saturating_duration_since(*EPOCH.get_or_init(|| now))
+    uptime_at(tokio::time::Instant::now())
 }
 
-static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+/// [`uptime`] at `at` (saves a clock read where the caller has one).
+pub fn uptime_at(at: tokio::time::Instant) -> Duration {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    let at = at.into_std();
+    at.saturating_duration_since(*EPOCH.get_or_init(|| at))
+}
 
 /// Whole seconds of [`uptime`].
 pub fn now_secs() -> u64 {
-    secs_at(tokio::time::Instant::now())
-}
-
-/// Whole seconds of [`uptime`] at `at` (saves a clock read where the caller has one).
-pub fn secs_at(at: tokio::time::Instant) -> u64 {
-    let at = at.into_std();
-    at.saturating_duration_since(*EPOCH.get_or_init(|| at))
-        .as_secs()
+    uptime().as_secs()
 }
 
 /// A count since start and over the last minute, cheap enough for every request.

@@ -120,11 +120,19 @@ impl Bucket {
         self.tat.load(Ordering::Acquire).saturating_sub(now)
     }
 
-    /// Count a request admitted at `now` by another judge (the fleet's bucket) against this
-    /// bucket too, never running it further ahead than empty. With [`Bucket::exhaust`] this
-    /// bucket mirrors the other, so that when it takes over it starts where the other stood
+    /// Follow another judge's verdict on a request at `now` (the fleet's bucket): this bucket
+    /// then mirrors the other, so that when it takes over it starts where the other stood
     /// rather than with a full burst.
-    pub fn charge(&self, now: u64) {
+    pub fn mirror(&self, verdict: &Verdict, now: u64) {
+        match verdict {
+            Verdict::Admit { .. } => self.charge(now),
+            Verdict::Refuse { .. } => self.exhaust(now),
+        }
+    }
+
+    /// Count a request the other judge admitted, never running this bucket further ahead
+    /// than empty.
+    fn charge(&self, now: u64) {
         let quota = self.quota();
         let (interval, window) = (quota.interval_ns(), quota.window_ns());
         let _ = self
@@ -135,7 +143,7 @@ impl Bucket {
     }
 
     /// The other judge refused a request at `now`: its bucket is empty, so this one is too.
-    pub fn exhaust(&self, now: u64) {
+    fn exhaust(&self, now: u64) {
         self.tat
             .fetch_max(now + self.quota().window_ns(), Ordering::AcqRel);
     }

@@ -26,8 +26,8 @@ use crate::config::{MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys};
 use crate::stats::{self, RecentCount};
 use crate::store::{self, Fleet, Lease};
 pub use gcra::{Bucket, Quota, Verdict};
-pub use headers::{policy_value, Status};
-pub use index::ResourceIndex;
+pub use headers::Status;
+use index::ResourceIndex;
 pub use keys::{key_digest, DigestMemo, KeySource, KeyTable};
 
 /// Name under which requests with unknown keys are counted (keys themselves are never shown).
@@ -128,12 +128,12 @@ impl Resource {
     }
 
     fn count(&self, admitted: bool, at: Instant) {
-        let tally = if admitted {
+        let count = if admitted {
             &self.counters.admitted
         } else {
             &self.counters.throttled
         };
-        tally.add_at(stats::secs_at(at));
+        count.add_at(stats::uptime_at(at).as_secs());
         if let Some(metrics) = &*self.metrics.load() {
             let (a, t) = if admitted { (1, 0) } else { (0, 1) };
             metrics.record(at.into_std(), a, t);

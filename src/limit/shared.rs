@@ -23,12 +23,8 @@ impl RateLimiter {
         }
         let quota = resource.limit();
         match lease.take(now) {
-            Local::Admit(verdict) => {
-                lease.fallback.charge(now);
-                Judged::Verdict(quota, verdict)
-            }
-            Local::Refuse(verdict) => {
-                lease.fallback.exhaust(now);
+            Local::Admit(verdict) | Local::Refuse(verdict) => {
+                lease.fallback.mirror(&verdict, now);
                 Judged::Verdict(quota, verdict)
             }
             Local::Empty => Judged::Ask,
@@ -98,10 +94,7 @@ impl RateLimiter {
         let judged = match fleet.refill(lease, key, quota, clock).await {
             Ok(verdict) => {
                 // The fallback bucket mirrors the fleet's, for when the store goes away.
-                match verdict {
-                    Verdict::Admit { .. } => lease.fallback.charge(clock()),
-                    Verdict::Refuse { .. } => lease.fallback.exhaust(clock()),
-                }
+                lease.fallback.mirror(&verdict, clock());
                 Judged::Verdict(quota, verdict)
             }
             // The store did not fail; this request's turn did not come in time. Refusing
