@@ -2,8 +2,8 @@
 //! it forwards or refuses it, measured through the public API.
 //!
 //! `cargo bench --bench admission` (add `-- FILTER` to run some). Groups:
-//! - `admit/N`: `RateLimiter::check(&HeaderMap)` + `Pool::acquire` + dropping the slot (release),
-//!   with N configured resources (1, 10k, 100k), keys rotating over all of them.
+//! - `admit/N`: `RateLimiter::check(&HeaderMap, Instant)` + `Pool::acquire` + dropping the slot
+//!   (release), with N configured resources (1, 10k, 100k), keys rotating over all of them.
 //! - `check_only/N`: the rate check alone, same setup.
 //! - `refuse`: the rate check of a caller over its limit (the 429 path's decision).
 //! - `unknown_key/100k`: the check of 100k rotating unknown keys (the bounded LRU table).
@@ -12,8 +12,12 @@
 //!   one key's headers (hot) and over 100k keys' headers in turn (as `admit/100000` reads them).
 //! - `reject_429`: `Rejection::new(..).resource(..).retry_after(..).into_response()`.
 //! - `ratelimit_headers`: `RateLimiter::insert_headers` into a response's `HeaderMap`.
-//! - `acquire_block_on`: `Pool::acquire` driven by `Runtime::block_on` once per request, to show
-//!   what a runtime entry costs next to polling the future once (how `admit/N` drives it).
+//! - `acquire_release`: `Pool::acquire` polled once (as `admit/N` drives it) and driven by
+//!   `Runtime::block_on` once per request, to show what a runtime entry costs next to that.
+//! - `baseline`: what the groups above spend outside sluice (feeding the next request's
+//!   headers, over 1 or 100k keys), and `clock`, one `Instant::now()`: the proxy reads the clock
+//!   once per request and hands that reading to the check, so the groups above pass a virtual
+//!   clock instead.
 //!
 //! The configured resources have `tps = 1_000_000_000` (above the validated ceiling of 1M, which
 //! only `Config::parse` without validation allows): a tight loop checks one resource up to ~10M
@@ -34,6 +38,7 @@ use sluice::config::Config;
 use sluice::limit::{key_digest, Admission, KeySource, RateLimiter};
 use sluice::policy::Policy;
 use sluice::proxy::reject::{Reason, Rejection};
+use tokio::time::Instant;
 
 const SIZES: [usize; 3] = [1, 10_000, 100_000];
 
@@ -105,11 +110,19 @@ impl Setup {
 /// value changes (a static value: no allocation, no reference count); the key texts lie one
 /// after the other in one allocation, as they would in read buffers. Holding a map per key
 /// instead (100k maps, ~60 MB) made the benchmark measure its own cache misses.
+///
+/// Each request also brings its arrival time, as the proxy hands it to the check (it reads the
+/// clock once per request, for its latency figures too): a virtual clock 100 ns further on per
+/// request, so no benchmark here measures `clock_gettime` (the `clock` benchmark does).
 struct Requests {
     keys: Vec<HeaderValue>,
     headers: HeaderMap,
     next: usize,
+    at: Instant,
 }
+
+/// Virtual time between two requests of a [`Requests`].
+const STEP: Duration = Duration::from_nanos(100);
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -135,6 +148,7 @@ impl Requests {
             keys,
             headers,
             next: 0,
+            at: Instant::now(),
         }
     }
 
@@ -143,8 +157,8 @@ impl Requests {
         Self::new((0..n.max(1)).map(key))
     }
 
-    /// The next request's headers.
-    fn next(&mut self) -> &HeaderMap {
+    /// The next request's headers and arrival time.
+    fn next(&mut self) -> (&HeaderMap, Instant) {
         let value = self.keys[self.next].clone();
         self.next = if self.next + 1 == self.keys.len() {
             0
@@ -152,7 +166,14 @@ impl Requests {
             self.next + 1
         };
         self.headers.insert(&X_API_KEY, value);
-        &self.headers
+        self.at += STEP;
+        (&self.headers, self.at)
+    }
+
+    /// The next request, checked by `limits`.
+    fn check<'a>(&mut self, limits: &'a RateLimiter) -> Admission<'a> {
+        let (headers, at) = self.next();
+        limits.check(headers, at)
     }
 }
 
@@ -175,7 +196,7 @@ fn admission(c: &mut Criterion) {
         let (limits, pool) = (s.limits(), s.pool());
         let mut requests = Requests::of_resources(n);
         admit.bench_function(BenchmarkId::from_parameter(n), |b| {
-            b.iter(|| match limits.check(requests.next()) {
+            b.iter(|| match requests.check(limits) {
                 Admission::Admitted { status, .. } => {
                     let slot = acquire_now(pool);
                     black_box(&status);
@@ -194,12 +215,7 @@ fn admission(c: &mut Criterion) {
         let limits = s.limits();
         let mut requests = Requests::of_resources(n);
         check.bench_function(BenchmarkId::from_parameter(n), |b| {
-            b.iter(|| {
-                black_box(matches!(
-                    limits.check(requests.next()),
-                    Admission::Admitted { .. }
-                ))
-            })
+            b.iter(|| black_box(matches!(requests.check(limits), Admission::Admitted { .. })))
         });
     }
     check.finish();
@@ -209,9 +225,9 @@ fn admission(c: &mut Criterion) {
     let s = Setup::new(1, 1);
     let limits = s.limits();
     let mut requests = Requests::of_resources(1);
-    let _ = limits.check(requests.next());
+    let _ = requests.check(limits);
     c.bench_function("refuse", |b| {
-        b.iter(|| match limits.check(requests.next()) {
+        b.iter(|| match requests.check(limits) {
             Admission::Limited { retry_after_ms, .. } => black_box(retry_after_ms),
             _ => 0,
         })
@@ -222,12 +238,7 @@ fn admission(c: &mut Criterion) {
     let limits = s.limits();
     let mut unknown = Requests::new((0..100_000).map(|i| format!("unknown-{i}")));
     c.bench_function("unknown_key/100000", |b| {
-        b.iter(|| {
-            black_box(matches!(
-                limits.check(unknown.next()),
-                Admission::Admitted { .. }
-            ))
-        })
+        b.iter(|| black_box(matches!(unknown.check(limits), Admission::Admitted { .. })))
     });
 }
 
@@ -243,13 +254,13 @@ fn key_lookup(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("extract+sha256", n), |b| {
             b.iter(|| {
                 black_box(key_digest(
-                    source.extract(requests.next()).expect("key present"),
+                    source.extract(requests.next().0).expect("key present"),
                 ))
             })
         });
         g.bench_function(BenchmarkId::new("extract+sha256+map100k", n), |b| {
             b.iter(|| {
-                let digest = key_digest(source.extract(requests.next()).expect("key present"));
+                let digest = key_digest(source.extract(requests.next().0).expect("key present"));
                 black_box(map.get(&digest).copied())
             })
         });
@@ -270,7 +281,7 @@ fn responses(c: &mut Criterion) {
     // The status of a real admission (built by the limiter, whatever fields `Status` has).
     let s = Setup::new(1, 1000);
     let limits = s.limits();
-    let Admission::Admitted { status, .. } = limits.check(Requests::of_resources(1).next()) else {
+    let Admission::Admitted { status, .. } = Requests::of_resources(1).check(limits) else {
         panic!("the first request of a full bucket is admitted")
     };
     c.bench_function("ratelimit_headers", |b| {
@@ -285,6 +296,20 @@ fn responses(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
+}
+
+/// What the benchmarks above spend outside sluice's code: feeding the next request (the
+/// header value swapped into the map), and the clock read the proxy does once per request.
+fn baselines(c: &mut Criterion) {
+    let mut g = c.benchmark_group("baseline");
+    for n in [1, 100_000] {
+        let mut requests = Requests::of_resources(n);
+        g.bench_function(BenchmarkId::new("feed", n), |b| {
+            b.iter(|| black_box(requests.next().1))
+        });
+    }
+    g.bench_function("clock", |b| b.iter(Instant::now));
+    g.finish();
 }
 
 fn runtime_overhead(c: &mut Criterion) {
@@ -314,6 +339,6 @@ fn quick() -> Criterion {
 criterion_group! {
     name = benches;
     config = quick();
-    targets = admission, key_lookup, responses, runtime_overhead
+    targets = admission, key_lookup, responses, baselines, runtime_overhead
 }
 criterion_main!(benches);

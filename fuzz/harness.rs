@@ -199,7 +199,7 @@ pub fn keys(data: &[u8]) {
                 .unwrap_or(http::header::AUTHORIZATION),
         )
         .extract(&headers);
-        let status = match limiter.check(&headers) {
+        let status = match limiter.check(&headers, tokio::time::Instant::now()) {
             Admission::Admitted { status, .. } => status,
             Admission::Limited {
                 status,

@@ -50,7 +50,7 @@ async fn overload(proxy: &Proxy, minutes: u64, b_stops_at: u64) -> (Vec<(u64, u3
             let offered = limit.unwrap().limit().tps.get() + 10;
             headers.insert("x-api-key", key.parse().unwrap());
             for _ in 0..offered {
-                let _ = limits.check(&headers);
+                let _ = limits.check(&headers, tokio::time::Instant::now());
             }
         }
         let now = limits.find("team-a").unwrap().limit().tps.get();

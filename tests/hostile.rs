@@ -881,7 +881,7 @@ fn million_key_flood_child() {
                             _ => [&[0xffu8, 0x80][..], format!("{i:x}").as_bytes()].concat(),
                         };
                         headers.insert("x-api-key", http::HeaderValue::from_bytes(&key).unwrap());
-                        let _ = limits.check(&headers);
+                        let _ = limits.check(&headers, tokio::time::Instant::now());
                     }
                 });
             }
@@ -903,7 +903,7 @@ fn million_key_flood_child() {
     let mut headers = http::HeaderMap::new();
     headers.insert("x-api-key", "secret-a".parse().unwrap());
     for expected_remaining in (0..10).rev() {
-        match limits.check(&headers) {
+        match limits.check(&headers, tokio::time::Instant::now()) {
             sluice::limit::Admission::Admitted { resource, status } => {
                 assert_eq!(&*resource.name, "team-a");
                 assert_eq!(status.remaining, expected_remaining);
@@ -912,7 +912,7 @@ fn million_key_flood_child() {
         }
     }
     assert!(matches!(
-        limits.check(&headers),
+        limits.check(&headers, tokio::time::Instant::now()),
         sluice::limit::Admission::Limited { .. }
     ));
     println!(

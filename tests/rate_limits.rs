@@ -266,7 +266,7 @@ async fn a_flood_of_unknown_keys_stays_within_max_tracked_keys() {
     let mut flood = |range: std::ops::Range<u32>| {
         for i in range {
             headers.insert("x-api-key", format!("flood-{i}").parse().unwrap());
-            let _ = limits.check(&headers);
+            let _ = limits.check(&headers, tokio::time::Instant::now());
         }
     };
     flood(0..20_000);
@@ -285,7 +285,7 @@ async fn a_flood_of_unknown_keys_stays_within_max_tracked_keys() {
     );
     // The known resource kept its own bucket through the flood.
     headers.insert("x-api-key", KEY_A.parse().unwrap());
-    match limits.check(&headers) {
+    match limits.check(&headers, tokio::time::Instant::now()) {
         sluice::limit::Admission::Admitted { resource, status } => {
             assert_eq!(&*resource.name, "team-a");
             assert_eq!(status.remaining, 9);

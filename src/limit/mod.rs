@@ -51,7 +51,7 @@ pub struct Counters {
 /// A caller with a name, a base limit and a live (possibly autoscaled) limit.
 ///
 /// Laid out so that an admission reads and writes one cache line of it (the fields up to
-/// `counters.admitted`'s count): with 100k resources most requests miss the CPU's caches on
+/// `counters.admitted`'s count, the key's mark among them): with 100k resources most requests miss the CPU's caches on
 /// their resource, and each further line was one more miss (BENCHMARKS.md, scenario 4).
 #[derive(Debug)]
 #[repr(C, align(64))]
@@ -61,6 +61,8 @@ pub struct Resource {
     metrics: ArcSwapOption<ResourceMetrics>,
     /// With a shared store: its bucket's key and this replica's lease on it.
     shared: Option<Box<(String, Lease)>>,
+    /// The salted tag of its key, left by the limiter that last learned it (see `index`).
+    key_mark: AtomicU64,
     /// Admitted / throttled / succeeded (`admitted` first: see above).
     pub counters: Counters,
     /// Name from the config; what logs, metrics and responses show.
@@ -81,7 +83,18 @@ impl Resource {
             autoscale: AtomicBool::new(autoscale),
             counters: Counters::default(),
             metrics: ArcSwapOption::empty(),
+            key_mark: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the key a limiter learned last for it has this mark.
+    fn holds(&self, mark: u64) -> bool {
+        self.key_mark.load(Ordering::Relaxed) == mark
+    }
+
+    /// Remember that a limiter learned its key under this mark.
+    fn hold(&self, mark: u64) {
+        self.key_mark.store(mark, Ordering::Relaxed);
     }
 
     /// Feed these autoscale windows from now on.
@@ -221,7 +234,8 @@ impl std::hash::Hasher for DigestHash {
 pub struct RateLimiter {
     settings: RateLimitConfig,
     keys: KeySource,
-    by_digest: HashMap<[u8; 32], Arc<Resource>, DigestHasher>,
+    /// Positions in `resources`, by key digest.
+    by_digest: HashMap<[u8; 32], usize, DigestHasher>,
     /// The resources of the keys seen, by tag: most requests find theirs here.
     index: ResourceIndex,
     resources: Vec<Arc<Resource>>,
@@ -287,7 +301,7 @@ impl RateLimiter {
                 config.autoscale,
             );
             if let Some(digest) = config.key_digest() {
-                by_digest.insert(digest, Arc::clone(&resource));
+                by_digest.insert(digest, list.len());
             }
             list.push(resource);
         }
@@ -349,9 +363,9 @@ impl RateLimiter {
         nanos_since(self.epoch, at)
     }
 
-    /// Judge a request by its headers.
-    pub fn check(&self, headers: &HeaderMap) -> Admission<'_> {
-        let at = Instant::now();
+    /// Judge a request by its headers, as arrived at `at` (the proxy reads the clock once per
+    /// request, for its latency figures too).
+    pub fn check(&self, headers: &HeaderMap, at: Instant) -> Admission<'_> {
         let now = self.nanos(at);
         let resource = match self.keys.extract(headers) {
             None => match self.settings.missing_key {
@@ -391,13 +405,13 @@ impl RateLimiter {
     /// The configured resource of `key`, or the key's digest when it is nobody's.
     fn configured(&self, key: &[u8]) -> Result<&Arc<Resource>, [u8; 32]> {
         let tag = self.memo.tag(key);
-        if let Some(resource) = self.index.get(tag) {
+        if let Some(resource) = self.index.get(tag, &self.resources) {
             return Ok(resource);
         }
         let digest = self.memo.digest(key, tag);
-        let resource = self.by_digest.get(&digest).ok_or(digest)?;
-        self.index.learn(tag, resource);
-        Ok(resource)
+        let position = *self.by_digest.get(&digest).ok_or(digest)?;
+        self.index.learn(tag, position, &self.resources);
+        Ok(&self.resources[position])
     }
 
     /// Judge a request against `resource`'s own bucket.

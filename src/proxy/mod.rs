@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot, Slot};
-use crate::limit::{Admission, KeyProblem};
+use crate::limit::{Admission, KeyProblem, Resource};
 use crate::policy::{Policy, Service};
 use crate::store::Fleet;
 use body::{BodyWatch, ResponseBody, UpstreamBody};
@@ -98,7 +98,7 @@ impl Proxy {
         // when it will be written.
         let logged = tracing::enabled!(target: "sluice::access", tracing::Level::INFO)
             .then(|| (req.method().clone(), req.uri().path().to_owned()));
-        let mut outcome = Outcome::default();
+        let mut outcome = Outcome::new(started, logged.is_some());
         let unread_body_closes =
             !http_body::Body::is_end_stream(req.body()) && req.version() <= http::Version::HTTP_11;
         let service = policy.route(req.uri().path());
@@ -167,14 +167,14 @@ impl Proxy {
                 .forward(policy, service, head, body, client, outcome)
                 .await;
         };
-        let admission = match limits.check(&head.headers) {
+        let admission = match limits.check(&head.headers, outcome.arrived) {
             Admission::Ask { resource } => limits.ask(resource).await,
             decided => decided,
         };
         match admission {
             // `ask` never answers `Ask`; a store that cannot be asked is unavailable.
             Admission::Ask { resource } | Admission::Unavailable { resource } => {
-                outcome.resource = Some(Arc::clone(&resource.name));
+                outcome.note_resource(resource);
                 outcome.reject(Reason::StoreUnavailable, Some(service))
             }
             Admission::Refused(problem) => {
@@ -194,7 +194,7 @@ impl Proxy {
                 status,
                 retry_after_ms,
             } => {
-                outcome.resource = Some(Arc::clone(&resource.name));
+                outcome.note_resource(resource);
                 outcome.reason = Some(Reason::RateLimited);
                 let mut response = Rejection::new(Reason::RateLimited, Some(&service.name))
                     .resource(&resource.name, status.quota.tps.get())
@@ -204,7 +204,7 @@ impl Proxy {
                 response
             }
             Admission::Admitted { resource, status } => {
-                outcome.resource = Some(Arc::clone(&resource.name));
+                outcome.note_resource(resource);
                 let mut response = self
                     .forward(policy, service, head, body, client, outcome)
                     .await;
@@ -320,9 +320,12 @@ impl Proxy {
     }
 }
 
-/// What the access log tells about one exchange besides its status.
-#[derive(Default)]
+/// One exchange as it goes: when it arrived, and what the access log tells about it besides
+/// its status.
 struct Outcome {
+    arrived: Instant,
+    /// Whether the access line will be written (else `resource` stays unset).
+    logged: bool,
     resource: Option<Arc<str>>,
     endpoint: Option<Arc<Endpoint>>,
     reason: Option<Reason>,
@@ -331,6 +334,25 @@ struct Outcome {
 }
 
 impl Outcome {
+    fn new(arrived: Instant, logged: bool) -> Self {
+        Self {
+            arrived,
+            logged,
+            resource: None,
+            endpoint: None,
+            reason: None,
+            upload: None,
+        }
+    }
+
+    /// Remember whose limit the request counted against, for the access line. Only then: with
+    /// many resources, the name's reference count is one more far memory write per request.
+    fn note_resource(&mut self, resource: &Resource) {
+        if self.logged {
+            self.resource = Some(Arc::clone(&resource.name));
+        }
+    }
+
     /// Answer on sluice's behalf and remember why.
     fn reject(&mut self, reason: Reason, service: Option<&Service>) -> Response<ResponseBody> {
         self.reason = Some(reason);
