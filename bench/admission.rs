@@ -17,7 +17,9 @@
 //! - `baseline`: what the groups above spend outside sluice (feeding the next request's
 //!   headers, over 1 or 100k keys), and `clock`, one `Instant::now()`: the proxy reads the clock
 //!   once per request and hands that reading to the check, so the groups above pass a virtual
-//!   clock instead.
+//!   clock instead; `dependent_load_lines/N`, one memory load that waits on the one before over
+//!   N random cache lines: the machine's own floor under `admit/100000`, measured in the same
+//!   run.
 //!
 //! The configured resources have `tps = 1_000_000_000` (above the validated ceiling of 1M, which
 //! only `Config::parse` without validation allows): a tight loop checks one resource up to ~10M
@@ -309,7 +311,47 @@ fn baselines(c: &mut Criterion) {
         });
     }
     g.bench_function("clock", |b| b.iter(Instant::now));
+    // The memory floor under `admit/100000`: one load that waits for the one before it, over
+    // 64-byte lines in random order, 16k lines (the size of the resource index at 100k
+    // resources) and 100k lines (one line per resource, the least state 100k resources hold).
+    for lines in [16_384, 100_000] {
+        let mut chase = chase_cycle(lines);
+        g.bench_function(BenchmarkId::new("dependent_load_lines", lines), |b| {
+            b.iter(|| chase.step())
+        });
+    }
     g.finish();
+}
+
+/// One cycle through `lines` cache lines in a random order: each load's address comes from the
+/// load before it, so none can start early and each costs the full latency of where it hits.
+struct Chase {
+    next: Vec<[usize; 8]>,
+    at: usize,
+}
+
+impl Chase {
+    fn step(&mut self) -> usize {
+        self.at = self.next[self.at][0];
+        self.at
+    }
+}
+
+fn chase_cycle(lines: usize) -> Chase {
+    let mut order: Vec<usize> = (0..lines).collect();
+    // A fixed xorshift shuffle: the same cycle on every run.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for i in (1..lines).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut next = vec![[0usize; 8]; lines];
+    for (k, &line) in order.iter().enumerate() {
+        next[line][0] = order[(k + 1) % lines];
+    }
+    Chase { next, at: order[0] }
 }
 
 fn runtime_overhead(c: &mut Criterion) {
