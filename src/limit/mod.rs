@@ -51,8 +51,9 @@ pub struct Counters {
 /// A caller with a name, a base limit and a live (possibly autoscaled) limit.
 ///
 /// Laid out so that an admission reads and writes one cache line of it (the fields up to
-/// `counters.admitted`'s count, the key's mark among them): with 100k resources most requests miss the CPU's caches on
-/// their resource, and each further line was one more miss (BENCHMARKS.md, scenario 4).
+/// `counters.admitted`'s count, the key's mark among them): with 100k resources most requests
+/// miss the CPU's caches on their resource, and each further line was one more miss
+/// (BENCHMARKS.md, scenario 4).
 #[derive(Debug)]
 #[repr(C, align(64))]
 pub struct Resource {
