@@ -1,6 +1,7 @@
 //! The shared rate bucket and a replica's lease on it, against a real redis-server: what two
 //! replicas together may admit, how a refusal is cached, how a bucket lost with a Redis
-//! restart comes back without a burst, and that every call is bounded by `store.timeout`.
+//! restart comes back without a burst, how one Redis kept is charged for local admissions,
+//! and that every call is bounded by `store.timeout`.
 
 mod support;
 
@@ -138,6 +139,34 @@ async fn a_bucket_lost_with_a_restart_starts_from_the_usage_counted_meanwhile() 
         admitted <= 10,
         "{admitted} admitted right after the restart"
     );
+}
+
+#[tokio::test]
+async fn a_bucket_redis_kept_is_charged_for_what_was_admitted_locally_meanwhile() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let a = fleet(&redis, "a");
+    let q = quota(100, 100);
+    let lease = Lease::new(q);
+    let key = a.rate_key("svc", "team");
+    let now = clock(Instant::now());
+    // The fleet bucket exists (one admission) and Redis keeps it through a short outage, in
+    // which the replica admits 90 requests on its own (on_error = "local").
+    assert!(admit(&a, &lease, &key, q, &now).await);
+    for _ in 0..90 {
+        lease.admitted_locally();
+    }
+    // Back: those 90 are charged, so what is left of the burst is ~9, not ~99.
+    let mut admitted = 0;
+    for _ in 0..100 {
+        admitted += u32::from(admit(&a, &lease, &key, q, &now).await);
+    }
+    assert!(
+        admitted <= 15,
+        "{admitted} admitted after 91 of a burst of 100 were spent"
+    );
+    assert!(admitted >= 5, "only {admitted} admitted: charged twice?");
 }
 
 #[tokio::test]

@@ -70,6 +70,9 @@ impl RateLimiter {
                     lease.fallback.set_quota(share);
                 }
                 let (share, verdict) = lease.fallback.check(now);
+                if matches!(verdict, Verdict::Admit { .. }) {
+                    lease.admitted_locally();
+                }
                 Judged::Verdict(share, verdict)
             }
             OnError::Allow => Judged::Verdict(

@@ -13,6 +13,11 @@
 //!
 //! A refusal from Redis says exactly when the next cell is due; until then the replica refuses
 //! locally, so throttled traffic costs no store calls either.
+//!
+//! While Redis is unreachable (`on_error = "local"`) the replica admits from its own bucket;
+//! those admissions spent no cell of the Redis bucket, so the first store call afterwards
+//! charges them to it (or, if Redis lost the bucket, seeds the new one with that usage), and
+//! an outage adds no admissions on top of the bound above (each replica held to its share).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -31,16 +36,23 @@ const MAX_BATCH: u32 = 128;
 /// Reserve up to ARGV[3] cells from the bucket at KEYS[1]. Times are microseconds on Redis's
 /// clock. ARGV: interval (µs per cell, may be fractional), window (burst × interval), cells
 /// wanted, seed (how far ahead of now a bucket that does not exist yet starts: usage the
-/// replica counted locally while Redis was away). Returns {granted, retry_after µs,
-/// remaining, reset µs}.
+/// replica counted locally while Redis was away), owed (cells the replica admitted locally
+/// while Redis was away, charged to a bucket that Redis kept; a seeded bucket holds them
+/// already). Returns {granted, retry_after µs, remaining, reset µs}.
 const RESERVE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
+local owed = tonumber(ARGV[5])
 local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat then tat = now + tonumber(ARGV[4]) end
+if not tat then
+  tat = now + tonumber(ARGV[4])
+elseif owed > 0 then
+  tat = math.min(math.max(tat, now) + owed * interval, now + window)
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
 if tat < now then tat = now end
 local fit = math.floor((now + window - tat) / interval + 1e-6)
 if fit < want then want = fit end
@@ -89,6 +101,10 @@ pub struct Lease {
     prefetching: AtomicBool,
     /// This replica's share of the limit, used while the store is unreachable.
     pub fallback: Bucket,
+    /// Cells `fallback` admitted while the store was unreachable, not yet charged to the
+    /// fleet bucket: the next store call charges them, so an outage adds nothing on top of
+    /// the fleet's limit when Redis kept the bucket.
+    owed: AtomicU64,
 }
 
 impl Lease {
@@ -104,7 +120,33 @@ impl Lease {
             refill: tokio::sync::Mutex::new(()),
             prefetching: AtomicBool::new(false),
             fallback: Bucket::new(share),
+            owed: AtomicU64::new(0),
         }
+    }
+
+    /// Count a request `fallback` admitted while the store was unreachable.
+    pub fn admitted_locally(&self) {
+        self.owed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Reserve from the fleet bucket, charging it with the cells owed since the last call;
+    /// if the call fails or is dropped (its request went away) they stay owed. A call that
+    /// ran in Redis but whose answer was lost charges them twice: the fleet then admits a
+    /// little less, never more.
+    async fn reserve(
+        &self,
+        redis: &Redis,
+        script: &Script,
+        ask: Ask<'_>,
+        deadline: Instant,
+    ) -> Result<Grant, StoreError> {
+        let mut owed = StillOwed {
+            to: &self.owed,
+            cells: self.owed.swap(0, Ordering::AcqRel),
+        };
+        let grant = reserve(redis, script, ask, owed.cells, deadline).await?;
+        owed.cells = 0;
+        Ok(grant)
     }
 
     /// Spend a leased cell, or refuse while Redis said none is due, at `now` (ns).
@@ -168,7 +210,13 @@ impl Lease {
         let asked_at = now();
         let want = self.next_batch(quota, replicas, asked_at);
         let seed_ns = self.fallback.ahead(asked_at);
-        match reserve(redis, script, key, quota, want, seed_ns, deadline).await? {
+        let ask = Ask {
+            key,
+            quota,
+            want,
+            seed_ns,
+        };
+        match self.reserve(redis, script, ask, deadline).await? {
             Grant::Refused { retry_after_ns } => {
                 self.refused_until
                     .store(now() + retry_after_ns, Ordering::Release);
@@ -226,16 +274,19 @@ impl Lease {
             cells,
             remaining,
             reset_ns,
-        } = reserve(
-            redis,
-            script,
-            key,
-            quota,
-            want,
-            0,
-            Instant::now() + redis.timeout(),
-        )
-        .await?
+        } = self
+            .reserve(
+                redis,
+                script,
+                Ask {
+                    key,
+                    quota,
+                    want,
+                    seed_ns: 0,
+                },
+                Instant::now() + redis.timeout(),
+            )
+            .await?
         {
             let left = self.cells.load(Ordering::Acquire);
             self.install(left + cells, remaining, reset_ns, now());
@@ -271,6 +322,20 @@ impl Lease {
     }
 }
 
+/// Cells taken out of [`Lease::owed`] for a store call, put back unless the call charged them.
+struct StillOwed<'a> {
+    to: &'a AtomicU64,
+    cells: u64,
+}
+
+impl Drop for StillOwed<'_> {
+    fn drop(&mut self) {
+        if self.cells > 0 {
+            self.to.fetch_add(self.cells, Ordering::AcqRel);
+        }
+    }
+}
+
 /// Releases a claimed prefetch however the prefetch ends (done, refused, failed, cancelled).
 struct Claimed<'a>(&'a AtomicBool);
 
@@ -298,25 +363,32 @@ enum Grant {
     },
 }
 
-/// Ask the fleet bucket at `key` for up to `want` cells; `seed_ns` is where a bucket that does
-/// not exist starts (see [`RESERVE`]).
-async fn reserve(
-    redis: &Redis,
-    script: &Script,
-    key: &str,
+/// One reservation: up to `want` cells of the fleet bucket at `key` under `quota`; `seed_ns`
+/// is where the bucket starts if it does not exist (see [`RESERVE`]).
+struct Ask<'a> {
+    key: &'a str,
     quota: Quota,
     want: u32,
     seed_ns: u64,
+}
+
+/// Ask the fleet bucket, first charging it with `owed` cells admitted locally.
+async fn reserve(
+    redis: &Redis,
+    script: &Script,
+    ask: Ask<'_>,
+    owed: u64,
     deadline: Instant,
 ) -> Result<Grant, StoreError> {
-    let interval_us = 1e6 / f64::from(quota.tps.get());
-    let window_us = interval_us * f64::from(quota.burst.get());
-    let mut invocation = script.key(key);
+    let interval_us = 1e6 / f64::from(ask.quota.tps.get());
+    let window_us = interval_us * f64::from(ask.quota.burst.get());
+    let mut invocation = script.key(ask.key);
     invocation
         .arg(format!("{interval_us:.3}"))
         .arg(format!("{window_us:.3}"))
-        .arg(want)
-        .arg(seed_ns / 1000);
+        .arg(ask.want)
+        .arg(ask.seed_ns / 1000)
+        .arg(owed);
     let reply: Vec<i64> = redis.invoke_by(&invocation, deadline).await?;
     let [granted, retry_us, remaining, reset_us] = reply[..] else {
         return Err(StoreError::Data(format!("reserve answered {reply:?}")));
