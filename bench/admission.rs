@@ -35,6 +35,9 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use sluice::balance::{Pool, Slot};
 use sluice::config::Config;
 use sluice::limit::{key_digest, Admission, KeySource, RateLimiter};
@@ -339,14 +342,8 @@ impl Chase {
 
 fn chase_cycle(lines: usize) -> Chase {
     let mut order: Vec<usize> = (0..lines).collect();
-    // A fixed xorshift shuffle: the same cycle on every run.
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    for i in (1..lines).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    // A fixed seed: the same cycle on every run.
+    order.shuffle(&mut SmallRng::seed_from_u64(0x9e37_79b9_7f4a_7c15));
     let mut next = vec![[0usize; 8]; lines];
     for (k, &line) in order.iter().enumerate() {
         next[line][0] = order[(k + 1) % lines];

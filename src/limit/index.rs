@@ -59,7 +59,7 @@ impl ResourceIndex {
 
     /// What a resource found by this index holds for the key with this tag: the tag's low
     /// 64 bits, salted. With the fingerprint, 95 bits of the tag are matched (bit 0 is always 1).
-    pub fn mark(&self, tag: u128) -> u64 {
+    fn mark(&self, tag: u128) -> u64 {
         tag as u64 ^ self.salt
     }
 
