@@ -232,10 +232,21 @@ fn check_answers_against_faults(
                 && matches!(e.answer, Some((200, _)))
         });
         if !admitted {
+            // What the shared resources' requests got instead, for the diagnosis.
+            let mut answers = std::collections::BTreeMap::<String, u32>::new();
+            let started_then = exchanges
+                .iter()
+                .filter(|e| e.started >= from && e.started < to)
+                .inspect(|e| {
+                    if shared(&e.plan) {
+                        *answers.entry(format!("{:?}", e.answer)).or_default() += 1;
+                    }
+                })
+                .count();
             soak.violations.add(
                 "nothing admitted after Redis returned",
                 format!(
-                    "{} from {:?} to {:?} into the run",
+                    "{} from {:?} to {:?} into the run; {started_then} requests started then,                      the shared ones answered {answers:?}",
                     fault.kind,
                     from.saturating_duration_since(soak.began),
                     to.saturating_duration_since(soak.began)
