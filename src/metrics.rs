@@ -28,7 +28,8 @@ const BOUNDS: [f64; 16] = [
     60.0,
 ];
 
-/// A latency histogram of atomics (cumulative, like Prometheus').
+/// A latency histogram of atomics: one count per bucket (not cumulative: the exposition
+/// accumulates them).
 #[derive(Debug, Default)]
 pub struct Histogram {
     buckets: [AtomicU64; BOUNDS.len() + 1],
@@ -48,16 +49,19 @@ impl Histogram {
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
-    /// (sum in seconds, count, cumulative buckets) as the encoder wants them.
+    /// (sum in seconds, count, per-bucket counts): the encoder accumulates the buckets itself
+    /// (prometheus-client's `encode_histogram` writes running totals), so these must not be
+    /// cumulative already, or every `_bucket` but the first would count samples twice.
     fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let mut cumulative = 0;
+        let mut count = 0;
         let mut buckets = Vec::with_capacity(BOUNDS.len() + 1);
         for (i, bound) in BOUNDS.iter().chain([&f64::INFINITY]).enumerate() {
-            cumulative += self.buckets[i].load(Ordering::Relaxed);
-            buckets.push((*bound, cumulative));
+            let n = self.buckets[i].load(Ordering::Relaxed);
+            count += n;
+            buckets.push((*bound, n));
         }
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        (sum, cumulative, buckets)
+        (sum, count, buckets)
     }
 }
 

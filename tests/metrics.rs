@@ -1,0 +1,243 @@
+//! `/metrics` as a scraper reads it, over real sockets after real traffic: histograms that
+//! Prometheus' `histogram_quantile` can use (buckets non-decreasing, `+Inf` equal to `_count`,
+//! quantiles inside what the clients measured).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// One sample line: metric name, labels, value.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// An exposition's samples and the type of each family (`# TYPE` lines).
+#[derive(Debug, Default)]
+struct Scrape {
+    types: BTreeMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+impl Scrape {
+    /// Parse the text format (0.0.4 or OpenMetrics: the sample lines are the same), panicking
+    /// on a line of no known shape.
+    fn parse(text: &str) -> Self {
+        let mut scrape = Self::default();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+                scrape.types.insert(name.to_owned(), kind.to_owned());
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            scrape.samples.push(parse_sample(line));
+        }
+        scrape
+    }
+
+    /// The families declared as histograms.
+    fn histograms(&self) -> Vec<&str> {
+        self.types
+            .iter()
+            .filter(|(_, kind)| *kind == "histogram")
+            .map(|(name, _)| name.as_str())
+            .collect()
+    }
+
+    /// Samples named `name`.
+    fn named<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s Sample> + 's {
+        self.samples.iter().filter(move |s| s.name == name)
+    }
+}
+
+fn parse_sample(line: &str) -> Sample {
+    let bad = || -> ! { panic!("bad sample line {line:?}") };
+    let name_end = line.find(['{', ' ']).unwrap_or_else(|| bad());
+    let name = line[..name_end].to_owned();
+    let mut labels = BTreeMap::new();
+    let mut rest = &line[name_end..];
+    if let Some(inner) = rest.strip_prefix('{') {
+        let mut chars = inner.char_indices();
+        let mut key = String::new();
+        let end = loop {
+            let (i, c) = chars.next().unwrap_or_else(|| bad());
+            match c {
+                '}' => break i,
+                ',' => {}
+                '=' => {
+                    assert_eq!(chars.next().map(|(_, c)| c), Some('"'), "{line}");
+                    let mut value = String::new();
+                    loop {
+                        match chars.next().unwrap_or_else(|| bad()).1 {
+                            '"' => break,
+                            '\\' => match chars.next().unwrap_or_else(|| bad()).1 {
+                                'n' => value.push('\n'),
+                                other => value.push(other),
+                            },
+                            other => value.push(other),
+                        }
+                    }
+                    labels.insert(std::mem::take(&mut key), value);
+                }
+                other => key.push(other),
+            }
+        };
+        rest = &inner[end + 1..];
+    }
+    let value = rest.trim().parse::<f64>().unwrap_or_else(|_| bad());
+    Sample {
+        name,
+        labels,
+        value,
+    }
+}
+
+/// Prometheus' `histogram_quantile(q, …)` over one series' cumulative buckets (upper bound,
+/// count; ending with +Inf): the rank is q × the +Inf count, and the value is interpolated
+/// linearly inside the bucket that holds it (the first bucket starts at 0; a rank in the +Inf
+/// bucket gives the highest finite bound).
+fn histogram_quantile(q: f64, buckets: &[(f64, f64)]) -> f64 {
+    let total = buckets.last().expect("an +Inf bucket").1;
+    let rank = q * total;
+    let at = buckets
+        .iter()
+        .position(|(_, count)| *count >= rank)
+        .expect("the +Inf bucket holds every rank");
+    if at == buckets.len() - 1 {
+        return buckets[buckets.len() - 2].0;
+    }
+    let (lower, below) = if at == 0 { (0.0, 0.0) } else { buckets[at - 1] };
+    let (upper, count) = buckets[at];
+    lower + (upper - lower) * (rank - below) / (count - below)
+}
+
+/// The bounds of the bucket of `buckets` that holds `seconds`: what the histogram can say
+/// about a latency at best.
+fn bucket_around(seconds: f64, buckets: &[(f64, f64)]) -> (f64, f64) {
+    let mut lower = 0.0;
+    for (upper, _) in buckets {
+        if seconds <= *upper {
+            return (lower, *upper);
+        }
+        lower = *upper;
+    }
+    (lower, f64::INFINITY)
+}
+
+/// Two services, each over its own endpoint: "fast" answers at once, "slow" after `SLOW`.
+const SLOW: Duration = Duration::from_millis(30);
+
+async fn two_services() -> (Sluice, Mock, Mock) {
+    let fast = mock().start().await;
+    let slow = mock().hold(SLOW).start().await;
+    let toml = config(&format!(
+        "[[service]]\nname = \"fast\"\npath_prefix = \"/fast\"\nendpoints = [{:?}]\n\n\
+         [[service]]\nname = \"slow\"\npath_prefix = \"/slow\"\nendpoints = [{:?}]\n",
+        fast.url(),
+        slow.url()
+    ));
+    (start_sluice(&toml).await, fast, slow)
+}
+
+async fn scrape(admin: SocketAddr, accept: Option<&str>) -> Answer {
+    let mut req = get(admin, "/metrics");
+    if let Some(accept) = accept {
+        req.headers_mut()
+            .insert("accept", accept.parse().expect("a header value"));
+    }
+    once(admin, req).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_histograms_count_each_request_once_and_give_quantiles_inside_what_was_measured() {
+    const N: usize = 40;
+    let (sluice, _fast, _slow) = two_services().await;
+    let client = pool();
+    // What the clients measured per service: sluice times a request inside the client's
+    // round trip, and not before its endpoint answered.
+    let mut measured: BTreeMap<&str, (Duration, Duration)> = BTreeMap::new();
+    for (service, path, floor) in [("fast", "/fast", Duration::ZERO), ("slow", "/slow", SLOW)] {
+        let mut slowest = Duration::ZERO;
+        for _ in 0..N {
+            let sent = Instant::now();
+            let answer = send(&client, get(sluice.addr, path)).await;
+            slowest = slowest.max(sent.elapsed());
+            assert_eq!(answer.status, 200);
+        }
+        measured.insert(service, (floor, slowest));
+    }
+    let admin = sluice.admin.expect("admin listener");
+    for accept in [None, Some("application/openmetrics-text; version=1.0.0")] {
+        let text = scrape(admin, accept).await.text();
+        let scrape = Scrape::parse(&text);
+        let families = scrape.histograms();
+        assert_eq!(
+            families,
+            [
+                "sluice_request_duration_seconds",
+                "sluice_upstream_duration_seconds"
+            ],
+            "{text}"
+        );
+        for family in families {
+            let buckets_name = format!("{family}_bucket");
+            let mut series: BTreeMap<BTreeMap<String, String>, Vec<(f64, f64)>> = BTreeMap::new();
+            for sample in scrape.named(&buckets_name) {
+                let mut labels = sample.labels.clone();
+                let le = labels.remove("le").expect("a bucket has le");
+                let le: f64 = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().expect("le is a number")
+                };
+                series.entry(labels).or_default().push((le, sample.value));
+            }
+            assert_eq!(
+                series.len(),
+                2,
+                "one series per service in {family}:\n{text}"
+            );
+            for (labels, mut buckets) in series {
+                let what = format!("{family}{labels:?}");
+                buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+                assert_eq!(buckets.last().map(|b| b.0), Some(f64::INFINITY), "{what}");
+                for pair in buckets.windows(2) {
+                    assert!(
+                        pair[0].1 <= pair[1].1,
+                        "{what}: buckets decrease: {buckets:?}"
+                    );
+                }
+                let count_name = format!("{family}_count");
+                let count = scrape
+                    .named(&count_name)
+                    .find(|s| s.labels == labels)
+                    .unwrap_or_else(|| panic!("no _count for {what}"))
+                    .value;
+                let inf = buckets.last().map_or(0.0, |b| b.1);
+                assert_eq!(inf, count, "{what}: +Inf bucket is not _count: {buckets:?}");
+                assert_eq!(count, N as f64, "{what}: one observation per request");
+                let (floor, slowest) = measured[labels["service"].as_str()];
+                let low = bucket_around(floor.as_secs_f64(), &buckets).0;
+                let high = bucket_around(slowest.as_secs_f64(), &buckets).1;
+                for q in [0.5, 0.9, 0.99] {
+                    let value = histogram_quantile(q, &buckets);
+                    assert!(
+                        (low..=high).contains(&value),
+                        "{what}: histogram_quantile({q}) = {value} s, outside {low}..={high} \
+                         (clients measured {floor:?}..={slowest:?}): {buckets:?}"
+                    );
+                }
+            }
+        }
+    }
+    sluice.stop().await;
+}
