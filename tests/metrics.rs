@@ -241,3 +241,212 @@ async fn latency_histograms_count_each_request_once_and_give_quantiles_inside_wh
     }
     sluice.stop().await;
 }
+
+/// The `Accept` header Prometheus 2.42 sends on a scrape.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,\
+    application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// `promtool` (Debian's `prometheus`, `.ci/install-promtool`), or `None` after a loud notice
+/// when it is missing outside CI; under CI (env `CI` set) a missing one fails the test.
+fn promtool() -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("promtool"))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "promtool is not on PATH: CI must install it (run .ci/install-promtool)"
+        );
+        // Straight to the process's stderr: the test harness captures `eprintln!` of passing
+        // tests, and this notice must be seen.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"\n************************************************************************\n\
+              SKIPPED tests/metrics.rs (promtool): promtool not installed; run .ci/install-promtool\n\
+              ************************************************************************\n\n",
+        );
+    }
+    found
+}
+
+/// Run `promtool args…` with `input` on stdin; its exit status and everything it printed.
+async fn run_promtool(
+    promtool: &std::path::Path,
+    args: &[&str],
+    input: &str,
+) -> (std::process::ExitStatus, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(promtool)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start promtool");
+    let mut stdin = child.stdin.take().expect("promtool's stdin");
+    stdin
+        .write_all(input.as_bytes())
+        .await
+        .expect("write to promtool");
+    drop(stdin);
+    let output = tokio::time::timeout(DEADLINE * 3, child.wait_with_output())
+        .await
+        .expect("promtool finishes")
+        .expect("promtool runs");
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status, printed)
+}
+
+/// Every family declared with `# TYPE` has at least one sample, and every family has a
+/// `# HELP` text.
+fn assert_every_family_has_help_and_series(text: &str) {
+    let scrape = Scrape::parse(text);
+    for (family, kind) in &scrape.types {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&format!("# HELP {family} ")) && l.len() > family.len() + 8),
+            "no help text for {family}:\n{text}"
+        );
+        let suffixes: &[&str] = match kind.as_str() {
+            "histogram" => &["_bucket", "_sum", "_count"],
+            // OpenMetrics names a counter family without its samples' `_total`.
+            "counter" if !family.ends_with("_total") => &["_total"],
+            _ => &[""],
+        };
+        for suffix in suffixes {
+            let name = format!("{family}{suffix}");
+            assert!(
+                scrape.named(&name).next().is_some(),
+                "no {name} series after traffic:\n{text}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_metrics_in_the_text_format_and_openmetrics_when_asked() {
+    let Some(promtool) = promtool() else {
+        return;
+    };
+    let backend = mock()
+        .reply(|r| {
+            if r.uri.contains("fail") {
+                Reply::status(500)
+            } else {
+                Reply::ok("ok")
+            }
+        })
+        .start()
+        .await;
+    // One resource at 2 TPS that autoscales every second while throttled, so that every
+    // family, the autoscale events included, has series.
+    let toml = config(&format!(
+        "{}\n[service.rate_limit]\ndefault_tps = 100\n\
+         [[service.resource]]\nname = \"team-a\"\nkey = \"key-a\"\ntps = 2\nautoscale = true\n\
+         [service.autoscale]\ninterval = \"1s\"\n[[service.autoscale.profile]]\nname = \"fast\"\n\
+         {DOUBLE_WHILE_THROTTLED}",
+        service(&[backend.url()], "")
+    ))
+    .replace("path_prefix = \"/\"", "path_prefix = \"/score\"");
+    let sluice = start_sluice(&toml).await;
+    let admin = sluice.admin.expect("admin listener");
+    let client = pool();
+    let keyed = |path: &str| {
+        let mut req = get(sluice.addr, path);
+        req.headers_mut()
+            .insert("x-api-key", "key-a".parse().expect("a header value"));
+        req
+    };
+    send(&client, keyed("/score/fail")).await;
+    send(&client, get(sluice.addr, "/elsewhere")).await;
+    // Throttled until the autoscaler has stepped at least once.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        for _ in 0..4 {
+            send(&client, keyed("/score")).await;
+        }
+        let text = scrape(admin, None).await.text();
+        if text.contains("sluice_autoscale_events_total{") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no autoscale event:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // What a scraper that asks for nothing in particular gets: the text format 0.0.4.
+    let answer = scrape(admin, None).await;
+    assert_eq!(
+        answer.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = answer.text();
+    let (status, printed) = run_promtool(&promtool, &["check", "metrics"], &text).await;
+    assert!(
+        status.success() && printed.trim().is_empty(),
+        "promtool check metrics: {status}\n{printed}\non:\n{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE sluice_requests_total counter\n"),
+        "{text}"
+    );
+    assert_every_family_has_help_and_series(&text);
+    assert_eq!(answer.header("vary"), Some("Accept"));
+
+    // What Prometheus asks for first: OpenMetrics.
+    let answer = scrape(admin, Some(PROMETHEUS_ACCEPT)).await;
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let text = answer.text();
+    assert!(text.ends_with("\n# EOF\n"), "{text}");
+    assert!(text.contains("# TYPE sluice_requests counter\n"), "{text}");
+    assert_every_family_has_help_and_series(&text);
+    // `promtool check metrics` reads the text format only; Prometheus' OpenMetrics parser (the
+    // one a scrape in this format goes through) runs in `promtool tsdb
+    // create-blocks-from openmetrics`, which wants a timestamp on every sample.
+    let stamped: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with('#') {
+                format!("{l}\n")
+            } else {
+                format!("{l} 1700000000\n")
+            }
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("sluice-openmetrics-{}", std::process::id()));
+    let input = dir.join("scrape.txt");
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    std::fs::write(&input, &stamped).expect("write the scrape");
+    let blocks = dir.join("blocks");
+    let (status, printed) = run_promtool(
+        &promtool,
+        &[
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            input.to_str().expect("a UTF-8 path"),
+            blocks.to_str().expect("a UTF-8 path"),
+        ],
+        "",
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        status.success(),
+        "promtool tsdb create-blocks-from openmetrics: {status}\n{printed}\non:\n{stamped}"
+    );
+    sluice.stop().await;
+}
