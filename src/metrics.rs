@@ -147,6 +147,28 @@ impl ServiceStats {
     }
 }
 
+/// Reasons sluice answers with before a request has a service: never exported per service,
+/// where their series could never move. `no_route` is counted in [`UnroutedStats`] and
+/// exported without service labels; `conflicting_framing` (refused by the server, before the
+/// request reaches the proxy) is not counted in metrics.
+fn before_routing(reason: Reason) -> bool {
+    matches!(reason, Reason::NoRoute | Reason::ConflictingFraming)
+}
+
+/// sluice's own answers to requests that matched no service (`no_route`): they have no
+/// service to be counted under. Kept across policy changes, like a service's counts.
+#[derive(Debug, Default)]
+pub struct UnroutedStats {
+    own: [AtomicU64; Reason::ALL.len()],
+}
+
+impl UnroutedStats {
+    /// Count an answer sluice gave to a request that reached no service.
+    pub fn count_own(&self, reason: Reason) {
+        self.own[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What an endpoint counts.
 #[derive(Debug, Default)]
 pub struct EndpointStats {
@@ -325,7 +347,7 @@ pub fn render(control: &Control, format: Format) -> String {
                 e.counter(&l, n);
             }
         }
-        for reason in Reason::ALL {
+        for reason in Reason::ALL.into_iter().filter(|r| !before_routing(*r)) {
             let n = s.stats.own[reason.index()].load(Ordering::Relaxed);
             let class = CLASSES[class_index(reason.status().as_u16())];
             let l = [
@@ -337,6 +359,16 @@ pub fn render(control: &Control, format: Format) -> String {
             e.counter(&l, n);
         }
     }
+    // No service, so no service or endpoint label (Prometheus reads a missing label as "").
+    let reason = Reason::NoRoute;
+    let l = [
+        ("class", CLASSES[class_index(reason.status().as_u16())]),
+        ("reason", reason.as_str()),
+    ];
+    e.counter(
+        &l,
+        policy.unrouted.own[reason.index()].load(Ordering::Relaxed),
+    );
 
     e.family(
         "sluice_request_duration_seconds",

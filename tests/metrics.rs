@@ -450,3 +450,61 @@ async fn promtool_accepts_metrics_in_the_text_format_and_openmetrics_when_asked(
     );
     sluice.stop().await;
 }
+
+/// The value of the one series of `name` whose labels are exactly `labels`.
+fn value_of(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    Scrape::parse(text)
+        .named(name)
+        .find(|s| s.labels == labels)
+        .map(|s| s.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_matches_no_service_is_counted_as_no_route_without_a_service() {
+    const TOKEN: &str = "t0ken-for-metrics";
+    let backend = mock().start().await;
+    let toml = config(&service(&[backend.url()], ""))
+        .replace("path_prefix = \"/\"", "path_prefix = \"/score\"");
+    let file = process::write_config("no-route", &toml);
+    let sluice = start_sluice_with(&toml, Some(TOKEN), Some(file)).await;
+    let admin = sluice.admin.expect("admin listener");
+    let no_route = [("class", "4xx"), ("reason", "no_route")];
+    let counted = |text: &str| {
+        value_of(text, "sluice_requests_total", &no_route)
+            .unwrap_or_else(|| panic!("no no_route series in:\n{text}"))
+    };
+    assert_eq!(counted(&scrape(admin, None).await.text()), 0.0);
+    let client = pool();
+    for path in ["/", "/nowhere", "/scores"] {
+        let answer = send(&client, get(sluice.addr, path)).await;
+        assert_eq!(answer.status, 404, "{path}");
+        assert_eq!(answer.reason(), "no_route", "{path}");
+    }
+    assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
+    // A reload builds a new policy: the count carries over, like a service's.
+    let mut reload = request("POST", admin, "/admin/reload", "");
+    reload.headers_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("a header value"),
+    );
+    assert_eq!(once(admin, reload).await.status, 200);
+    for accept in [None, Some("application/openmetrics-text")] {
+        let text = scrape(admin, accept).await.text();
+        assert_eq!(counted(&text), 3.0, "{text}");
+        // No per-service series for an answer given before there is a service: it could
+        // never move.
+        for sample in Scrape::parse(&text).named("sluice_requests_total") {
+            let reason = sample.labels.get("reason").map(String::as_str);
+            assert!(
+                !(sample.labels.contains_key("service")
+                    && matches!(reason, Some("no_route" | "conflicting_framing"))),
+                "impossible series {sample:?}"
+            );
+        }
+    }
+    sluice.stop().await;
+}

@@ -133,6 +133,8 @@ impl Proxy {
                 (None, Some(endpoint)) => endpoint.stats.count_answer(response.status().as_u16()),
                 (None, None) => {}
             }
+        } else if let Some(reason) = outcome.reason {
+            policy.unrouted.count_own(reason);
         }
         let Some((method, path)) = logged else {
             return response;
