@@ -508,3 +508,30 @@ async fn a_request_that_matches_no_service_is_counted_as_no_route_without_a_serv
     }
     sluice.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_capacity_view_never_shows_a_p99_above_the_slowest_response() {
+    // 37 ms is just above a bucket bound (36.2 ms) of the last-minute latency window, whose
+    // next bound is 51.2 ms: a p99 reported as the bucket's bound would be far above it.
+    let backend = mock().hold(Duration::from_millis(37)).start().await;
+    let sluice = start_sluice(&config(&service(&[backend.url()], ""))).await;
+    let sent = Instant::now();
+    assert_eq!(once(sluice.addr, get(sluice.addr, "/")).await.status, 200);
+    let slowest_ms = sent.elapsed().as_secs_f64() * 1000.0;
+    let admin = sluice.admin.expect("admin listener");
+    let view = once(admin, get(admin, "/admin/capacity")).await.json();
+    let latency = &view["services"][0]["endpoints"][0]["latency"];
+    let (count, mean, p99) = (
+        latency["count"].as_u64(),
+        latency["mean_ms"].as_f64().expect("mean_ms"),
+        latency["p99_ms"].as_f64().expect("p99_ms"),
+    );
+    assert_eq!(count, Some(1), "{view}");
+    // One response: its latency is the mean, the p99 and the slowest at once.
+    assert_eq!(p99, mean, "{view}");
+    assert!(
+        (37.0..=slowest_ms).contains(&p99),
+        "p99 {p99} ms, client saw {slowest_ms} ms"
+    );
+    sluice.stop().await;
+}
