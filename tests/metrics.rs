@@ -304,9 +304,8 @@ async fn run_promtool(
     (output.status, printed)
 }
 
-/// Every family declared with `# TYPE` has at least one sample, and every family has a
-/// `# HELP` text.
-fn assert_every_family_has_help_and_series(text: &str) {
+/// Every family has a `# HELP` text and, if asked, at least one sample.
+fn assert_every_family_has_help_and_series(text: &str, every_family_has_series: bool) {
     let scrape = Scrape::parse(text);
     for (family, kind) in &scrape.types {
         assert!(
@@ -314,6 +313,9 @@ fn assert_every_family_has_help_and_series(text: &str) {
                 .any(|l| l.starts_with(&format!("# HELP {family} ")) && l.len() > family.len() + 8),
             "no help text for {family}:\n{text}"
         );
+        if !every_family_has_series {
+            continue;
+        }
         let suffixes: &[&str] = match kind.as_str() {
             "histogram" => &["_bucket", "_sum", "_count"],
             // OpenMetrics names a counter family without its samples' `_total`.
@@ -328,6 +330,85 @@ fn assert_every_family_has_help_and_series(text: &str) {
             );
         }
     }
+}
+
+/// Scrape `admin` in both formats and check each with promtool: the text format with `promtool
+/// check metrics` (exit 0, nothing printed), OpenMetrics with Prometheus' OpenMetrics parser;
+/// and every family has a help text and, when the traffic made them all move, series.
+async fn assert_promtool_accepts_both_formats(
+    promtool: &std::path::Path,
+    admin: SocketAddr,
+    every_family_has_series: bool,
+) {
+    // What a scraper that asks for nothing in particular gets: the text format 0.0.4.
+    let answer = scrape(admin, None).await;
+    assert_eq!(
+        answer.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = answer.text();
+    let (status, printed) = run_promtool(promtool, &["check", "metrics"], &text).await;
+    assert!(
+        status.success() && printed.trim().is_empty(),
+        "promtool check metrics: {status}\n{printed}\non:\n{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE sluice_requests_total counter\n"),
+        "{text}"
+    );
+    assert_every_family_has_help_and_series(&text, every_family_has_series);
+    assert_eq!(answer.header("vary"), Some("Accept"));
+
+    // What Prometheus asks for first: OpenMetrics.
+    let answer = scrape(admin, Some(PROMETHEUS_ACCEPT)).await;
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+    );
+    let text = answer.text();
+    assert!(text.ends_with("\n# EOF\n"), "{text}");
+    assert!(text.contains("# TYPE sluice_requests counter\n"), "{text}");
+    assert_every_family_has_help_and_series(&text, every_family_has_series);
+    // `promtool check metrics` reads the text format only; Prometheus' OpenMetrics parser (the
+    // one a scrape in this format goes through) runs in `promtool tsdb
+    // create-blocks-from openmetrics`, which wants a timestamp on every sample.
+    let stamped: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with('#') {
+                format!("{l}\n")
+            } else {
+                format!("{l} 1700000000\n")
+            }
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!(
+        "sluice-openmetrics-{}-{}",
+        std::process::id(),
+        admin.port()
+    ));
+    let input = dir.join("scrape.txt");
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    std::fs::write(&input, &stamped).expect("write the scrape");
+    let blocks = dir.join("blocks");
+    let (status, printed) = run_promtool(
+        promtool,
+        &[
+            "tsdb",
+            "create-blocks-from",
+            "openmetrics",
+            input.to_str().expect("a UTF-8 path"),
+            blocks.to_str().expect("a UTF-8 path"),
+        ],
+        "",
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        status.success(),
+        "promtool tsdb create-blocks-from openmetrics: {status}\n{printed}\non:\n{stamped}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -383,71 +464,7 @@ async fn promtool_accepts_metrics_in_the_text_format_and_openmetrics_when_asked(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // What a scraper that asks for nothing in particular gets: the text format 0.0.4.
-    let answer = scrape(admin, None).await;
-    assert_eq!(
-        answer.header("content-type"),
-        Some("text/plain; version=0.0.4; charset=utf-8")
-    );
-    let text = answer.text();
-    let (status, printed) = run_promtool(&promtool, &["check", "metrics"], &text).await;
-    assert!(
-        status.success() && printed.trim().is_empty(),
-        "promtool check metrics: {status}\n{printed}\non:\n{text}"
-    );
-    assert!(!text.contains("# EOF"), "{text}");
-    assert!(
-        text.contains("# TYPE sluice_requests_total counter\n"),
-        "{text}"
-    );
-    assert_every_family_has_help_and_series(&text);
-    assert_eq!(answer.header("vary"), Some("Accept"));
-
-    // What Prometheus asks for first: OpenMetrics.
-    let answer = scrape(admin, Some(PROMETHEUS_ACCEPT)).await;
-    assert_eq!(
-        answer.header("content-type"),
-        Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
-    );
-    let text = answer.text();
-    assert!(text.ends_with("\n# EOF\n"), "{text}");
-    assert!(text.contains("# TYPE sluice_requests counter\n"), "{text}");
-    assert_every_family_has_help_and_series(&text);
-    // `promtool check metrics` reads the text format only; Prometheus' OpenMetrics parser (the
-    // one a scrape in this format goes through) runs in `promtool tsdb
-    // create-blocks-from openmetrics`, which wants a timestamp on every sample.
-    let stamped: String = text
-        .lines()
-        .map(|l| {
-            if l.starts_with('#') {
-                format!("{l}\n")
-            } else {
-                format!("{l} 1700000000\n")
-            }
-        })
-        .collect();
-    let dir = std::env::temp_dir().join(format!("sluice-openmetrics-{}", std::process::id()));
-    let input = dir.join("scrape.txt");
-    std::fs::create_dir_all(&dir).expect("a temporary directory");
-    std::fs::write(&input, &stamped).expect("write the scrape");
-    let blocks = dir.join("blocks");
-    let (status, printed) = run_promtool(
-        &promtool,
-        &[
-            "tsdb",
-            "create-blocks-from",
-            "openmetrics",
-            input.to_str().expect("a UTF-8 path"),
-            blocks.to_str().expect("a UTF-8 path"),
-        ],
-        "",
-    )
-    .await;
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(
-        status.success(),
-        "promtool tsdb create-blocks-from openmetrics: {status}\n{printed}\non:\n{stamped}"
-    );
+    assert_promtool_accepts_both_formats(&promtool, admin, true).await;
     sluice.stop().await;
 }
 
@@ -533,5 +550,47 @@ async fn the_capacity_view_never_shows_a_p99_above_the_slowest_response() {
         (37.0..=slowest_ms).contains(&p99),
         "p99 {p99} ms, client saw {slowest_ms} ms"
     );
+    sluice.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_the_store_and_fleet_families() {
+    let Some(promtool) = promtool() else {
+        return;
+    };
+    let Some(redis) = support::redis::RedisServer::start() else {
+        return;
+    };
+    let backend = mock().start().await;
+    let toml = config(&format!(
+        "[store]\nbackend = \"redis\"\nurl = {:?}\nreplica_id = \"metrics\"\ntimeout = \"500ms\"\n\n\
+         {}\n[service.rate_limit]\ndefault_tps = 100\n\
+         [[service.resource]]\nname = \"team-a\"\nkey = \"key-a\"\ntps = 50\n",
+        redis.url(),
+        service(&[backend.url()], "")
+    ));
+    let sluice = start_sluice(&toml).await;
+    let admin = sluice.admin.expect("admin listener");
+    let client = pool();
+    for _ in 0..5 {
+        let mut req = get(sluice.addr, "/");
+        req.headers_mut()
+            .insert("x-api-key", "key-a".parse().expect("a header value"));
+        assert_eq!(send(&client, req).await.status, 200);
+    }
+    let text = scrape(admin, None).await.text();
+    for family in [
+        "sluice_store_up",
+        "sluice_store_calls_total",
+        "sluice_fleet_replicas",
+        "sluice_fleet_policy_version",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "no {family}:\n{text}"
+        );
+    }
+    // No autoscale here: that family has no series.
+    assert_promtool_accepts_both_formats(&promtool, admin, false).await;
     sluice.stop().await;
 }
