@@ -3,10 +3,10 @@
 //! (profile in force → rules → cooldowns → clamp → capacity gate), a small per-service engine
 //! that holds the state, and the event history the admin API serves.
 //!
-//! Not here: the interval loop, applying limits to the rate limiter, logging and notify
-//! POSTs. The loop is meant to be: every `interval`, build a [`CapacityInput`], call
-//! [`ServiceEngine::step`], then for each event apply the new value (limiter and
-//! [`ResourceMetrics::set_limit`]), log it, push it to the [`EventHistory`] and POST it.
+//! Also here, in `runner.rs` and `notify.rs`: the interval loop (every `interval`, build a
+//! [`CapacityInput`], call [`ServiceEngine::step`], apply each event's value to the limiter and
+//! [`ResourceMetrics::set_limit`], log it, push it to the [`EventHistory`]) and the notification
+//! POSTs.
 //!
 //! Time is always an argument: monotonic `Instant`s for windows and cooldowns (pass
 //! `tokio::time::Instant::now().into_std()` so paused test time works), `DateTime<Utc>` for

@@ -4,6 +4,7 @@
 pub mod body;
 mod framing;
 pub mod headers;
+mod inbound;
 pub mod reject;
 mod server;
 pub mod upstream;
@@ -94,23 +95,32 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let policy = self.policy.load_full();
+        let unread_body_closes =
+            !http_body::Body::is_end_stream(req.body()) && req.version() <= http::Version::HTTP_11;
+        let (mut head, body) = req.into_parts();
+        let checked = inbound::check(&head);
+        if let Some(target) = inbound::normalized(&head.uri) {
+            head.uri = target;
+        }
         // The access line needs the method and path after the request is gone; copy them only
         // when it will be written.
         let logged = tracing::enabled!(target: "sluice::access", tracing::Level::INFO)
-            .then(|| (req.method().clone(), req.uri().path().to_owned()));
-        let mut outcome = Outcome::new(started, logged.is_some());
-        let unread_body_closes =
-            !http_body::Body::is_end_stream(req.body()) && req.version() <= http::Version::HTTP_11;
-        let service = policy.route(req.uri().path());
-        let (head, body) = req.into_parts();
+            .then(|| (head.method.clone(), head.uri.path().to_owned()));
+        // Dropped unfinished when the client leaves before the answer: then it counts and logs
+        // the request as 499 `client_gone`.
+        let mut outcome = Outcome::new(started, client, logged);
         // Taken when the request is forwarded; still here when sluice answered on its own.
         let mut body = Some(body);
-        let mut response = match service {
-            None => outcome.reject(Reason::NoRoute, None),
-            Some(service) => {
-                self.serve(&policy, service, head, &mut body, client, &mut outcome)
-                    .await
-            }
+        let mut response = match checked {
+            Err(reason) => outcome.reject(reason, None),
+            Ok(()) => match policy.route(head.uri.path()) {
+                None => outcome.reject(Reason::NoRoute, None),
+                Some(service) => {
+                    outcome.service = Some(service);
+                    self.serve(&policy, service, head, &mut body, &mut outcome)
+                        .await
+                }
+            },
         };
         if let Some(body) = body.filter(|_| !unread_body_closes) {
             // HTTP/2 (HTTP/1 closes the connection instead, above): see `body::drain`.
@@ -125,47 +135,29 @@ impl Proxy {
                 http::HeaderValue::from_static("close"),
             );
         }
-        let elapsed = started.elapsed();
-        if let Some(service) = service {
-            service.stats.duration.observe(elapsed);
-            match (outcome.reason, &outcome.endpoint) {
-                (Some(reason), _) => service.stats.count_own(reason),
-                (None, Some(endpoint)) => endpoint.stats.count_answer(response.status().as_u16()),
-                (None, None) => {}
-            }
-        }
-        let Some((method, path)) = logged else {
-            return response;
-        };
-        tracing::info!(
-            target: "sluice::access",
-            method = %method,
-            path = %path,
-            service = service.map(|s| &*s.name),
-            resource = outcome.resource.as_deref(),
-            endpoint = outcome.endpoint.as_ref().map(|e| e.url()),
-            status = response.status().as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            reason = outcome.reason.map(Reason::as_str),
-        );
+        outcome.finish(response.status().as_u16());
         response
     }
 
-    /// Rate check (when the service has limits), then forward. The rate check comes first, so
-    /// a request refused for rate never takes a slot.
+    /// Rate check (when the service has limits), then a slot, then forward. The rate check
+    /// comes first, so a request refused for rate never takes a slot; a request that finds no
+    /// slot gives its rate cell back, so it costs its caller nothing.
     async fn serve(
         &self,
         policy: &Policy,
         service: &Service,
         head: request::Parts,
         body: &mut Option<Incoming>,
-        client: SocketAddr,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Response<ResponseBody> {
         let Some(limits) = &service.limits else {
-            return self
-                .forward(policy, service, head, body, client, outcome)
-                .await;
+            return match self.take_slot(service, outcome).await {
+                Ok(slot) => {
+                    self.forward(policy, service, slot, head, body, outcome)
+                        .await
+                }
+                Err(refused) => refused,
+            };
         };
         let admission = match limits.check(&head.headers, outcome.arrived) {
             Admission::Ask { resource } => limits.ask(resource).await,
@@ -203,11 +195,23 @@ impl Proxy {
                 limits.insert_headers(response.headers_mut(), &status);
                 response
             }
-            Admission::Admitted { resource, status } => {
+            Admission::Admitted {
+                resource,
+                mut status,
+                cell,
+            } => {
                 outcome.note_resource(resource);
-                let mut response = self
-                    .forward(policy, service, head, body, client, outcome)
-                    .await;
+                let mut response = match self.take_slot(service, outcome).await {
+                    Ok(slot) => {
+                        limits.confirm(resource, outcome.arrived);
+                        self.forward(policy, service, slot, head, body, outcome)
+                            .await
+                    }
+                    Err(refused) => {
+                        limits.give_back(resource, cell, &mut status);
+                        refused
+                    }
+                };
                 limits.insert_headers(response.headers_mut(), &status);
                 if outcome.reason.is_none() && response.status().is_success() {
                     resource.counters.succeeded.add();
@@ -217,9 +221,25 @@ impl Proxy {
         }
     }
 
+    /// A slot on one of the service's endpoints (waiting in its queue if it has one), or the
+    /// 429 that says none is free.
+    async fn take_slot(
+        &self,
+        service: &Service,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Slot, Response<ResponseBody>> {
+        service.pool.acquire().await.map_err(|refused| {
+            let reason = match refused {
+                NoSlot::EndpointsFull => Reason::EndpointsFull,
+                NoSlot::QueueTimeout => Reason::QueueTimeout,
+            };
+            outcome.reject(reason, Some(service))
+        })
+    }
+
     /// A ready connection to the slot's endpoint; on failure the endpoint goes into its
     /// back-off.
-    async fn connect(&self, slot: &Slot, outcome: &mut Outcome) -> Option<Connection> {
+    async fn connect(&self, slot: &Slot, outcome: &mut Outcome<'_>) -> Option<Connection> {
         let endpoint = slot.endpoint();
         outcome.endpoint = Some(Arc::clone(endpoint));
         match self.upstream.connection(endpoint).await {
@@ -232,27 +252,18 @@ impl Proxy {
         }
     }
 
-    /// Take a slot and forward the request to its endpoint, retrying once elsewhere if the
-    /// connection is refused. `body` is taken once the request is on its way.
+    /// Forward the request to the slot's endpoint, retrying once elsewhere if the connection
+    /// is refused. `body` is taken once the request is on its way.
     async fn forward(
         &self,
         policy: &Policy,
         service: &Service,
+        mut slot: Slot,
         mut head: request::Parts,
         body: &mut Option<Incoming>,
-        client: SocketAddr,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Response<ResponseBody> {
-        let mut slot = match service.pool.acquire().await {
-            Ok(slot) => slot,
-            Err(NoSlot::EndpointsFull) => {
-                return outcome.reject(Reason::EndpointsFull, Some(service))
-            }
-            Err(NoSlot::QueueTimeout) => {
-                return outcome.reject(Reason::QueueTimeout, Some(service))
-            }
-        };
-        headers::to_upstream(&mut head, client.ip());
+        headers::to_upstream(&mut head, outcome.client.ip());
         // A connection first, the request only then: a refused connect leaves the request
         // untouched, so it can go to another endpoint with a free slot (once).
         let connection = match self.connect(&slot, outcome).await {
@@ -286,6 +297,17 @@ impl Proxy {
             () = response_deadline => return outcome.reject(Reason::UpstreamTimeout, Some(service)),
         };
         match exchange {
+            Ok((response, _connection)) if headers::has_ambiguous_framing(response.headers()) => {
+                // Its connection is dropped with it: the bytes after this head cannot be
+                // framed with certainty, so it is never used again.
+                endpoint.mark_reachable();
+                tracing::warn!(
+                    endpoint = endpoint.url(),
+                    "endpoint answered with both Content-Length and Transfer-Encoding, or a \
+                     transfer coding other than chunked: 502"
+                );
+                outcome.reject(Reason::UpstreamError, Some(service))
+            }
             Ok((response, connection)) => {
                 endpoint.mark_reachable();
                 let latency = started.elapsed();
@@ -320,35 +342,45 @@ impl Proxy {
     }
 }
 
-/// One exchange as it goes: when it arrived, and what the access log tells about it besides
-/// its status.
-struct Outcome {
+/// One exchange as it goes: when it arrived, where it was routed, and what the access log
+/// and the counters tell about it besides its status. Finished once with the answer's status;
+/// dropped unfinished (the client left before the answer, so hyper dropped the request's
+/// future), it finishes as nginx's 499 `client_gone`, so an abandoned request is still logged
+/// and counted.
+struct Outcome<'p> {
     arrived: Instant,
-    /// Whether the access line will be written (else `resource` stays unset).
-    logged: bool,
+    client: SocketAddr,
+    /// Method and path for the access line, when it will be written (else `resource` stays
+    /// unset).
+    logged: Option<(http::Method, String)>,
+    service: Option<&'p Service>,
     resource: Option<Arc<str>>,
     endpoint: Option<Arc<Endpoint>>,
     reason: Option<Reason>,
     /// The request body on its way to the endpoint, once forwarded.
     upload: Option<BodyWatch>,
+    finished: bool,
 }
 
-impl Outcome {
-    fn new(arrived: Instant, logged: bool) -> Self {
+impl<'p> Outcome<'p> {
+    fn new(arrived: Instant, client: SocketAddr, logged: Option<(http::Method, String)>) -> Self {
         Self {
             arrived,
+            client,
             logged,
+            service: None,
             resource: None,
             endpoint: None,
             reason: None,
             upload: None,
+            finished: false,
         }
     }
 
     /// Remember whose limit the request counted against, for the access line. Only then: with
     /// many resources, the name's reference count is one more far memory write per request.
     fn note_resource(&mut self, resource: &Resource) {
-        if self.logged {
+        if self.logged.is_some() {
             self.resource = Some(Arc::clone(&resource.name));
         }
     }
@@ -364,6 +396,45 @@ impl Outcome {
             _ => rejection,
         };
         rejection.into_response()
+    }
+
+    /// Count the exchange and write its access line, once.
+    fn finish(&mut self, status: u16) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let elapsed = self.arrived.elapsed();
+        if let Some(service) = self.service {
+            service.stats.duration.observe(elapsed);
+            match (self.reason, &self.endpoint) {
+                (Some(reason), _) => service.stats.count_own(reason),
+                (None, Some(endpoint)) => endpoint.stats.count_answer(status),
+                (None, None) => {}
+            }
+        }
+        let Some((method, path)) = &self.logged else {
+            return;
+        };
+        tracing::info!(
+            target: "sluice::access",
+            method = %method,
+            path = %path,
+            service = self.service.map(|s| &*s.name),
+            resource = self.resource.as_deref(),
+            endpoint = self.endpoint.as_ref().map(|e| e.url()),
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            reason = self.reason.map(Reason::as_str),
+        );
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.reason = Some(Reason::ClientGone);
+            self.finish(Reason::ClientGone.status().as_u16());
+        }
     }
 }
 
