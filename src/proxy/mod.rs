@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot, Slot};
-use crate::limit::{Admission, KeyProblem, Resource};
+use crate::limit::{Admission, Cell, KeyProblem, RateLimiter, Resource};
 use crate::policy::{Policy, Service};
 use crate::store::Fleet;
 use body::{BodyWatch, ResponseBody, UpstreamBody};
@@ -201,14 +201,24 @@ impl Proxy {
                 cell,
             } => {
                 outcome.note_resource(resource);
+                // Until a slot is taken the cell is only lent: a 429 for capacity, or a client
+                // that leaves while it waits in the queue, gives it back.
+                let mut lent = LentCell {
+                    limits,
+                    resource,
+                    cell: Some(cell),
+                };
                 let mut response = match self.take_slot(service, outcome).await {
                     Ok(slot) => {
+                        lent.cell = None;
                         limits.confirm(resource, outcome.arrived);
                         self.forward(policy, service, slot, head, body, outcome)
                             .await
                     }
                     Err(refused) => {
-                        limits.give_back(resource, cell, &mut status);
+                        if lent.give_back() {
+                            status = status.with_cell_back();
+                        }
                         refused
                     }
                 };
@@ -339,6 +349,29 @@ impl Proxy {
                 outcome.reject(Reason::UpstreamError, Some(service))
             }
         }
+    }
+}
+
+/// A rate cell spent on a request that has no slot yet; given back when dropped unconfirmed.
+struct LentCell<'a> {
+    limits: &'a RateLimiter,
+    resource: &'a Resource,
+    /// `None` once the request took a slot (the cell is its for good).
+    cell: Option<Cell>,
+}
+
+impl LentCell<'_> {
+    /// Give the cell back now; true when one was spent.
+    fn give_back(&mut self) -> bool {
+        self.cell
+            .take()
+            .is_some_and(|cell| self.limits.give_back(self.resource, cell))
+    }
+}
+
+impl Drop for LentCell<'_> {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 
