@@ -147,7 +147,7 @@ async fn an_https_endpoint_behind_a_private_ca_is_reached_with_its_ca_file_and_r
 
     // Without the CA file, the system's roots do not vouch for the endpoint: 502, and no
     // request reached it.
-    let without = start_sluice(&config(&service(&[url.clone()], ""))).await;
+    let without = start_sluice(&config(&service(std::slice::from_ref(&url), ""))).await;
     let answer = once(without.addr, get(without.addr, "/score")).await;
     assert_eq!(answer.status, 502, "{}", answer.text());
     assert_eq!(requests.load(Ordering::SeqCst), 0);
