@@ -93,18 +93,7 @@ async fn unhealthy_with_the_reason_while_draining_on_shutdown() {
     endpoint.wait_current(1).await;
     sluice.begin_shutdown();
     // The admin API keeps answering while the proxy drains: /readyz says 503.
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let readyz = once(admin, get(admin, "/readyz")).await;
-        if readyz.status == 503 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "/readyz never said 503"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    readyz_until(admin, 503).await;
 
     let out = healthcheck(&config_naming(&admin.to_string(), &endpoint.url()), &[]).await;
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
