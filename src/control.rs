@@ -110,11 +110,11 @@ impl Control {
         if old.timeouts.client_header != new.timeouts.client_header {
             needs_restart.push("timeouts.client_header");
         }
-        if old.upstream != new.upstream {
-            needs_restart.push("upstream.ca_file");
-        }
         if old.store != new.store {
             needs_restart.push("store");
+        }
+        if old.upstream != new.upstream {
+            needs_restart.push("upstream.ca_file");
         }
         Ok(Reloaded {
             summary,
