@@ -3,7 +3,7 @@
 //! Ready (200, `ready` or `degraded`) or not, with the reason; bounded by a timeout, so a
 //! sluice that accepts but never answers is "not ready", never a hung check.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -63,7 +63,8 @@ pub enum NotReady {
 }
 
 /// Where to ask: the configured admin address, with an unspecified IP (`0.0.0.0`, `[::]`)
-/// replaced by the loopback of its family, where a listener on "every address" answers too.
+/// replaced by 127.0.0.1, where a listener on "every address" answers too: `[::]` is bound
+/// dual-stack, or falls back to 0.0.0.0 on a host without IPv6, where `::1` would not answer.
 pub fn admin_target(config: &Config) -> Result<SocketAddr, NotReady> {
     let admin = config.listen.admin.as_str();
     if admin.is_empty() {
@@ -72,10 +73,8 @@ pub fn admin_target(config: &Config) -> Result<SocketAddr, NotReady> {
     let mut addr: SocketAddr = admin
         .parse()
         .map_err(|_| NotReady::BadAddress(admin.to_owned()))?;
-    match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => addr.set_ip(Ipv4Addr::LOCALHOST.into()),
-        IpAddr::V6(ip) if ip.is_unspecified() => addr.set_ip(Ipv6Addr::LOCALHOST.into()),
-        _ => {}
+    if addr.ip().is_unspecified() {
+        addr.set_ip(Ipv4Addr::LOCALHOST.into());
     }
     Ok(addr)
 }

@@ -49,10 +49,18 @@ fn describe(out: &Output) -> String {
 async fn healthy_while_readyz_answers_200() {
     let endpoint = mock().start().await;
     let sluice = start_sluice(&config(&service(&[endpoint.url()], ""))).await;
-    let admin = sluice.admin.expect("admin listener").to_string();
-    let out = healthcheck(&config_naming(&admin, &endpoint.url()), &[]).await;
-    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ready");
+    let port = sluice.admin.expect("admin listener").port();
+    // The address as configured: a listener on every address is asked on 127.0.0.1, which
+    // answers for 0.0.0.0, for a dual-stack [::], and for the 0.0.0.0 it falls back to.
+    for admin in [
+        format!("127.0.0.1:{port}"),
+        format!("0.0.0.0:{port}"),
+        format!("[::]:{port}"),
+    ] {
+        let out = healthcheck(&config_naming(&admin, &endpoint.url()), &[]).await;
+        assert_eq!(out.status.code(), Some(0), "{admin}: {}", describe(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ready");
+    }
     sluice.stop().await;
 }
 
