@@ -2,6 +2,7 @@
 //! Answers sluice gives itself are built in [`reject`].
 
 pub mod body;
+pub mod connector;
 mod framing;
 pub mod headers;
 mod inbound;
@@ -11,13 +12,10 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{request, Request, Response};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
 
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
@@ -41,27 +39,18 @@ pub struct Proxy {
     fleet: Option<Arc<Fleet>>,
 }
 
-/// The connector for outgoing HTTP/1.1 (http and https): TCP with `connect_timeout`, no
-/// Nagle delay, TLS with the webpki roots.
-pub fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http)
-}
-
 impl Proxy {
-    /// A proxy serving `policy`; `connect_timeout` bounds each upstream TCP connect; `fleet`
-    /// is the shared store the policy's limits use, if any.
-    pub fn new(policy: Policy, connect_timeout: Duration, fleet: Option<Arc<Fleet>>) -> Arc<Self> {
+    /// A proxy serving `policy`; `connect` bounds each upstream TCP connect (and says which
+    /// roots TLS trusts: a bare timeout means the system's); `fleet` is the shared store the
+    /// policy's limits use, if any.
+    pub fn new(
+        policy: Policy,
+        connect: impl Into<connector::Connect>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             policy: ArcSwap::from_pointee(policy),
-            upstream: Upstream::new(connector(connect_timeout)),
+            upstream: Upstream::new(connector::build(connect)),
             events: Arc::new(EventHistory::new(DEFAULT_HISTORY)),
             fleet,
         })
