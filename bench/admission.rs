@@ -2,9 +2,10 @@
 //! it forwards or refuses it, measured through the public API.
 //!
 //! `cargo bench --bench admission` (add `-- FILTER` to run some). Groups:
-//! - `admit/N`: `RateLimiter::check(&HeaderMap, Instant)` + `Pool::acquire` + dropping the slot
+//! - `admit/N`: `RateLimiter::check(&HeaderMap, Instant)` + `Pool::acquire` +
+//!   `RateLimiter::confirm` (the admission counted once a slot was taken) + dropping the slot
 //!   (release), with N configured resources (1, 10k, 100k), keys rotating over all of them.
-//! - `check_only/N`: the rate check alone, same setup.
+//! - `check_only/N`: the rate check and its count (`check` + `confirm`), same setup.
 //! - `refuse`: the rate check of a caller over its limit (the 429 path's decision).
 //! - `unknown_key/100k`: the check of 100k rotating unknown keys (the bounded LRU table).
 //! - `key_lookup`: key extraction + SHA-256 (`KeySource::extract`, `key_digest`), and both plus a
@@ -202,8 +203,11 @@ fn admission(c: &mut Criterion) {
         let mut requests = Requests::of_resources(n);
         admit.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter(|| match requests.check(limits) {
-                Admission::Admitted { status, .. } => {
+                Admission::Admitted {
+                    resource, status, ..
+                } => {
                     let slot = acquire_now(pool);
+                    limits.confirm(resource, requests.at);
                     black_box(&status);
                     drop(black_box(slot));
                 }
@@ -220,7 +224,13 @@ fn admission(c: &mut Criterion) {
         let limits = s.limits();
         let mut requests = Requests::of_resources(n);
         check.bench_function(BenchmarkId::from_parameter(n), |b| {
-            b.iter(|| black_box(matches!(requests.check(limits), Admission::Admitted { .. })))
+            b.iter(|| match requests.check(limits) {
+                Admission::Admitted { resource, .. } => {
+                    limits.confirm(resource, requests.at);
+                    black_box(true)
+                }
+                _ => black_box(false),
+            })
         });
     }
     check.finish();

@@ -107,11 +107,11 @@ impl Control {
         if old.timeouts.connect != new.timeouts.connect {
             needs_restart.push("timeouts.connect");
         }
-        if old.timeouts.client_header != new.timeouts.client_header {
-            needs_restart.push("timeouts.client_header");
-        }
         if old.store != new.store {
             needs_restart.push("store");
+        }
+        if old.upstream != new.upstream {
+            needs_restart.push("upstream.ca_file");
         }
         Ok(Reloaded {
             summary,

@@ -147,15 +147,24 @@ impl ServiceStats {
     }
 }
 
-/// Reasons sluice answers with before a request has a service: never exported per service,
-/// where their series could never move. `no_route` is counted in [`UnroutedStats`] and
-/// exported without service labels; `conflicting_framing` (refused by the server, before the
-/// request reaches the proxy) is not counted in metrics.
+/// Reasons sluice answers with before a request has a service, counted in [`UnroutedStats`]
+/// and exported without service labels: never per service, where their series could never
+/// move.
+const UNROUTED: [Reason; 3] = [
+    Reason::NoRoute,
+    Reason::InvalidHost,
+    Reason::UnsupportedTransferCoding,
+];
+
+/// Whether a reason is given before a request has a service: those of [`UNROUTED`], and
+/// `conflicting_framing`, which the server answers before the request reaches the proxy (not
+/// counted in metrics).
 fn before_routing(reason: Reason) -> bool {
-    matches!(reason, Reason::NoRoute | Reason::ConflictingFraming)
+    UNROUTED.contains(&reason) || reason == Reason::ConflictingFraming
 }
 
-/// sluice's own answers to requests that matched no service (`no_route`): they have no
+/// sluice's own answers to requests that reached no service (no route, or refused before
+/// routing: an invalid `Host`, a transfer coding sluice does not implement): they have no
 /// service to be counted under. Kept across policy changes, like a service's counts.
 #[derive(Debug, Default)]
 pub struct UnroutedStats {
@@ -360,15 +369,16 @@ pub fn render(control: &Control, format: Format) -> String {
         }
     }
     // No service, so no service or endpoint label (Prometheus reads a missing label as "").
-    let reason = Reason::NoRoute;
-    let l = [
-        ("class", CLASSES[class_index(reason.status().as_u16())]),
-        ("reason", reason.as_str()),
-    ];
-    e.counter(
-        &l,
-        policy.unrouted.own[reason.index()].load(Ordering::Relaxed),
-    );
+    for reason in UNROUTED {
+        let l = [
+            ("class", CLASSES[class_index(reason.status().as_u16())]),
+            ("reason", reason.as_str()),
+        ];
+        e.counter(
+            &l,
+            policy.unrouted.own[reason.index()].load(Ordering::Relaxed),
+        );
+    }
 
     e.family(
         "sluice_request_duration_seconds",

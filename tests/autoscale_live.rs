@@ -10,6 +10,7 @@ use std::time::Duration;
 use http::HeaderMap;
 use sluice::autoscale::{self, EventKind, EventQuery, Notifier};
 use sluice::config::Config;
+use sluice::limit::Admission;
 use sluice::policy::Policy;
 use sluice::proxy::Proxy;
 use support::*;
@@ -50,7 +51,11 @@ async fn overload(proxy: &Proxy, minutes: u64, b_stops_at: u64) -> (Vec<(u64, u3
             let offered = limit.unwrap().limit().tps.get() + 10;
             headers.insert("x-api-key", key.parse().unwrap());
             for _ in 0..offered {
-                let _ = limits.check(&headers, tokio::time::Instant::now());
+                // As the proxy does: an admission counts once its request has a slot.
+                let at = tokio::time::Instant::now();
+                if let Admission::Admitted { resource, .. } = limits.check(&headers, at) {
+                    limits.confirm(resource, at);
+                }
             }
         }
         let now = limits.find("team-a").unwrap().limit().tps.get();

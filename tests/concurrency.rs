@@ -312,7 +312,7 @@ async fn a_refused_request_costs_nothing_downstream_and_does_not_wait_for_its_bo
             .await
             .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::post(format!("http://{addr}/score"))
+    let req = builder("POST", addr, "/score")
         .body(NeverEnding {
             first: Some(bytes::Bytes::from(vec![b'x'; 64 * 1024])),
         })

@@ -110,6 +110,16 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
             vec!["service[0].endpoints[0]", "http"],
         ),
         (
+            // `u8::from_str_radix` took a sign: `+f` passed as the byte 0x0f.
+            "key_sha256 with signs among its digits",
+            format!(
+                "{}\n[[service.resource]]\nname = \"team-a\"\nkey_sha256 = \"{}\"\n",
+                with_service_keys(""),
+                "+f".repeat(32)
+            ),
+            vec!["service[0].resource[0].key_sha256", "64 hex digits"],
+        ),
+        (
             "zero connect timeout",
             format!("[timeouts]\nconnect = \"0s\"\n\n{}", with_service_keys("")),
             vec!["timeouts.connect", "greater than 0"],

@@ -332,7 +332,7 @@ async fn trickled_upload(timeouts: &str) -> (Answer, Mock, Sluice) {
     )))
     .await;
     let mut sender = connect_http1(sluice.addr).await;
-    let req = http::Request::post(format!("http://{}/score", sluice.addr))
+    let req = builder("POST", sluice.addr, "/score")
         .body(Trickle {
             chunks: 8,
             timer: None,
@@ -356,7 +356,7 @@ async fn an_endpoint_that_stops_reading_the_request_gets_504_at_the_response_tim
     )))
     .await;
     let mut sender = connect_http1(sluice.addr).await;
-    let req = http::Request::post(format!("http://{}/score", sluice.addr))
+    let req = builder("POST", sluice.addr, "/score")
         .body(GeneratedBody::new(64 << 20))
         .unwrap();
     let started = tokio::time::Instant::now();
@@ -487,7 +487,7 @@ async fn an_http2_stream_whose_body_stalls_gets_408_and_the_connection_lives_on(
     .await
     .unwrap();
     tokio::spawn(connection);
-    let stalled = http::Request::post(format!("http://{}/score", sluice.addr))
+    let stalled = builder("POST", sluice.addr, "/score")
         .body(OneFrame {
             frame: Some(bytes::Bytes::from_static(b"0123456789")),
             stall: true,
@@ -516,7 +516,7 @@ async fn an_http2_stream_whose_body_stalls_gets_408_and_the_connection_lives_on(
     );
     // The stream was cut, not the connection: the next stream on it is served as usual.
     sender.ready().await.expect("the connection is still open");
-    let whole = http::Request::post(format!("http://{}/score", sluice.addr))
+    let whole = builder("POST", sluice.addr, "/score")
         .body(OneFrame {
             frame: Some(bytes::Bytes::from_static(b"0123456789")),
             stall: false,
@@ -557,7 +557,7 @@ async fn an_http2_client_that_abandons_an_upload_resets_only_that_stream() {
     .await
     .unwrap();
     tokio::spawn(connection);
-    let upload = http::Request::post(format!("http://{}/score", sluice.addr))
+    let upload = builder("POST", sluice.addr, "/score")
         .body(OneFrame {
             frame: Some(bytes::Bytes::from_static(b"0123456789")),
             stall: true,
@@ -582,7 +582,7 @@ async fn an_http2_client_that_abandons_an_upload_resets_only_that_stream() {
     );
     sluice.assert_idle().await;
     // The connection of the abandoned stream still serves.
-    let next = http::Request::post(format!("http://{}/score", sluice.addr))
+    let next = builder("POST", sluice.addr, "/score")
         .body(OneFrame {
             frame: Some(bytes::Bytes::from_static(b"0123456789")),
             stall: false,
@@ -715,7 +715,7 @@ async fn an_http2_client_whose_uploads_are_refused_early_keeps_its_connection() 
         let mut streams = Vec::new();
         for _ in 0..8 {
             let mut sender = sender.clone();
-            let upload = http::Request::post(format!("http://{}/score", sluice.addr))
+            let upload = builder("POST", sluice.addr, "/score")
                 .body(GeneratedBody::new(256 << 10))
                 .unwrap();
             streams.push(tokio::spawn(

@@ -338,7 +338,11 @@ async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() {
         .insert("x-api-key", "key-a".parse().unwrap());
     let answer = send(&client, req).await;
     assert_eq!(answer.status, 200);
-    assert_eq!(answer.header("ratelimit-policy"), Some("\"tps\";q=50;w=1"));
+    // The change raised the rate; the configured burst of 10 stays, stated as its own item.
+    assert_eq!(
+        answer.header("ratelimit-policy"),
+        Some("\"tps\";q=50;w=1, \"burst\";q=10;w=1")
+    );
 
     // A cap change on b reaches a and c too, and their shares add up to the new cap.
     let answer = b

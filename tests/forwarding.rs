@@ -136,20 +136,28 @@ async fn methods_paths_and_queries_are_preserved_byte_for_byte() {
     let backend = mock().start().await;
     let sluice = start_sluice(&config(&service(&[backend.url()], ""))).await;
 
+    // Byte for byte but for dot-segments, which are removed before routing (README, HTTP
+    // behaviour; tests/by_the_book.rs): empty segments, encodings and the query stay.
     let targets = [
-        "/score",
-        "/score/",
-        "/v1/models/churn:predict?b=2&a=1&a=1&empty=&flag",
-        "/a//b/./c/../d?enc=%2F%20%E2%9C%93+plus&raw=%zz&q=!$'()*,;:@~",
-        "/score?",
-        "/score?x=%41&x=%61",
+        ("/score", "/score"),
+        ("/score/", "/score/"),
+        (
+            "/v1/models/churn:predict?b=2&a=1&a=1&empty=&flag",
+            "/v1/models/churn:predict?b=2&a=1&a=1&empty=&flag",
+        ),
+        (
+            "/a//b/./c/../d?enc=%2F%20%E2%9C%93+plus&raw=%zz&q=!$'()*,;:@~/../x",
+            "/a//b/d?enc=%2F%20%E2%9C%93+plus&raw=%zz&q=!$'()*,;:@~/../x",
+        ),
+        ("/score?", "/score?"),
+        ("/score?x=%41&x=%61", "/score?x=%41&x=%61"),
     ];
     let methods = [
         "GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD", "SCORE",
     ];
     let mut expected = Vec::new();
     for method in methods {
-        for target in targets {
+        for (target, forwarded) in targets {
             // Raw bytes, so no client library normalises anything on the way in.
             let request = format!(
                 "{method} {target} HTTP/1.1\r\nHost: scoring.example\r\nContent-Length: 0\r\n\
@@ -160,7 +168,7 @@ async fn methods_paths_and_queries_are_preserved_byte_for_byte() {
                 answer.starts_with("HTTP/1.1 200 OK\r\n"),
                 "{method} {target}: {answer}"
             );
-            expected.push((method.to_owned(), target.to_owned()));
+            expected.push((method.to_owned(), forwarded.to_owned()));
         }
     }
     let seen: Vec<(String, String)> = backend

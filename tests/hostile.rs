@@ -904,7 +904,9 @@ fn million_key_flood_child() {
     headers.insert("x-api-key", "secret-a".parse().unwrap());
     for expected_remaining in (0..10).rev() {
         match limits.check(&headers, tokio::time::Instant::now()) {
-            sluice::limit::Admission::Admitted { resource, status } => {
+            sluice::limit::Admission::Admitted {
+                resource, status, ..
+            } => {
                 assert_eq!(&*resource.name, "team-a");
                 assert_eq!(status.remaining, expected_remaining);
             }

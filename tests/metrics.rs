@@ -481,7 +481,7 @@ fn value_of(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_that_matches_no_service_is_counted_as_no_route_without_a_service() {
+async fn answers_given_before_routing_are_counted_without_a_service() {
     const TOKEN: &str = "t0ken-for-metrics";
     let backend = mock().start().await;
     let toml = config(&service(&[backend.url()], ""))
@@ -502,6 +502,15 @@ async fn a_request_that_matches_no_service_is_counted_as_no_route_without_a_serv
         assert_eq!(answer.reason(), "no_route", "{path}");
     }
     assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
+    // Refused before routing, on a path a service would take: no service either.
+    let invalid_host =
+        "GET /score HTTP/1.1\r\nhost: user@evil.example\r\nconnection: close\r\n\r\n";
+    let answer = raw_exchange(sluice.addr, invalid_host.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    let gzip =
+        "POST /score HTTP/1.1\r\nhost: sluice\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n";
+    let answer = raw_exchange(sluice.addr, gzip.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 501 "), "{answer}");
     // A reload builds a new policy: the count carries over, like a service's.
     let mut reload = request("POST", admin, "/admin/reload", "");
     reload.headers_mut().insert(
@@ -512,13 +521,29 @@ async fn a_request_that_matches_no_service_is_counted_as_no_route_without_a_serv
     for accept in [None, Some("application/openmetrics-text")] {
         let text = scrape(admin, accept).await.text();
         assert_eq!(counted(&text), 3.0, "{text}");
+        for (class, reason) in [
+            ("4xx", "invalid_host"),
+            ("5xx", "unsupported_transfer_coding"),
+        ] {
+            let series = [("class", class), ("reason", reason)];
+            let n = value_of(&text, "sluice_requests_total", &series);
+            assert_eq!(n, Some(1.0), "{reason} in:\n{text}");
+        }
         // No per-service series for an answer given before there is a service: it could
         // never move.
         for sample in Scrape::parse(&text).named("sluice_requests_total") {
             let reason = sample.labels.get("reason").map(String::as_str);
+            let before_routing = matches!(
+                reason,
+                Some(
+                    "no_route"
+                        | "invalid_host"
+                        | "unsupported_transfer_coding"
+                        | "conflicting_framing"
+                )
+            );
             assert!(
-                !(sample.labels.contains_key("service")
-                    && matches!(reason, Some("no_route" | "conflicting_framing"))),
+                !(sample.labels.contains_key("service") && before_routing),
                 "impossible series {sample:?}"
             );
         }

@@ -257,9 +257,7 @@ impl Plan {
             Upload::Chunked(n) => ("POST", UploadBody::Chunks { remaining: n }),
             Upload::Stalling(n) => ("POST", UploadBody::Stalling { remaining: n }),
         };
-        let mut request = Request::builder()
-            .method(method)
-            .uri(format!("http://{addr}{}", self.path()));
+        let mut request = builder(method, addr, &self.path());
         if let Some(key) = &self.key {
             request = request.header("x-api-key", key);
         }
@@ -1371,7 +1369,7 @@ async fn sigterm_under_load(soak: &Arc<Soak>, sluice: &AsyncMutex<Running>) -> S
     // A GET on a connection of its own, keyed as team-b (whose limit is not the point here).
     let get_on_own = |path: String| async move {
         let (sender, connection) = own_connection(addr).await.expect("connect");
-        let req = Request::get(format!("http://{addr}{path}"))
+        let req = builder("GET", addr, &path)
             .header("x-api-key", KEY_B)
             .body(UploadBody::Full(None))
             .unwrap();

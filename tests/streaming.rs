@@ -3,7 +3,6 @@
 
 mod support;
 
-use http::Request;
 use http_body_util::BodyExt;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -20,7 +19,7 @@ async fn upload(sluice: &Running, len: u64) -> (u16, String) {
     let stream = TcpStream::connect(sluice.addr).await.unwrap();
     let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    let req = Request::post(format!("http://{}/upload", sluice.addr))
+    let req = builder("POST", sluice.addr, "/upload")
         .body(GeneratedBody::new(len))
         .unwrap();
     let response = sender.send_request(req).await.expect("upload answered");

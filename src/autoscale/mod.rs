@@ -3,10 +3,10 @@
 //! (profile in force → rules → cooldowns → clamp → capacity gate), a small per-service engine
 //! that holds the state, and the event history the admin API serves.
 //!
-//! Not here: the interval loop, applying limits to the rate limiter, logging and notify
-//! POSTs. The loop is meant to be: every `interval`, build a [`CapacityInput`], call
-//! [`ServiceEngine::step`], then for each event apply the new value (limiter and
-//! [`ResourceMetrics::set_limit`]), log it, push it to the [`EventHistory`] and POST it.
+//! Also here, in `runner.rs` and `notify.rs`: the interval loop (every `interval`, build a
+//! [`CapacityInput`], call [`ServiceEngine::step`], apply each event's value to the limiter and
+//! [`ResourceMetrics::set_limit`], log it, push it to the [`EventHistory`]) and the notification
+//! POSTs.
 //!
 //! Time is always an argument: monotonic `Instant`s for windows and cooldowns (pass
 //! `tokio::time::Instant::now().into_std()` so paused test time works), `DateTime<Utc>` for
@@ -32,7 +32,7 @@ pub use engine::{ResourceSpec, ResourceState, ServiceEngine};
 pub use evaluate::{evaluate, proposed, Bounds, Cause, Decision, EvalInput, CONCURRENCY_BOUNDS};
 pub use events::{Event, EventHistory, EventKind, EventQuery, ScaleTarget, DEFAULT_HISTORY};
 pub use metrics::{Metric, Metrics, ResourceMetrics, ServiceMetrics};
-pub use notify::Notifier;
+pub use notify::{Notifier, TIMEOUT as NOTIFY_TIMEOUT};
 pub use profile::{covers, last_start, local_to_utc, select};
 pub use ring::{CounterRing, GaugeRing};
 pub use runner::{run, ServiceAutoscaler, WallClock};

@@ -95,17 +95,11 @@ impl ResourceConfig {
     }
 }
 
-/// 64 hex digits → 32 bytes.
+/// 64 hex digits → 32 bytes. Strict: hex digits only (`u8::from_str_radix` took a `+` sign,
+/// so `+f+f…` passed as a digest).
 pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.as_bytes();
-    if hex.len() != 64 {
-        return None;
-    }
     let mut digest = [0u8; 32];
-    for (byte, pair) in digest.iter_mut().zip(hex.chunks_exact(2)) {
-        let pair = std::str::from_utf8(pair).ok()?;
-        *byte = u8::from_str_radix(pair, 16).ok()?;
-    }
+    hex::decode_to_slice(hex, &mut digest).ok()?;
     Some(digest)
 }
 

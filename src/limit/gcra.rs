@@ -148,6 +148,17 @@ impl Bucket {
             .fetch_max(now + self.quota().window_ns(), Ordering::AcqRel);
     }
 
+    /// Give back the cell of a request it admitted that never reached an endpoint (a 429 for
+    /// capacity): its caller is not billed for it.
+    pub fn give_back(&self) {
+        let interval = self.quota().interval_ns();
+        let _ = self
+            .tat
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(interval))
+            });
+    }
+
     /// Judge one request arriving at `now` (ns on the limiter's clock).
     pub fn check(&self, now: u64) -> (Quota, Verdict) {
         let quota = self.quota();
@@ -174,6 +185,27 @@ mod tests {
 
     fn quota(tps: u32, burst: u32) -> Quota {
         Quota::new(NonZeroU32::new(tps).unwrap(), NonZeroU32::new(burst))
+    }
+
+    #[test]
+    fn a_cell_given_back_passes_again() {
+        let bucket = Bucket::new(quota(10, 3));
+        let admitted = |t: u64| matches!(bucket.check(t).1, Verdict::Admit { .. });
+        assert!((0..3).all(|_| admitted(0)));
+        assert!(!admitted(0));
+        bucket.give_back();
+        assert!(admitted(0));
+        assert!(!admitted(0));
+        // A bucket that is full already stays full (no credit beyond the burst).
+        let full = Bucket::new(quota(10, 3));
+        full.give_back();
+        full.give_back();
+        assert_eq!(
+            (0..10)
+                .filter(|_| matches!(full.check(0).1, Verdict::Admit { .. }))
+                .count(),
+            3
+        );
     }
 
     #[test]

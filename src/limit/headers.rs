@@ -1,8 +1,14 @@
 //! RateLimit response headers (draft-ietf-httpapi-ratelimit-headers-11, Structured Fields).
 //!
-//! `RateLimit-Policy: "tps";q=10;w=1` states the steady rate. A burst larger than one second's
-//! quota is a second item, `"burst";q=30;w=3` (30 requests, refilled over 3 seconds), and the
-//! live `RateLimit` then reports on that burst bucket, which is what `r` really counts.
+//! `RateLimit-Policy: "tps";q=10;w=1` states the steady rate. A burst other than one second's
+//! quota is a second item, and the live `RateLimit` then reports on that burst bucket, which is
+//! what `r` really counts: `"burst";q=30;w=3` (30 at once, refilled over 3 seconds), or, for a
+//! burst smaller than the rate, `"burst";q=2;w=1` (only 2 pass at once; the draft's windows
+//! are whole seconds, so this understates a refill that takes 0.2 s: the safe side).
+//!
+//! An endpoint's own `RateLimit` and `RateLimit-Policy` are kept and sluice's items appended
+//! (the draft's rule for intermediaries: a client sees every limit in its path, and sluice
+//! never looks more permissive than the origin).
 
 use std::cell::RefCell;
 
@@ -26,6 +32,14 @@ pub struct Status {
     /// Whole seconds until the bucket is full again (after a refusal: until the next request
     /// passes, the same value as `Retry-After`).
     pub reset_secs: u64,
+}
+
+impl Status {
+    /// The status once the request's cell was given back (it never reached an endpoint).
+    pub fn with_cell_back(mut self) -> Self {
+        self.remaining = self.remaining.saturating_add(1).min(self.quota.burst.get());
+        self
+    }
 }
 
 /// Quotas whose `RateLimit-Policy` each thread keeps built (direct-mapped by quota).
@@ -55,7 +69,7 @@ pub fn cached_policy_value(quota: Quota) -> HeaderValue {
 /// `RateLimit-Policy` for `quota`.
 pub fn policy_value(quota: Quota) -> HeaderValue {
     let (tps, burst) = (quota.tps.get(), quota.burst.get());
-    let text = if burst > tps {
+    let text = if burst != tps {
         let refill_secs = burst.div_ceil(tps);
         format!("\"tps\";q={tps};w=1, \"burst\";q={burst};w={refill_secs}")
     } else {
@@ -66,7 +80,7 @@ pub fn policy_value(quota: Quota) -> HeaderValue {
 
 /// `RateLimit` for `status`, written without the formatting machinery (every response).
 fn status_value(status: &Status) -> HeaderValue {
-    let name: &[u8] = if status.quota.burst > status.quota.tps {
+    let name: &[u8] = if status.quota.burst != status.quota.tps {
         b"\"burst\";r="
     } else {
         b"\"tps\";r="
@@ -81,11 +95,13 @@ fn status_value(status: &Status) -> HeaderValue {
         .expect("digits, quotes and ASCII punctuation")
 }
 
-/// Add `RateLimit-Policy` and `RateLimit` (and the `X-RateLimit-*` trio when `legacy`).
+/// Add sluice's `RateLimit-Policy` and `RateLimit` items after any the endpoint sent (field
+/// lines of one name are one list), and the `X-RateLimit-*` trio when `legacy`, unless the
+/// endpoint sent its own (those are single numbers, not lists: the origin's stay).
 pub fn insert(headers: &mut HeaderMap, status: &Status, legacy: bool) {
-    headers.insert(RATELIMIT_POLICY.clone(), cached_policy_value(status.quota));
-    headers.insert(RATELIMIT.clone(), status_value(status));
-    if legacy {
+    headers.append(RATELIMIT_POLICY.clone(), cached_policy_value(status.quota));
+    headers.append(RATELIMIT.clone(), status_value(status));
+    if legacy && !headers.contains_key(&LEGACY_LIMIT) && !headers.contains_key(&LEGACY_REMAINING) {
         headers.insert(
             LEGACY_LIMIT.clone(),
             HeaderValue::from(status.quota.tps.get()),
@@ -119,6 +135,54 @@ mod tests {
         assert_eq!(h["ratelimit-policy"], "\"tps\";q=10;w=1");
         assert_eq!(h["ratelimit"], "\"tps\";r=3;t=1");
         assert!(h.get("x-ratelimit-limit").is_none());
+    }
+
+    #[test]
+    fn a_burst_below_the_rate_is_stated_as_it_is_enforced() {
+        let mut h = HeaderMap::new();
+        let status = Status {
+            quota: quota(10, 2),
+            remaining: 1,
+            reset_secs: 1,
+        };
+        insert(&mut h, &status, false);
+        assert_eq!(h["ratelimit-policy"], "\"tps\";q=10;w=1, \"burst\";q=2;w=1");
+        assert_eq!(h["ratelimit"], "\"burst\";r=1;t=1");
+    }
+
+    #[test]
+    fn an_origins_fields_are_kept_and_ours_appended() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "ratelimit-policy",
+            HeaderValue::from_static("\"origin\";q=100;w=60"),
+        );
+        h.insert(
+            "ratelimit",
+            HeaderValue::from_static("\"origin\";r=0;t=120"),
+        );
+        h.insert("x-ratelimit-remaining", HeaderValue::from_static("0"));
+        let status = Status {
+            quota: quota(999, 999),
+            remaining: 998,
+            reset_secs: 1,
+        };
+        insert(&mut h, &status, true);
+        let all = |name| {
+            h.get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            all("ratelimit-policy"),
+            ["\"origin\";q=100;w=60", "\"tps\";q=999;w=1"]
+        );
+        assert_eq!(
+            all("ratelimit"),
+            ["\"origin\";r=0;t=120", "\"tps\";r=998;t=1"]
+        );
+        assert_eq!(all("x-ratelimit-remaining"), ["0"]);
     }
 
     #[test]

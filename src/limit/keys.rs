@@ -164,6 +164,15 @@ impl KeyTable {
         verdict
     }
 
+    /// Give back the cell `check` charged the key with `digest` under `quota` (see
+    /// [`super::Bucket::give_back`]).
+    pub fn give_back(&self, digest: &[u8; 32], quota: Quota) {
+        let mut shard = self.shard(digest);
+        if let Some(tat) = shard.get_mut(digest) {
+            *tat = tat.saturating_sub(quota.interval_ns());
+        }
+    }
+
     /// Keys tracked now.
     pub fn len(&self) -> usize {
         self.shards

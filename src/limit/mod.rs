@@ -169,6 +169,23 @@ pub enum KeyProblem {
     Unknown,
 }
 
+/// Where an admitted request's cell was taken from, so that it can be given back when the
+/// request never reaches an endpoint: a request refused for capacity costs its caller nothing
+/// (no cell, not counted as admitted, so not as autoscale utilisation either).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cell {
+    /// The resource's own bucket.
+    Own,
+    /// The replica's lease on the fleet's bucket.
+    Leased,
+    /// The replica's share while the store is unreachable (`on_error = "local"`).
+    Fallback,
+    /// The unknown-key table's bucket of the key with this digest.
+    Unknown([u8; 32]),
+    /// Nothing was spent (`on_error = "allow"`).
+    Free,
+}
+
 /// The outcome of a rate check.
 #[derive(Debug)]
 pub enum Admission<'a> {
@@ -183,12 +200,16 @@ pub enum Admission<'a> {
         /// Whose limit could not be checked.
         resource: &'a Arc<Resource>,
     },
-    /// Passed; the request is counted against `resource`.
+    /// Passed; one cell of `resource`'s limit is spent. The caller then either
+    /// [`RateLimiter::confirm`]s it (the request goes on to an endpoint) or
+    /// [`RateLimiter::give_back`]s it (refused for capacity before it reached one).
     Admitted {
         /// Whose limit it counted against.
         resource: &'a Arc<Resource>,
         /// What to tell the client.
         status: Status,
+        /// Where the spent cell came from.
+        cell: Cell,
     },
     /// Over the limit.
     Limited {
@@ -256,7 +277,7 @@ pub struct RateLimiter {
 
 /// How one resource's request was judged before any response is built.
 enum Judged {
-    Verdict(Quota, Verdict),
+    Verdict(Quota, Verdict, Cell),
     Ask,
     Unavailable,
 }
@@ -385,27 +406,61 @@ impl RateLimiter {
                     UnknownKeys::Default => {
                         // Unknown keys are too many to share through the store: each
                         // replica enforces its share of the default limit per key.
-                        let quota = self.unknown.limit();
-                        let quota = match &self.fleet {
-                            Some(fleet) => store::share_of(quota, fleet.replicas()),
-                            None => quota,
-                        };
+                        let quota = self.unknown_quota();
                         let verdict = self.table.check(&digest, now, quota);
-                        return self.admission(&self.unknown, quota, verdict, at);
+                        return self.admission(
+                            &self.unknown,
+                            quota,
+                            verdict,
+                            at,
+                            Cell::Unknown(digest),
+                        );
                     }
                 },
             },
         };
         match self.judge(resource, now) {
-            Judged::Verdict(quota, verdict) => {
+            Judged::Verdict(quota, verdict, cell) => {
                 if matches!(verdict, Verdict::Admit { .. }) {
                     self.prefetch_if_low(resource);
                 }
-                self.admission(resource, quota, verdict, at)
+                self.admission(resource, quota, verdict, at, cell)
             }
             Judged::Ask => Admission::Ask { resource },
             Judged::Unavailable => Admission::Unavailable { resource },
         }
+    }
+
+    /// The limit of each unknown key: the default, or this replica's share of it in a fleet
+    /// (unknown keys are too many to share through the store).
+    fn unknown_quota(&self) -> Quota {
+        let quota = self.unknown.limit();
+        match &self.fleet {
+            Some(fleet) => store::share_of(quota, fleet.replicas()),
+            None => quota,
+        }
+    }
+
+    /// Count an admitted request that goes on to an endpoint (it took a slot).
+    pub fn confirm(&self, resource: &Resource, at: Instant) {
+        resource.count(true, at);
+    }
+
+    /// Give back the cell of an admitted request that never reached an endpoint (no slot was
+    /// free, or its client left while it waited for one): its caller is not billed for it, and
+    /// it is not counted as admitted. False when nothing was spent to give back.
+    pub fn give_back(&self, resource: &Resource, cell: Cell) -> bool {
+        match cell {
+            Cell::Own => resource.bucket.give_back(),
+            Cell::Leased | Cell::Fallback => {
+                if let Some((_, lease)) = resource.shared.as_deref() {
+                    lease.give_back(cell == Cell::Fallback);
+                }
+            }
+            Cell::Unknown(digest) => self.table.give_back(&digest, self.unknown_quota()),
+            Cell::Free => return false,
+        }
+        true
     }
 
     /// The configured resource of `key`, or the key's digest when it is nobody's.
@@ -424,29 +479,33 @@ impl RateLimiter {
     fn check_resource<'a>(&'a self, resource: &'a Arc<Resource>) -> Admission<'a> {
         let at = Instant::now();
         let (quota, verdict) = resource.check(self.nanos(at));
-        self.admission(resource, quota, verdict, at)
+        self.admission(resource, quota, verdict, at, Cell::Own)
     }
 
-    /// Count the verdict and say what to answer.
+    /// Say what to answer; a refusal is counted now, an admission once it is confirmed.
     fn admission<'a>(
         &self,
         resource: &'a Arc<Resource>,
         quota: Quota,
         verdict: Verdict,
         at: Instant,
+        cell: Cell,
     ) -> Admission<'a> {
         match verdict {
             Verdict::Admit {
                 remaining,
                 reset_ns,
             } => {
-                resource.count(true, at);
                 let status = Status {
                     quota,
                     remaining,
                     reset_secs: reset_ns.div_ceil(1_000_000_000),
                 };
-                Admission::Admitted { resource, status }
+                Admission::Admitted {
+                    resource,
+                    status,
+                    cell,
+                }
             }
             Verdict::Refuse { retry_after_ns } => {
                 resource.count(false, at);

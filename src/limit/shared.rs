@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
-use super::{nanos_since, Admission, Judged, RateLimiter, Resource, Verdict};
+use super::{nanos_since, Admission, Cell, Judged, RateLimiter, Resource, Verdict};
 use crate::config::OnError;
 use crate::store::{self, Fleet, Lease, Local, StoreError};
 
@@ -16,7 +16,7 @@ impl RateLimiter {
     pub(super) fn judge(&self, resource: &Resource, now: u64) -> Judged {
         let (Some(fleet), Some((_, lease))) = (&self.fleet, resource.shared.as_deref()) else {
             let (quota, verdict) = resource.check(now);
-            return Judged::Verdict(quota, verdict);
+            return Judged::Verdict(quota, verdict, Cell::Own);
         };
         if !fleet.is_up() {
             return self.on_store_error(fleet, resource, lease, now);
@@ -25,7 +25,7 @@ impl RateLimiter {
         match lease.take(now) {
             Local::Admit(verdict) | Local::Refuse(verdict) => {
                 lease.fallback.mirror(&verdict, now);
-                Judged::Verdict(quota, verdict)
+                Judged::Verdict(quota, verdict, Cell::Leased)
             }
             Local::Empty => Judged::Ask,
         }
@@ -73,7 +73,7 @@ impl RateLimiter {
                 if matches!(verdict, Verdict::Admit { .. }) {
                     lease.admitted_locally();
                 }
-                Judged::Verdict(share, verdict)
+                Judged::Verdict(share, verdict, Cell::Fallback)
             }
             OnError::Allow => Judged::Verdict(
                 quota,
@@ -81,6 +81,7 @@ impl RateLimiter {
                     remaining: quota.burst.get(),
                     reset_ns: 0,
                 },
+                Cell::Free,
             ),
             OnError::Deny => Judged::Unavailable,
         }
@@ -98,7 +99,7 @@ impl RateLimiter {
             Ok(verdict) => {
                 // The fallback bucket mirrors the fleet's, for when the store goes away.
                 lease.fallback.mirror(&verdict, clock());
-                Judged::Verdict(quota, verdict)
+                Judged::Verdict(quota, verdict, Cell::Leased)
             }
             // The store did not fail; this request's turn did not come in time. Refusing
             // keeps the fleet within its limit (a local admission here would add to it).
@@ -107,12 +108,13 @@ impl RateLimiter {
                 Verdict::Refuse {
                     retry_after_ns: quota.interval_ns(),
                 },
+                Cell::Free,
             ),
             Err(_) => self.on_store_error(fleet, resource, lease, clock()),
         };
         match judged {
-            Judged::Verdict(quota, verdict) => {
-                self.admission(resource, quota, verdict, Instant::now())
+            Judged::Verdict(quota, verdict, cell) => {
+                self.admission(resource, quota, verdict, Instant::now(), cell)
             }
             Judged::Unavailable => Admission::Unavailable { resource },
             // A refill never asks again.

@@ -259,7 +259,14 @@ impl Body for UpstreamBody {
                 progress.mark();
                 progress.waiting_for_client.store(false, Ordering::Release);
                 this.stall.moved();
-                if frame.is_none() || body.is_end_stream() {
+                // A trailers frame is the body's last (hyper's `Incoming` only says it is at
+                // its end when polled once more, which the endpoint connection never does).
+                let last = match frame {
+                    None => true,
+                    Some(Ok(frame)) if frame.is_trailers() => true,
+                    _ => body.is_end_stream(),
+                };
+                if last {
                     progress.ended.store(true, Ordering::Release);
                 }
             }

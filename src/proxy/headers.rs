@@ -125,13 +125,7 @@ fn via_value(version: Version) -> HeaderValue {
 /// `X-Forwarded-For`, set `X-Forwarded-Proto`/`-Host`, append `Via`. Method, path, query and
 /// end-to-end headers stay as they are; `Host` is set per endpoint when the request is sent.
 pub fn to_upstream(parts: &mut request::Parts, client_ip: IpAddr) {
-    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
-        // HTTP/2 carries the host in the :authority pseudo-header, i.e. the URI.
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let original_host = super::inbound::forwarded_host(parts);
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers);
 
@@ -158,10 +152,38 @@ pub fn to_upstream(parts: &mut request::Parts, client_ip: IpAddr) {
     headers.append(header::VIA, via_value(parts.version));
 }
 
-/// Prepare an endpoint's response head for the client: strip hop-by-hop headers, append `Via`.
+/// Prepare an endpoint's response head for the client: strip hop-by-hop headers, append `Via`
+/// (naming the endpoint's version), and answer in sluice's own version (RFC 9110 §6.2): an
+/// HTTP/1.0 status line relayed to an HTTP/1.1 client would end its keep-alive connection,
+/// and with it any request pipelined behind. hyper answers an HTTP/1.0 client in 1.0 itself.
 pub fn to_client(parts: &mut response::Parts) {
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.append(header::VIA, via_value(parts.version));
+    parts.version = Version::HTTP_11;
+}
+
+/// Whether an endpoint's response head frames its body in a way sluice must not relay: both
+/// `Content-Length` and `Transfer-Encoding` (a response-splitting shape, RFC 9112 §6.3), or a
+/// transfer coding other than `chunked` alone, which sluice could neither decode nor pass on
+/// (it re-frames every body). nginx and Envoy answer such a response 502; so does sluice.
+pub fn has_ambiguous_framing(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        && (headers.contains_key(header::CONTENT_LENGTH) || !is_chunked_alone(headers))
+}
+
+/// Whether the `Transfer-Encoding` lines together list exactly one coding, `chunked`: the only
+/// transfer coding sluice implements, in either direction.
+pub fn is_chunked_alone(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    matches!(
+        (codings.next(), codings.next()),
+        (Some(coding), None) if coding.eq_ignore_ascii_case(b"chunked")
+    )
 }
 
 #[cfg(test)]

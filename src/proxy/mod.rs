@@ -2,26 +2,26 @@
 //! Answers sluice gives itself are built in [`reject`].
 
 pub mod body;
+pub mod connector;
 mod framing;
 pub mod headers;
+mod inbound;
 pub mod reject;
 mod server;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{request, Request, Response};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
 
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot, Slot};
-use crate::limit::{Admission, KeyProblem, Resource};
+use crate::limit::{Admission, Cell, KeyProblem, RateLimiter, Resource};
+use crate::metrics::UnroutedStats;
 use crate::policy::{Policy, Service};
 use crate::store::Fleet;
 use body::{BodyWatch, ResponseBody, UpstreamBody};
@@ -40,27 +40,18 @@ pub struct Proxy {
     fleet: Option<Arc<Fleet>>,
 }
 
-/// The connector for outgoing HTTP/1.1 (http and https): TCP with `connect_timeout`, no
-/// Nagle delay, TLS with the webpki roots.
-pub fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http)
-}
-
 impl Proxy {
-    /// A proxy serving `policy`; `connect_timeout` bounds each upstream TCP connect; `fleet`
-    /// is the shared store the policy's limits use, if any.
-    pub fn new(policy: Policy, connect_timeout: Duration, fleet: Option<Arc<Fleet>>) -> Arc<Self> {
+    /// A proxy serving `policy`; `connect` bounds each upstream TCP connect (and says which
+    /// roots TLS trusts: a bare timeout means the system's); `fleet` is the shared store the
+    /// policy's limits use, if any.
+    pub fn new(
+        policy: Policy,
+        connect: impl Into<connector::Connect>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             policy: ArcSwap::from_pointee(policy),
-            upstream: Upstream::new(connector(connect_timeout)),
+            upstream: Upstream::new(connector::build(connect)),
             events: Arc::new(EventHistory::new(DEFAULT_HISTORY)),
             fleet,
         })
@@ -94,23 +85,32 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let policy = self.policy.load_full();
+        let unread_body_closes =
+            !http_body::Body::is_end_stream(req.body()) && req.version() <= http::Version::HTTP_11;
+        let (mut head, body) = req.into_parts();
+        let checked = inbound::check(&head);
+        if let Some(target) = inbound::normalized(&head.uri) {
+            head.uri = target;
+        }
         // The access line needs the method and path after the request is gone; copy them only
         // when it will be written.
         let logged = tracing::enabled!(target: "sluice::access", tracing::Level::INFO)
-            .then(|| (req.method().clone(), req.uri().path().to_owned()));
-        let mut outcome = Outcome::new(started, logged.is_some());
-        let unread_body_closes =
-            !http_body::Body::is_end_stream(req.body()) && req.version() <= http::Version::HTTP_11;
-        let service = policy.route(req.uri().path());
-        let (head, body) = req.into_parts();
+            .then(|| (head.method.clone(), head.uri.path().to_owned()));
+        // Dropped unfinished when the client leaves before the answer: then it counts and logs
+        // the request as 499 `client_gone`.
+        let mut outcome = Outcome::new(started, client, logged, &policy.unrouted);
         // Taken when the request is forwarded; still here when sluice answered on its own.
         let mut body = Some(body);
-        let mut response = match service {
-            None => outcome.reject(Reason::NoRoute, None),
-            Some(service) => {
-                self.serve(&policy, service, head, &mut body, client, &mut outcome)
-                    .await
-            }
+        let mut response = match checked {
+            Err(reason) => outcome.reject(reason, None),
+            Ok(()) => match policy.route(head.uri.path()) {
+                None => outcome.reject(Reason::NoRoute, None),
+                Some(service) => {
+                    outcome.service = Some(service);
+                    self.serve(&policy, service, head, &mut body, &mut outcome)
+                        .await
+                }
+            },
         };
         if let Some(body) = body.filter(|_| !unread_body_closes) {
             // HTTP/2 (HTTP/1 closes the connection instead, above): see `body::drain`.
@@ -125,49 +125,29 @@ impl Proxy {
                 http::HeaderValue::from_static("close"),
             );
         }
-        let elapsed = started.elapsed();
-        if let Some(service) = service {
-            service.stats.duration.observe(elapsed);
-            match (outcome.reason, &outcome.endpoint) {
-                (Some(reason), _) => service.stats.count_own(reason),
-                (None, Some(endpoint)) => endpoint.stats.count_answer(response.status().as_u16()),
-                (None, None) => {}
-            }
-        } else if let Some(reason) = outcome.reason {
-            policy.unrouted.count_own(reason);
-        }
-        let Some((method, path)) = logged else {
-            return response;
-        };
-        tracing::info!(
-            target: "sluice::access",
-            method = %method,
-            path = %path,
-            service = service.map(|s| &*s.name),
-            resource = outcome.resource.as_deref(),
-            endpoint = outcome.endpoint.as_ref().map(|e| e.url()),
-            status = response.status().as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            reason = outcome.reason.map(Reason::as_str),
-        );
+        outcome.finish(response.status().as_u16());
         response
     }
 
-    /// Rate check (when the service has limits), then forward. The rate check comes first, so
-    /// a request refused for rate never takes a slot.
+    /// Rate check (when the service has limits), then a slot, then forward. The rate check
+    /// comes first, so a request refused for rate never takes a slot; a request that finds no
+    /// slot gives its rate cell back, so it costs its caller nothing.
     async fn serve(
         &self,
         policy: &Policy,
         service: &Service,
         head: request::Parts,
         body: &mut Option<Incoming>,
-        client: SocketAddr,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Response<ResponseBody> {
         let Some(limits) = &service.limits else {
-            return self
-                .forward(policy, service, head, body, client, outcome)
-                .await;
+            return match self.take_slot(service, outcome).await {
+                Ok(slot) => {
+                    self.forward(policy, service, slot, head, body, outcome)
+                        .await
+                }
+                Err(refused) => refused,
+            };
         };
         let admission = match limits.check(&head.headers, outcome.arrived) {
             Admission::Ask { resource } => limits.ask(resource).await,
@@ -205,11 +185,33 @@ impl Proxy {
                 limits.insert_headers(response.headers_mut(), &status);
                 response
             }
-            Admission::Admitted { resource, status } => {
+            Admission::Admitted {
+                resource,
+                mut status,
+                cell,
+            } => {
                 outcome.note_resource(resource);
-                let mut response = self
-                    .forward(policy, service, head, body, client, outcome)
-                    .await;
+                // Until a slot is taken the cell is only lent: a 429 for capacity, or a client
+                // that leaves while it waits in the queue, gives it back.
+                let mut lent = LentCell {
+                    limits,
+                    resource,
+                    cell: Some(cell),
+                };
+                let mut response = match self.take_slot(service, outcome).await {
+                    Ok(slot) => {
+                        lent.cell = None;
+                        limits.confirm(resource, outcome.arrived);
+                        self.forward(policy, service, slot, head, body, outcome)
+                            .await
+                    }
+                    Err(refused) => {
+                        if lent.give_back() {
+                            status = status.with_cell_back();
+                        }
+                        refused
+                    }
+                };
                 limits.insert_headers(response.headers_mut(), &status);
                 if outcome.reason.is_none() && response.status().is_success() {
                     resource.counters.succeeded.add();
@@ -219,9 +221,25 @@ impl Proxy {
         }
     }
 
+    /// A slot on one of the service's endpoints (waiting in its queue if it has one), or the
+    /// 429 that says none is free.
+    async fn take_slot(
+        &self,
+        service: &Service,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Slot, Response<ResponseBody>> {
+        service.pool.acquire().await.map_err(|refused| {
+            let reason = match refused {
+                NoSlot::EndpointsFull => Reason::EndpointsFull,
+                NoSlot::QueueTimeout => Reason::QueueTimeout,
+            };
+            outcome.reject(reason, Some(service))
+        })
+    }
+
     /// A ready connection to the slot's endpoint; on failure the endpoint goes into its
     /// back-off.
-    async fn connect(&self, slot: &Slot, outcome: &mut Outcome) -> Option<Connection> {
+    async fn connect(&self, slot: &Slot, outcome: &mut Outcome<'_>) -> Option<Connection> {
         let endpoint = slot.endpoint();
         outcome.endpoint = Some(Arc::clone(endpoint));
         match self.upstream.connection(endpoint).await {
@@ -234,27 +252,18 @@ impl Proxy {
         }
     }
 
-    /// Take a slot and forward the request to its endpoint, retrying once elsewhere if the
-    /// connection is refused. `body` is taken once the request is on its way.
+    /// Forward the request to the slot's endpoint, retrying once elsewhere if the connection
+    /// is refused. `body` is taken once the request is on its way.
     async fn forward(
         &self,
         policy: &Policy,
         service: &Service,
+        mut slot: Slot,
         mut head: request::Parts,
         body: &mut Option<Incoming>,
-        client: SocketAddr,
-        outcome: &mut Outcome,
+        outcome: &mut Outcome<'_>,
     ) -> Response<ResponseBody> {
-        let mut slot = match service.pool.acquire().await {
-            Ok(slot) => slot,
-            Err(NoSlot::EndpointsFull) => {
-                return outcome.reject(Reason::EndpointsFull, Some(service))
-            }
-            Err(NoSlot::QueueTimeout) => {
-                return outcome.reject(Reason::QueueTimeout, Some(service))
-            }
-        };
-        headers::to_upstream(&mut head, client.ip());
+        headers::to_upstream(&mut head, outcome.client.ip());
         // A connection first, the request only then: a refused connect leaves the request
         // untouched, so it can go to another endpoint with a free slot (once).
         let connection = match self.connect(&slot, outcome).await {
@@ -288,6 +297,17 @@ impl Proxy {
             () = response_deadline => return outcome.reject(Reason::UpstreamTimeout, Some(service)),
         };
         match exchange {
+            Ok((response, _connection)) if headers::has_ambiguous_framing(response.headers()) => {
+                // Its connection is dropped with it: the bytes after this head cannot be
+                // framed with certainty, so it is never used again.
+                endpoint.mark_reachable();
+                tracing::warn!(
+                    endpoint = endpoint.url(),
+                    "endpoint answered with both Content-Length and Transfer-Encoding, or a \
+                     transfer coding other than chunked: 502"
+                );
+                outcome.reject(Reason::UpstreamError, Some(service))
+            }
             Ok((response, connection)) => {
                 endpoint.mark_reachable();
                 let latency = started.elapsed();
@@ -322,35 +342,76 @@ impl Proxy {
     }
 }
 
-/// One exchange as it goes: when it arrived, and what the access log tells about it besides
-/// its status.
-struct Outcome {
+/// A rate cell spent on a request that has no slot yet; given back when dropped unconfirmed.
+struct LentCell<'a> {
+    limits: &'a RateLimiter,
+    resource: &'a Resource,
+    /// `None` once the request took a slot (the cell is its for good).
+    cell: Option<Cell>,
+}
+
+impl LentCell<'_> {
+    /// Give the cell back now; true when one was spent.
+    fn give_back(&mut self) -> bool {
+        self.cell
+            .take()
+            .is_some_and(|cell| self.limits.give_back(self.resource, cell))
+    }
+}
+
+impl Drop for LentCell<'_> {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+/// One exchange as it goes: when it arrived, where it was routed, and what the access log
+/// and the counters tell about it besides its status. Finished once with the answer's status;
+/// dropped unfinished (the client left before the answer, so hyper dropped the request's
+/// future), it finishes as nginx's 499 `client_gone`, so an abandoned request is still logged
+/// and counted.
+struct Outcome<'p> {
     arrived: Instant,
-    /// Whether the access line will be written (else `resource` stays unset).
-    logged: bool,
+    client: SocketAddr,
+    /// Method and path for the access line, when it will be written (else `resource` stays
+    /// unset).
+    logged: Option<(http::Method, String)>,
+    service: Option<&'p Service>,
+    /// Where an answer given before there was a service is counted.
+    unrouted: &'p UnroutedStats,
     resource: Option<Arc<str>>,
     endpoint: Option<Arc<Endpoint>>,
     reason: Option<Reason>,
     /// The request body on its way to the endpoint, once forwarded.
     upload: Option<BodyWatch>,
+    finished: bool,
 }
 
-impl Outcome {
-    fn new(arrived: Instant, logged: bool) -> Self {
+impl<'p> Outcome<'p> {
+    fn new(
+        arrived: Instant,
+        client: SocketAddr,
+        logged: Option<(http::Method, String)>,
+        unrouted: &'p UnroutedStats,
+    ) -> Self {
         Self {
             arrived,
+            client,
             logged,
+            service: None,
+            unrouted,
             resource: None,
             endpoint: None,
             reason: None,
             upload: None,
+            finished: false,
         }
     }
 
     /// Remember whose limit the request counted against, for the access line. Only then: with
     /// many resources, the name's reference count is one more far memory write per request.
     fn note_resource(&mut self, resource: &Resource) {
-        if self.logged {
+        if self.logged.is_some() {
             self.resource = Some(Arc::clone(&resource.name));
         }
     }
@@ -366,6 +427,47 @@ impl Outcome {
             _ => rejection,
         };
         rejection.into_response()
+    }
+
+    /// Count the exchange and write its access line, once.
+    fn finish(&mut self, status: u16) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        let elapsed = self.arrived.elapsed();
+        if let Some(service) = self.service {
+            service.stats.duration.observe(elapsed);
+            match (self.reason, &self.endpoint) {
+                (Some(reason), _) => service.stats.count_own(reason),
+                (None, Some(endpoint)) => endpoint.stats.count_answer(status),
+                (None, None) => {}
+            }
+        } else if let Some(reason) = self.reason {
+            self.unrouted.count_own(reason);
+        }
+        let Some((method, path)) = &self.logged else {
+            return;
+        };
+        tracing::info!(
+            target: "sluice::access",
+            method = %method,
+            path = %path,
+            service = self.service.map(|s| &*s.name),
+            resource = self.resource.as_deref(),
+            endpoint = self.endpoint.as_ref().map(|e| e.url()),
+            status,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            reason = self.reason.map(Reason::as_str),
+        );
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.reason = Some(Reason::ClientGone);
+            self.finish(Reason::ClientGone.status().as_u16());
+        }
     }
 }
 

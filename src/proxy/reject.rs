@@ -41,11 +41,20 @@ pub enum Reason {
     /// No byte of the request body came for `timeouts.client_body`: the endpoint's connection
     /// was cut, so it never took the part it got for a whole request.
     ClientBodyTimeout,
+    /// An HTTP/1.1 request without `Host`, with more than one, or with a value that is not a
+    /// valid `host[:port]` (RFC 9112 §3.2): refused before routing, never forwarded.
+    InvalidHost,
+    /// A `Transfer-Encoding` other than `chunked` alone (`gzip, chunked`, `chunked, chunked`):
+    /// a coding sluice does not implement (RFC 9112 §6.1, as nginx answers it).
+    UnsupportedTransferCoding,
+    /// The client closed its connection (or reset its stream) before sluice answered; never
+    /// sent, logged and counted as nginx's 499.
+    ClientGone,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 16] = [
         Self::NoRoute,
         Self::MissingKey,
         Self::UnknownKey,
@@ -59,6 +68,9 @@ impl Reason {
         Self::ClientBodyError,
         Self::ConflictingFraming,
         Self::ClientBodyTimeout,
+        Self::InvalidHost,
+        Self::UnsupportedTransferCoding,
+        Self::ClientGone,
     ];
 
     /// Position in [`Reason::ALL`].
@@ -82,6 +94,9 @@ impl Reason {
             Self::ClientBodyError => "client_body_error",
             Self::ConflictingFraming => "conflicting_framing",
             Self::ClientBodyTimeout => "client_body_timeout",
+            Self::InvalidHost => "invalid_host",
+            Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
+            Self::ClientGone => "client_gone",
         }
     }
 
@@ -96,12 +111,20 @@ impl Reason {
             Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::ClientBodyError | Self::ConflictingFraming => StatusCode::BAD_REQUEST,
+            Self::ClientBodyError | Self::ConflictingFraming | Self::InvalidHost => {
+                StatusCode::BAD_REQUEST
+            }
             Self::ClientBodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::UnsupportedTransferCoding => StatusCode::NOT_IMPLEMENTED,
+            // nginx's "client closed request": never sent, only logged and counted.
+            Self::ClientGone => StatusCode::from_u16(499).expect("499 is a valid status code"),
         }
     }
 
     fn error(self) -> &'static str {
+        if self == Self::ClientGone {
+            return "client_closed_request";
+        }
         match self.status() {
             StatusCode::NOT_FOUND => "not_found",
             StatusCode::UNAUTHORIZED => "unauthorized",
@@ -110,6 +133,7 @@ impl Reason {
             StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
             StatusCode::BAD_REQUEST => "bad_request",
             StatusCode::REQUEST_TIMEOUT => "request_timeout",
+            StatusCode::NOT_IMPLEMENTED => "not_implemented",
             _ => "bad_gateway",
         }
     }

@@ -129,6 +129,20 @@ impl Lease {
         self.owed.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Give back a cell taken from the lease, or a local admission counted while the store was
+    /// unreachable, for a request that never reached an endpoint (a 429 for capacity).
+    pub fn give_back(&self, local: bool) {
+        if local {
+            let _ = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        } else {
+            // A cell of an expired lease is worthless anyway: the next refill replaces it.
+            self.cells.fetch_add(1, Ordering::AcqRel);
+        }
+        self.fallback.give_back();
+    }
+
     /// Reserve from the fleet bucket, charging it with the cells owed since the last call;
     /// if the call fails or is dropped (its request went away) they stay owed. A call that
     /// ran in Redis but whose answer was lost charges them twice: the fleet then admits a

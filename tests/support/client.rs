@@ -82,11 +82,19 @@ pub fn request(
     path: &str,
     body: impl Into<Bytes>,
 ) -> Request<Full<Bytes>> {
+    builder(method, addr, path)
+        .body(Full::new(body.into()))
+        .expect("a valid request")
+}
+
+/// A request to `addr` under construction: its target, and `Host` as every real client sends
+/// it (hyper's own connections send no `Host` by themselves, and sluice answers an HTTP/1.1
+/// request without one 400).
+pub fn builder(method: &str, addr: SocketAddr, path: &str) -> http::request::Builder {
     Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"))
-        .body(Full::new(body.into()))
-        .expect("a valid request")
+        .header(http::header::HOST, addr.to_string())
 }
 
 /// A keep-alive HTTP/1.1 client pool.
