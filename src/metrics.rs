@@ -150,21 +150,21 @@ impl ServiceStats {
 /// Reasons sluice answers with before a request has a service, counted in [`UnroutedStats`]
 /// and exported without service labels: never per service, where their series could never
 /// move.
-const UNROUTED: [Reason; 3] = [
+const UNROUTED: [Reason; 4] = [
     Reason::NoRoute,
     Reason::InvalidHost,
     Reason::UnsupportedTransferCoding,
+    Reason::ConflictingFraming,
 ];
 
-/// Whether a reason is given before a request has a service: those of [`UNROUTED`], and
-/// `conflicting_framing`, which the server answers before the request reaches the proxy (not
-/// counted in metrics).
+/// Whether a reason is given before a request has a service (one of [`UNROUTED`]).
 fn before_routing(reason: Reason) -> bool {
-    UNROUTED.contains(&reason) || reason == Reason::ConflictingFraming
+    UNROUTED.contains(&reason)
 }
 
 /// sluice's own answers to requests that reached no service (no route, or refused before
-/// routing: an invalid `Host`, a transfer coding sluice does not implement): they have no
+/// routing: an invalid `Host`, a transfer coding sluice does not implement, both
+/// `Content-Length` and `Transfer-Encoding`): they have no
 /// service to be counted under. Kept across policy changes, like a service's counts.
 #[derive(Debug, Default)]
 pub struct UnroutedStats {

@@ -511,6 +511,10 @@ async fn answers_given_before_routing_are_counted_without_a_service() {
         "POST /score HTTP/1.1\r\nhost: sluice\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n";
     let answer = raw_exchange(sluice.addr, gzip.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 501 "), "{answer}");
+    let both = "POST /score HTTP/1.1\r\nhost: sluice\r\ncontent-length: 5\r\n\
+                transfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+    let answer = raw_exchange(sluice.addr, both.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     // A reload builds a new policy: the count carries over, like a service's.
     let mut reload = request("POST", admin, "/admin/reload", "");
     reload.headers_mut().insert(
@@ -524,6 +528,7 @@ async fn answers_given_before_routing_are_counted_without_a_service() {
         for (class, reason) in [
             ("4xx", "invalid_host"),
             ("5xx", "unsupported_transfer_coding"),
+            ("4xx", "conflicting_framing"),
         ] {
             let series = [("class", class), ("reason", reason)];
             let n = value_of(&text, "sluice_requests_total", &series);

@@ -104,6 +104,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             let conflicting = service_activity.is_conflicting();
             async move {
                 let response = if conflicting {
+                    proxy
+                        .policy()
+                        .unrouted
+                        .count_own(Reason::ConflictingFraming);
                     refuse_conflicting_framing(peer)
                 } else {
                     proxy.handle(req, peer).await
