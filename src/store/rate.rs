@@ -302,8 +302,7 @@ impl Lease {
             )
             .await?
         {
-            let left = self.cells.load(Ordering::Acquire);
-            self.install(left + cells, remaining, reset_ns, now());
+            self.top_up(cells, remaining, reset_ns, now());
         }
         drop(claimed);
         Ok(())
@@ -314,6 +313,25 @@ impl Lease {
         self.remaining.store(remaining, Ordering::Relaxed);
         self.full_at.store(at + reset_ns, Ordering::Relaxed);
         self.cells.store(cells, Ordering::Release);
+        self.expires
+            .store(at + LEASE_TTL.as_nanos() as u64, Ordering::Release);
+    }
+
+    /// Add `cells` a background refill was granted to the lease, from `at` for [`LEASE_TTL`].
+    /// Added atomically: requests take cells meanwhile (and give some back), so reading the
+    /// count and storing `count + cells` would hand a cell taken in between out again, one
+    /// Redis never granted. A lease that ended meanwhile is replaced, not added to: its cells
+    /// are worthless (requests no longer take them), and carrying them into the new lease
+    /// would make them live longer than [`LEASE_TTL`]. Only this replica's refill (which holds
+    /// the refill lock) changes `expires`, so the check and the update agree.
+    fn top_up(&self, cells: u32, remaining: u32, reset_ns: u64, at: u64) {
+        self.remaining.store(remaining, Ordering::Relaxed);
+        self.full_at.store(at + reset_ns, Ordering::Relaxed);
+        if at < self.expires.load(Ordering::Acquire) {
+            self.cells.fetch_add(cells, Ordering::AcqRel);
+        } else {
+            self.cells.store(cells, Ordering::Release);
+        }
         self.expires
             .store(at + LEASE_TTL.as_nanos() as u64, Ordering::Release);
     }
