@@ -1,6 +1,8 @@
 //! The fleet keeps its word (issue 19), against a real redis-server: what the README's fleet
 //! section promises holds through the races, resets and losses that used to break it.
-//! - a background refill racing requests hands out only cells Redis granted.
+//! - a background refill racing requests hands out only cells Redis granted;
+//! - rate keys of different (service, resource) pairs never collide, and the built-in bucket
+//!   names cannot be configured.
 
 mod support;
 
@@ -168,4 +170,63 @@ fn a_background_refill_racing_requests_hands_out_only_cells_redis_granted() {
          never granted",
         admitted - granted
     );
+}
+
+/// Spend the whole of a 1-cell bucket at `key`; true if its one cell was granted.
+async fn spend_one(fleet: &Fleet, key: &str, q: Quota, now: impl Fn() -> u64 + Clone) -> bool {
+    let lease = Lease::new(q);
+    matches!(
+        fleet.refill(&lease, key, q, now.clone()).await,
+        Ok(Verdict::Admit { .. })
+    )
+}
+
+/// Service `a:b` with resource `c` and service `a` with resource `b:c` are different callers:
+/// spending one's bucket leaves the other's untouched (their keys used to be the same
+/// `rate:a:b:c`).
+#[tokio::test]
+async fn names_with_colons_never_share_a_bucket() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let a = fleet(&redis, "a");
+    let q = quota(1, 1);
+    let now = clock(Instant::now());
+    let pairs = [("a:b", "c"), ("a", "b:c"), ("a:b:c", ""), ("", "a:b:c")];
+    let keys: Vec<String> = pairs.iter().map(|(s, r)| a.rate_key(s, r)).collect();
+    for (i, key) in keys.iter().enumerate() {
+        assert!(
+            spend_one(&a, key, q, now.clone()).await,
+            "{:?}'s bucket was spent before anything used it (key {key})",
+            pairs[i]
+        );
+        assert!(
+            !spend_one(&a, key, q, now.clone()).await,
+            "a bucket of 1 cell granted 2 at once (key {key})"
+        );
+    }
+    let stored = redis.dump("sluice:rate:*");
+    assert_eq!(stored.len(), pairs.len(), "one bucket per pair: {stored:?}");
+}
+
+/// A configured resource named like a built-in bucket would share it (and, in a fleet, its
+/// Redis key): `sluice check` refuses it and names the key.
+#[test]
+fn built_in_bucket_names_cannot_be_configured() {
+    use support::process::{check, write_config};
+    for name in ["anonymous", "unknown"] {
+        let text = format!(
+            "[listen]\nproxy = \"127.0.0.1:0\"\n\n[[service]]\nname = \"scoring\"\n\
+             endpoints = [\"http://127.0.0.1:9001\"]\n\n[[service.resource]]\nname = \"{name}\"\n\
+             key = \"k-{name}\"\n"
+        );
+        let path = write_config("fleet-word-check", &text);
+        let output = check(&path);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains("service[0].resource[0].name") && stderr.contains("built-in"),
+            "{name}: the message names the key and why: {stderr}"
+        );
+    }
 }

@@ -126,9 +126,12 @@ impl Fleet {
         self.policy_version.load(Ordering::Acquire)
     }
 
-    /// The Redis key of a resource's rate bucket.
+    /// The Redis key of a resource's rate bucket: `rate:{service's length}:{service}:{resource}`.
+    /// The length (in bytes) says where the service's name ends, so names that contain `:`
+    /// cannot make two (service, resource) pairs share a key (`a:b` + `c` and `a` + `b:c`).
     pub fn rate_key(&self, service: &str, resource: &str) -> String {
-        self.redis.key(&format!("rate:{service}:{resource}"))
+        self.redis
+            .key(&format!("rate:{}:{service}:{resource}", service.len()))
     }
 
     /// Reserve cells for `lease` and take one, within `store.timeout` all told (waiting for
