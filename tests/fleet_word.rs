@@ -2,7 +2,8 @@
 //! section promises holds through the races, resets and losses that used to break it.
 //! - a background refill racing requests hands out only cells Redis granted;
 //! - rate keys of different (service, resource) pairs never collide, and the built-in bucket
-//!   names cannot be configured.
+//!   names cannot be configured;
+//! - the autoscale leader keeps leading when Redis loses its fencing counter.
 
 mod support;
 
@@ -229,4 +230,69 @@ fn built_in_bucket_names_cannot_be_configured() {
             "{name}: the message names the key and why: {stderr}"
         );
     }
+}
+
+/// One replica alone, with an autoscaled resource (so leading matters).
+fn lone_replica_config(redis: &RedisServer, id: &str, endpoint: &str) -> String {
+    support::fleet::replica_config(
+        &redis.url(),
+        id,
+        "local",
+        &format!(
+            "{}\n[service.rate_limit]\ndefault_tps = 10\n\n[[service.resource]]\n\
+             name = \"team-a\"\nkey = \"key-a\"\ntps = 10\nautoscale = true\n\n\
+             [service.autoscale]\ninterval = \"2s\"\n",
+            support::service(&[endpoint.to_owned()], "")
+        ),
+    )
+}
+
+/// Wait until `replica`'s `store.leader` is `leads`; false if that takes [`support::DEADLINE`].
+async fn leads_eventually(replica: &support::fleet::Replica, leads: bool) -> bool {
+    let deadline = tokio::time::Instant::now() + support::DEADLINE;
+    while tokio::time::Instant::now() < deadline {
+        if replica.store().await["leader"] == leads {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Redis loses the leader's fencing counter (`leader:epoch`) while the lease itself survives
+/// (eviction under an `allkeys-*` policy, or an operator): the holder keeps leading, with a
+/// new token, and its fenced writes go through. It used to renew the lease forever while
+/// reading token 0 — no leader, autoscaling stopped for the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_keeps_leading_when_redis_loses_its_fencing_counter() {
+    let _serial = support::fleet::one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let endpoint = support::mock().start().await;
+    let a = support::fleet::Replica::start("a", &lone_replica_config(&redis, "a", &endpoint.url()))
+        .await;
+    a.wait_ready().await;
+    assert!(
+        leads_eventually(&a, true).await,
+        "a lone replica leads: {}",
+        a.store().await
+    );
+    assert_eq!(redis.command(&["DEL", "sluice:leader:epoch"]), "1");
+    // Several heartbeats (each renews the lease) after the loss.
+    let heartbeat = support::fleet::HEARTBEAT;
+    let watched = Instant::now();
+    while watched.elapsed() < heartbeat * 5 {
+        let store = a.store().await;
+        assert_eq!(
+            store["leader"],
+            true,
+            "{:?} after leader:epoch was lost the holder no longer leads: {store}\nredis: {:?}",
+            watched.elapsed(),
+            redis.dump("sluice:leader*")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(redis.command(&["GET", "sluice:leader"]), "a");
+    assert_ne!(redis.command(&["GET", "sluice:leader:epoch"]), "(nil)");
 }

@@ -30,11 +30,17 @@ pub const POLICY_POLL: Duration = Duration::from_millis(250);
 
 /// Take or renew the lease KEYS[1] for ARGV[1] (ttl ARGV[2] ms). A new holder gets a new
 /// fencing token (KEYS[2] incremented); returns the holder's token, or 0 when another holds it.
+/// A holder whose token Redis lost (the counter evicted under an `allkeys-*` policy, or
+/// deleted) gets a new one: without it the holder would renew the lease forever yet read no
+/// token, and nobody would lead. The holder is checked by the fenced write too, so a token
+/// counted again from 1 cannot let an old leader write.
 const LEAD: &str = r"
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2]) or '0')
+  local token = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if token and token > 0 then return token end
+  return redis.call('INCR', KEYS[2])
 end
 if holder then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
