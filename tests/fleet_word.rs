@@ -3,7 +3,8 @@
 //! - a background refill racing requests hands out only cells Redis granted;
 //! - rate keys of different (service, resource) pairs never collide, and the built-in bucket
 //!   names cannot be configured;
-//! - the autoscale leader keeps leading when Redis loses its fencing counter.
+//! - the autoscale leader keeps leading when Redis loses its fencing counter, and a leader
+//!   after Redis lost the last step waits a full interval before stepping.
 
 mod support;
 
@@ -295,4 +296,94 @@ async fn the_leader_keeps_leading_when_redis_loses_its_fencing_counter() {
     }
     assert_eq!(redis.command(&["GET", "sluice:leader"]), "a");
     assert_ne!(redis.command(&["GET", "sluice:leader:epoch"]), "(nil)");
+}
+
+/// Two replicas with team-a at 10 TPS, autoscaled every `interval` by a rule that doubles the
+/// limit while it was throttled in the last second.
+fn autoscaled_service(endpoint: &str, interval: Duration) -> String {
+    format!(
+        "{}\n[service.rate_limit]\ndefault_tps = 10\n\n[[service.resource]]\nname = \"team-a\"\n\
+         key = \"key-a\"\ntps = 10\nautoscale = true\n\n[service.autoscale]\ninterval = \"{}ms\"\n\
+         [[service.autoscale.profile]]\nname = \"fast\"\n{}",
+        support::service(&[endpoint.to_owned()], "max_concurrent = 200"),
+        interval.as_millis(),
+        support::DOUBLE_WHILE_THROTTLED
+    )
+}
+
+/// The step Redis holds for the service `scoring`: (stepped_at_ms on Redis's clock, limits).
+fn published_step(redis: &RedisServer) -> Option<(u64, serde_json::Value)> {
+    let doc = redis.command(&["GET", "sluice:scale:scoring"]);
+    if doc == "(nil)" {
+        return None;
+    }
+    let doc: serde_json::Value = serde_json::from_str(&doc).expect("a scale document");
+    Some((doc["stepped_at_ms"].as_u64().expect("stepped_at_ms"), doc))
+}
+
+/// The autoscale leader steps, then dies as Redis restarts empty (the published step is gone
+/// with it). The survivor takes the lead and must not step until a full interval after the
+/// last step: with nothing published it waits an interval from taking the lead. It used to
+/// judge "due" from its own start and step at once — two steps in one interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_after_redis_lost_the_last_step_waits_a_full_interval() {
+    let _serial = support::fleet::one_at_a_time().await;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let endpoint = support::mock().start().await;
+    let interval = Duration::from_secs(2);
+    let services = autoscaled_service(&endpoint.url(), interval);
+    let replicas = support::fleet::start_fleet(&redis.url(), &["a", "b"], "local", &services).await;
+    // Throttled on both replicas (30 TPS against 10), so whoever leads has a reason to step.
+    let targets = support::fleet::Targets::new(replicas.iter().map(|r| r.addr).collect());
+    let load = support::fleet::open_loop(targets.clone(), "key-a", 30.0, None);
+    let started = Instant::now();
+    let (first_at, first) = loop {
+        if let Some(step) = published_step(&redis) {
+            break step;
+        }
+        assert!(
+            started.elapsed() < support::DEADLINE,
+            "nobody stepped: {:?}",
+            redis.dump("sluice:*")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Whoever stepped leads; it dies as Redis restarts empty.
+    let mut leader = None;
+    for (i, replica) in replicas.iter().enumerate() {
+        if replica.store().await["leader"] == true {
+            leader = Some(i);
+        }
+    }
+    let leader = leader.expect("the replica that stepped leads");
+    replicas[leader].kill_in_place();
+    targets.drop_target(leader);
+    redis.start_again();
+    let lost_at = Instant::now();
+    let survivor = &replicas[1 - leader];
+    let (second_at, second) = loop {
+        if let Some(step) = published_step(&redis) {
+            break step;
+        }
+        assert!(
+            lost_at.elapsed() < support::DEADLINE,
+            "the survivor never stepped: {}",
+            survivor.store().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    load.stop().await;
+    eprintln!(
+        "first step {first} by {}, second {second} by {} {} ms later on Redis's clock",
+        replicas[leader].id,
+        survivor.id,
+        second_at.saturating_sub(first_at)
+    );
+    assert!(
+        second_at >= first_at + interval.as_millis() as u64,
+        "two steps {} ms apart on Redis's clock, with an interval of {interval:?}",
+        second_at.saturating_sub(first_at)
+    );
 }

@@ -46,6 +46,8 @@ pub struct Fleet {
     replicas: AtomicU32,
     /// The fencing token while this replica leads autoscaling; 0 otherwise.
     leader_token: AtomicU64,
+    /// When it took the lead (or its current token), ms on Redis's clock.
+    leading_since_ms: AtomicU64,
     /// The version of the fleet policy this replica follows.
     policy_version: AtomicU64,
 }
@@ -69,6 +71,7 @@ impl Fleet {
             share: AtomicU64::new(pack(Share::NONE)),
             replicas: AtomicU32::new(1),
             leader_token: AtomicU64::new(0),
+            leading_since_ms: AtomicU64::new(0),
             policy_version: AtomicU64::new(0),
         }))
     }
