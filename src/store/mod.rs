@@ -21,8 +21,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::Script;
-
 use crate::balance::Share;
 use crate::config::{OnError, StoreConfig};
 use crate::limit::Quota;
@@ -37,7 +35,7 @@ pub struct Fleet {
     redis: Redis,
     config: StoreConfig,
     id: String,
-    reserve: Script,
+    reserve: rate::Reserver,
     scripts: sync::Scripts,
     heartbeat: members::Heartbeat,
     /// This replica's share of every cap, packed as (index << 32 | replicas).
@@ -62,10 +60,10 @@ impl Fleet {
         let redis = Redis::connect(config)?;
         Ok(Arc::new(Self {
             heartbeat: members::Heartbeat::new(&redis),
+            reserve: rate::Reserver::new(&redis),
             redis,
             config: config.clone(),
             id,
-            reserve: rate::reserve_script(),
             scripts: sync::Scripts::new(),
             // Not part of the fleet until the first heartbeat says so.
             share: AtomicU64::new(pack(Share::NONE)),
