@@ -1,7 +1,8 @@
 //! The fleet keeps its word (issue 19), against a real redis-server: what the README's fleet
 //! section promises holds through the races, resets and losses that used to break it.
-//! - a background refill racing requests hands out only cells Redis granted, and a bucket
-//!   Redis lost comes back empty whoever asks first;
+//! - a background refill racing requests hands out only cells Redis granted, a bucket Redis
+//!   lost comes back empty whoever asks first, and an outage of any length with
+//!   `on_error = "local"` adds nothing above `tps × time + burst`;
 //! - rate keys of different (service, resource) pairs never collide, and the built-in bucket
 //!   names cannot be configured;
 //! - the autoscale leader keeps leading when Redis loses its fencing counter, and a leader
@@ -389,13 +390,23 @@ async fn a_leader_after_redis_lost_the_last_step_waits_a_full_interval() {
     );
 }
 
-/// Ask for one request through `lease`: the lease, or the store when it is empty. A call that
-/// meets Redis's reconnect counts as not admitted.
-async fn ask(fleet: &Fleet, lease: &Lease, key: &str, q: Quota, now: impl Fn() -> u64) -> bool {
+/// Ask for one request through `lease`: the lease, or the store when it is empty; the local
+/// bucket mirrors the verdict, as the limiter does. A call that meets Redis's reconnect counts
+/// as not admitted.
+async fn ask(
+    fleet: &Fleet,
+    lease: &Lease,
+    key: &str,
+    q: Quota,
+    now: impl Fn() -> u64 + Clone,
+) -> bool {
     let verdict = match lease.take(now()) {
         Local::Admit(v) | Local::Refuse(v) => Ok(v),
-        Local::Empty => fleet.refill(lease, key, q, now).await,
+        Local::Empty => fleet.refill(lease, key, q, now.clone()).await,
     };
+    if let Ok(verdict) = &verdict {
+        lease.fallback.mirror(verdict, now());
+    }
     matches!(verdict, Ok(Verdict::Admit { .. }))
 }
 
@@ -443,5 +454,54 @@ async fn a_bucket_lost_with_a_restart_comes_back_empty_whoever_asks_first() {
         f64::from(admitted) <= bound,
         "{admitted} admitted in {elapsed:.3} s after Redis lost the bucket: a fresh burst \
          (at most {bound:.1} from an empty bucket)"
+    );
+}
+
+/// `on_error = "local"` with uneven replicas: a busy replica spends the fleet's bucket, a
+/// quiet one has used none of it; then the store is unreachable for longer than a window
+/// (each replica judges alone at its share, as `limit::shared` does while the store is down),
+/// then it answers again (Redis kept the bucket). Over the whole run the fleet admits at most
+/// `tps × time + burst`. The quiet replica's local bucket used to start full — its share of
+/// the burst again, on top, never paid back by the charge after the outage (which stops at
+/// an empty bucket).
+#[tokio::test]
+async fn an_outage_longer_than_a_window_adds_nothing_above_the_limit() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (busy, quiet) = (fleet(&redis, "busy"), fleet(&redis, "quiet"));
+    let (tps, burst) = (100u32, 50u32);
+    let q = quota(tps, burst);
+    let share = sluice::store::share_of(q, 2);
+    let key = busy.rate_key("svc", "team");
+    let now = clock(Instant::now());
+    let (busy_lease, quiet_lease) = (Lease::new(q), Lease::new(q));
+    let started = Instant::now();
+    let mut admitted = 0u64;
+    while started.elapsed() < Duration::from_millis(300) {
+        admitted += u64::from(ask(&busy, &busy_lease, &key, q, now.clone()).await);
+    }
+    // The store is unreachable for a second (two windows); both replicas take traffic.
+    let outage = busy.outage() + 1;
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(1) {
+        for lease in [&busy_lease, &quiet_lease] {
+            let (_, verdict) = lease.check_locally(share, outage, now());
+            admitted += u64::from(matches!(verdict, Verdict::Admit { .. }));
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    // Back: both charge what they admitted, and the busy one goes on.
+    let back = Instant::now();
+    admitted += u64::from(ask(&quiet, &quiet_lease, &key, q, now.clone()).await);
+    while back.elapsed() < Duration::from_millis(500) {
+        admitted += u64::from(ask(&busy, &busy_lease, &key, q, now.clone()).await);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let bound = f64::from(tps) * elapsed + f64::from(burst) + 3.0;
+    eprintln!("{admitted} admitted in {elapsed:.3} s (bound {bound:.1})");
+    assert!(
+        admitted as f64 <= bound,
+        "{admitted} admitted in {elapsed:.3} s: more than tps × time + burst ({bound:.1})"
     );
 }

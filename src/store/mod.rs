@@ -162,6 +162,11 @@ impl Fleet {
             .await
     }
 
+    /// The store's current (or last) outage number (see [`StoreStats::outages`]).
+    pub fn outage(&self) -> u64 {
+        self.redis.stats.outages.load(Ordering::Acquire)
+    }
+
     /// Count a request decided by `on_error`.
     pub fn count_fallback(&self) {
         self.redis.stats.fallbacks.fetch_add(1, Ordering::Relaxed);

@@ -18,10 +18,11 @@
 //! that was empty at the loss, whichever replica asks first: the fleet's usage before the loss
 //! is unknown, and assuming it spent everything is the side that keeps the bound.
 //!
-//! While Redis is unreachable (`on_error = "local"`) the replica admits from its own bucket;
+//! While Redis is unreachable (`on_error = "local"`) the replica admits from its own bucket,
+//! emptied when the outage begins (so each replica admits at most its share of the rate);
 //! those admissions spent no cell of the Redis bucket, so the first store call afterwards
 //! charges them to it (or, if Redis lost the bucket, seeds the new one with that usage), and
-//! an outage adds no admissions on top of the bound above (each replica held to its share).
+//! an outage adds no admissions on top of the bound above.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -70,17 +71,24 @@ elseif seen ~= '0' and seen ~= born and not lost then
   redis.call('HSET', KEYS[2], 'lost', '1')
 end
 local tat = tonumber(redis.call('GET', KEYS[1]))
+local store = false
 if not tat then
   tat = now + tonumber(ARGV[4])
   if lost then tat = math.max(tat, tonumber(born) + window) end
+  store = true
 elseif owed > 0 then
   tat = math.min(math.max(tat, now) + owed * interval, now + window)
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  store = true
 end
 if tat < now then tat = now end
 local fit = math.floor((now + window - tat) / interval + 1e-6)
 if fit < want then want = fit end
 if want < 1 then
+  -- A bucket made or charged here is kept even when nothing fits: otherwise it would be
+  -- made again from scratch at every call, and a seeded one would refuse forever.
+  if store then
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
   return {0, math.ceil(tat + interval - window - now), 0, math.ceil(tat - now), born}
 end
 tat = math.ceil(tat + want * interval)
@@ -147,6 +155,8 @@ pub struct Lease {
     /// fleet bucket: the next store call charges them, so an outage adds nothing on top of
     /// the fleet's limit when Redis kept the bucket.
     owed: AtomicU64,
+    /// The store outage for which `fallback` was emptied (see [`Lease::check_locally`]).
+    emptied_for: AtomicU64,
 }
 
 impl Lease {
@@ -163,12 +173,36 @@ impl Lease {
             prefetching: AtomicBool::new(false),
             fallback: Bucket::new(share),
             owed: AtomicU64::new(0),
+            emptied_for: AtomicU64::new(u64::MAX),
         }
     }
 
     /// Count a request `fallback` admitted while the store was unreachable.
     pub fn admitted_locally(&self) {
         self.owed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Judge a request at `now` with `fallback` at this replica's `share` of the limit, while
+    /// the store is unreachable in its outage number `outage` (`on_error = "local"`), and
+    /// count it if admitted. The first local decision of an outage empties `fallback`: this
+    /// replica's part of the burst may already have been spent through other replicas (the
+    /// fleet's bucket was shared; a replica that saw little of the traffic would otherwise
+    /// start with a full local bucket), so during an outage each replica admits at most its
+    /// share of the rate, and the fleet stays within `tps × time + burst` however long the
+    /// outage lasts.
+    pub fn check_locally(&self, share: Quota, outage: u64, now: u64) -> (Quota, Verdict) {
+        if self.fallback.quota() != share {
+            self.fallback.set_quota(share);
+        }
+        if self.emptied_for.swap(outage, Ordering::AcqRel) != outage {
+            self.fallback
+                .mirror(&Verdict::Refuse { retry_after_ns: 0 }, now);
+        }
+        let (share, verdict) = self.fallback.check(now);
+        if matches!(verdict, Verdict::Admit { .. }) {
+            self.admitted_locally();
+        }
+        (share, verdict)
     }
 
     /// Give back a cell taken from the lease, or a local admission counted while the store was
