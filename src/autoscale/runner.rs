@@ -198,11 +198,11 @@ impl ServiceAutoscaler {
         events
     }
 
-    /// The values a leader publishes after a step.
-    pub fn scale_doc(&self, stepped_at: DateTime<Utc>) -> ScaleDoc {
+    /// The values a leader publishes after a step taken at `stepped_at_ms` (Redis's clock).
+    pub fn scale_doc(&self, stepped_at_ms: u64) -> ScaleDoc {
         let engine = self.engine();
         ScaleDoc {
-            stepped_at_ms: u64::try_from(stepped_at.timestamp_millis()).unwrap_or(0),
+            stepped_at_ms,
             limits: engine
                 .resources()
                 .filter(|(_, state)| state.spec.enabled)
@@ -358,18 +358,27 @@ async fn fleet_turn(
     if !fleet.is_leader() {
         return events;
     }
-    let interval_ms = autoscaler.settings().interval.as_millis() as i64;
+    // Step times are compared on Redis's clock, which every replica reads the same: skew
+    // between the replicas' own clocks cannot move a step.
+    let Ok(redis_now) = fleet.redis_time_ms().await else {
+        return events;
+    };
+    let interval_ms = u64::try_from(autoscaler.settings().interval.as_millis()).unwrap_or(u64::MAX);
     let due = match &published {
         // A step taken by an earlier leader counts: one step per interval for the fleet.
-        Some(doc) => wall.timestamp_millis() - doc.stepped_at_ms as i64 >= interval_ms,
-        None => due,
+        Some(doc) => redis_now.saturating_sub(doc.stepped_at_ms) >= interval_ms,
+        // No step published: none yet, or Redis lost it (a restart, an eviction) — then the
+        // last leader may have stepped a moment ago. Wait a full interval from taking the
+        // lead (as well as from this replica's own last step), which a step taken before
+        // the lead changed hands cannot be within.
+        None => due && redis_now.saturating_sub(fleet.leading_since_ms()) >= interval_ms,
     };
     if !due {
         return events;
     }
     *last = at;
     let stepped = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall);
-    let doc = autoscaler.scale_doc(wall);
+    let doc = autoscaler.scale_doc(redis_now);
     // Fenced off (another replica leads now): its values arrive at the next tick.
     if let Ok(true) = fleet.publish_scale(&live.name, &doc).await {
         events.extend(stepped);

@@ -103,6 +103,14 @@ pub fn parse_sha256_hex(hex: &str) -> Option<[u8; 32]> {
     Some(digest)
 }
 
+/// Name under which requests with unknown keys are counted (keys themselves are never shown).
+pub const UNKNOWN_RESOURCE: &str = "unknown";
+/// Name of the shared bucket of key-less requests when `missing_key = "anonymous"`.
+pub const ANONYMOUS_RESOURCE: &str = "anonymous";
+/// Names the limiter gives its built-in buckets; a configured resource may not take one (it
+/// would share the bucket, its fleet key and its counters).
+pub const BUILT_IN_RESOURCES: [&str; 2] = [UNKNOWN_RESOURCE, ANONYMOUS_RESOURCE];
+
 /// Check a service's rate-limit table and resources; `service` is the key prefix.
 pub(super) fn validate(
     p: &mut Problems,
@@ -135,6 +143,16 @@ pub(super) fn validate(
         let key = |field: &str| format!("{service}.resource[{i}].{field}");
         if r.name.trim().is_empty() {
             p.add(key("name"), "must not be empty");
+        }
+        if BUILT_IN_RESOURCES.contains(&r.name.as_str()) {
+            p.add(
+                key("name"),
+                format!(
+                    "{:?} is the name of a built-in bucket (one of {BUILT_IN_RESOURCES:?}): \
+                     a resource of that name would share it; choose another",
+                    r.name
+                ),
+            );
         }
         if let Some(first) = names.insert(r.name.as_str(), i) {
             p.add(

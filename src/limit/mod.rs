@@ -30,10 +30,12 @@ pub use headers::Status;
 use index::ResourceIndex;
 pub use keys::{key_digest, DigestMemo, KeySource, KeyTable};
 
-/// Name under which requests with unknown keys are counted (keys themselves are never shown).
-pub const UNKNOWN: &str = "unknown";
-/// Name of the shared bucket of key-less requests when `missing_key = "anonymous"`.
-pub const ANONYMOUS: &str = "anonymous";
+/// Name under which requests with unknown keys are counted (keys themselves are never shown);
+/// config validation reserves it.
+pub const UNKNOWN: &str = crate::config::UNKNOWN_RESOURCE;
+/// Name of the shared bucket of key-less requests when `missing_key = "anonymous"`; config
+/// validation reserves it.
+pub const ANONYMOUS: &str = crate::config::ANONYMOUS_RESOURCE;
 
 /// Counts per resource, since start and over the last minute; `succeeded` (2xx from the
 /// endpoint) is what a caller is billed for.

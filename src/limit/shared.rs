@@ -66,13 +66,7 @@ impl RateLimiter {
         match fleet.on_error() {
             OnError::Local => {
                 let share = store::share_of(quota, fleet.replicas());
-                if lease.fallback.quota() != share {
-                    lease.fallback.set_quota(share);
-                }
-                let (share, verdict) = lease.fallback.check(now);
-                if matches!(verdict, Verdict::Admit { .. }) {
-                    lease.admitted_locally();
-                }
+                let (share, verdict) = lease.check_locally(share, fleet.outage(), now);
                 Judged::Verdict(share, verdict, Cell::Fallback)
             }
             OnError::Allow => Judged::Verdict(

@@ -21,8 +21,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::Script;
-
 use crate::balance::Share;
 use crate::config::{OnError, StoreConfig};
 use crate::limit::Quota;
@@ -37,7 +35,7 @@ pub struct Fleet {
     redis: Redis,
     config: StoreConfig,
     id: String,
-    reserve: Script,
+    reserve: rate::Reserver,
     scripts: sync::Scripts,
     heartbeat: members::Heartbeat,
     /// This replica's share of every cap, packed as (index << 32 | replicas).
@@ -46,6 +44,8 @@ pub struct Fleet {
     replicas: AtomicU32,
     /// The fencing token while this replica leads autoscaling; 0 otherwise.
     leader_token: AtomicU64,
+    /// When it took the lead (or its current token), ms on Redis's clock.
+    leading_since_ms: AtomicU64,
     /// The version of the fleet policy this replica follows.
     policy_version: AtomicU64,
 }
@@ -60,15 +60,16 @@ impl Fleet {
         let redis = Redis::connect(config)?;
         Ok(Arc::new(Self {
             heartbeat: members::Heartbeat::new(&redis),
+            reserve: rate::Reserver::new(&redis),
             redis,
             config: config.clone(),
             id,
-            reserve: rate::reserve_script(),
             scripts: sync::Scripts::new(),
             // Not part of the fleet until the first heartbeat says so.
             share: AtomicU64::new(pack(Share::NONE)),
             replicas: AtomicU32::new(1),
             leader_token: AtomicU64::new(0),
+            leading_since_ms: AtomicU64::new(0),
             policy_version: AtomicU64::new(0),
         }))
     }
@@ -126,9 +127,12 @@ impl Fleet {
         self.policy_version.load(Ordering::Acquire)
     }
 
-    /// The Redis key of a resource's rate bucket.
+    /// The Redis key of a resource's rate bucket: `rate:{service's length}:{service}:{resource}`.
+    /// The length (in bytes) says where the service's name ends, so names that contain `:`
+    /// cannot make two (service, resource) pairs share a key (`a:b` + `c` and `a` + `b:c`).
     pub fn rate_key(&self, service: &str, resource: &str) -> String {
-        self.redis.key(&format!("rate:{service}:{resource}"))
+        self.redis
+            .key(&format!("rate:{}:{service}:{resource}", service.len()))
     }
 
     /// Reserve cells for `lease` and take one, within `store.timeout` all told (waiting for
@@ -156,6 +160,11 @@ impl Fleet {
         lease
             .prefetch(&self.redis, &self.reserve, key, quota, self.replicas(), now)
             .await
+    }
+
+    /// The store's current (or last) outage number (see [`StoreStats::outages`]).
+    pub fn outage(&self) -> u64 {
+        self.redis.stats.outages.load(Ordering::Acquire)
     }
 
     /// Count a request decided by `on_error`.

@@ -14,10 +14,15 @@
 //! A refusal from Redis says exactly when the next cell is due; until then the replica refuses
 //! locally, so throttled traffic costs no store calls either.
 //!
-//! While Redis is unreachable (`on_error = "local"`) the replica admits from its own bucket;
+//! A bucket Redis lost with its data (see [`RESERVE`]: the store generation) comes back as one
+//! that was empty at the loss, whichever replica asks first: the fleet's usage before the loss
+//! is unknown, and assuming it spent everything is the side that keeps the bound.
+//!
+//! While Redis is unreachable (`on_error = "local"`) the replica admits from its own bucket,
+//! emptied when the outage begins (so each replica admits at most its share of the rate);
 //! those admissions spent no cell of the Redis bucket, so the first store call afterwards
 //! charges them to it (or, if Redis lost the bucket, seeds the new one with that usage), and
-//! an outage adds no admissions on top of the bound above (each replica held to its share).
+//! an outage adds no admissions on top of the bound above.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -35,10 +40,18 @@ const MAX_BATCH: u32 = 128;
 
 /// Reserve up to ARGV[3] cells from the bucket at KEYS[1]. Times are microseconds on Redis's
 /// clock. ARGV: interval (µs per cell, may be fractional), window (burst × interval), cells
-/// wanted, seed (how far ahead of now a bucket that does not exist yet starts: usage the
-/// replica counted locally while Redis was away), owed (cells the replica admitted locally
-/// while Redis was away, charged to a bucket that Redis kept; a seeded bucket holds them
-/// already). Returns {granted, retry_after µs, remaining, reset µs}.
+/// wanted, seed (how far ahead of now a bucket that does not exist yet starts at least: usage
+/// the replica counted locally while Redis was away), owed (cells the replica admitted locally
+/// while Redis was away, charged to a bucket that Redis kept), the store generation the
+/// replica last saw (0: none).
+///
+/// KEYS[2] is the store's generation: the Redis time (µs) at which it was first written, and
+/// whether a replica found it replaced, that is, Redis lost its data (a restart without
+/// persistence, a flush, an eviction). A bucket that does not exist is then told apart: with
+/// no loss known it is one that was never used or expired full, and starts full; after a
+/// loss it may be one that was lost while empty, so it starts as a bucket that was empty at
+/// the loss and has refilled since — whichever replica calls first, however little it used.
+/// Returns {granted, retry_after µs, remaining, reset µs, generation}.
 const RESERVE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -46,27 +59,64 @@ local interval = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local want = tonumber(ARGV[3])
 local owed = tonumber(ARGV[5])
+local seen = ARGV[6]
+local gen = redis.call('HMGET', KEYS[2], 'at', 'lost')
+local born, lost = gen[1], gen[2] == '1'
+if not born then
+  born = string.format('%.0f', now)
+  lost = seen ~= '0'
+  redis.call('HSET', KEYS[2], 'at', born, 'lost', lost and '1' or '0')
+elseif seen ~= '0' and seen ~= born and not lost then
+  lost = true
+  redis.call('HSET', KEYS[2], 'lost', '1')
+end
 local tat = tonumber(redis.call('GET', KEYS[1]))
+local store = false
 if not tat then
   tat = now + tonumber(ARGV[4])
+  if lost then tat = math.max(tat, tonumber(born) + window) end
+  store = true
 elseif owed > 0 then
   tat = math.min(math.max(tat, now) + owed * interval, now + window)
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  store = true
 end
 if tat < now then tat = now end
 local fit = math.floor((now + window - tat) / interval + 1e-6)
 if fit < want then want = fit end
 if want < 1 then
-  return {0, math.ceil(tat + interval - window - now), 0, math.ceil(tat - now)}
+  -- A bucket made or charged here is kept even when nothing fits: otherwise it would be
+  -- made again from scratch at every call, and a seeded one would refuse forever.
+  if store then
+    redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+  end
+  return {0, math.ceil(tat + interval - window - now), 0, math.ceil(tat - now), born}
 end
 tat = math.ceil(tat + want * interval)
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
-return {want, 0, math.floor((now + window - tat) / interval), tat - now}
+return {want, 0, math.floor((now + window - tat) / interval), tat - now, born}
 ";
 
-/// The reservation script, loaded once per process.
-pub fn reserve_script() -> Script {
-    super::redis::script(RESERVE)
+/// The reservation script (loaded once per process) and the store generation this replica
+/// last saw (see [`RESERVE`]).
+#[derive(Debug)]
+pub struct Reserver {
+    script: Script,
+    /// The key of the store's generation.
+    generation_key: String,
+    /// The generation the last reservation saw; 0 before the first.
+    seen: AtomicU64,
+}
+
+impl Reserver {
+    /// For the store at `redis`.
+    pub fn new(redis: &Redis) -> Self {
+        Self {
+            script: super::redis::script(RESERVE),
+            // Cannot be a bucket's key: those go on with the service name's length.
+            generation_key: redis.key("rate:generation"),
+            seen: AtomicU64::new(0),
+        }
+    }
 }
 
 /// What a lease says about one request, without a store call.
@@ -105,6 +155,8 @@ pub struct Lease {
     /// fleet bucket: the next store call charges them, so an outage adds nothing on top of
     /// the fleet's limit when Redis kept the bucket.
     owed: AtomicU64,
+    /// The store outage for which `fallback` was emptied (see [`Lease::check_locally`]).
+    emptied_for: AtomicU64,
 }
 
 impl Lease {
@@ -121,12 +173,36 @@ impl Lease {
             prefetching: AtomicBool::new(false),
             fallback: Bucket::new(share),
             owed: AtomicU64::new(0),
+            emptied_for: AtomicU64::new(u64::MAX),
         }
     }
 
     /// Count a request `fallback` admitted while the store was unreachable.
     pub fn admitted_locally(&self) {
         self.owed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Judge a request at `now` with `fallback` at this replica's `share` of the limit, while
+    /// the store is unreachable in its outage number `outage` (`on_error = "local"`), and
+    /// count it if admitted. The first local decision of an outage empties `fallback`: this
+    /// replica's part of the burst may already have been spent through other replicas (the
+    /// fleet's bucket was shared; a replica that saw little of the traffic would otherwise
+    /// start with a full local bucket), so during an outage each replica admits at most its
+    /// share of the rate, and the fleet stays within `tps × time + burst` however long the
+    /// outage lasts.
+    pub fn check_locally(&self, share: Quota, outage: u64, now: u64) -> (Quota, Verdict) {
+        if self.fallback.quota() != share {
+            self.fallback.set_quota(share);
+        }
+        if self.emptied_for.swap(outage, Ordering::AcqRel) != outage {
+            self.fallback
+                .mirror(&Verdict::Refuse { retry_after_ns: 0 }, now);
+        }
+        let (share, verdict) = self.fallback.check(now);
+        if matches!(verdict, Verdict::Admit { .. }) {
+            self.admitted_locally();
+        }
+        (share, verdict)
     }
 
     /// Give back a cell taken from the lease, or a local admission counted while the store was
@@ -150,7 +226,7 @@ impl Lease {
     async fn reserve(
         &self,
         redis: &Redis,
-        script: &Script,
+        reserver: &Reserver,
         ask: Ask<'_>,
         deadline: Instant,
     ) -> Result<Grant, StoreError> {
@@ -158,7 +234,7 @@ impl Lease {
             to: &self.owed,
             cells: self.owed.swap(0, Ordering::AcqRel),
         };
-        let grant = reserve(redis, script, ask, owed.cells, deadline).await?;
+        let grant = reserve(redis, reserver, ask, owed.cells, deadline).await?;
         owed.cells = 0;
         Ok(grant)
     }
@@ -206,7 +282,7 @@ impl Lease {
     pub async fn refill_and_take(
         &self,
         redis: &Redis,
-        script: &Script,
+        reserver: &Reserver,
         key: &str,
         quota: Quota,
         replicas: u32,
@@ -230,7 +306,7 @@ impl Lease {
             want,
             seed_ns,
         };
-        match self.reserve(redis, script, ask, deadline).await? {
+        match self.reserve(redis, reserver, ask, deadline).await? {
             Grant::Refused { retry_after_ns } => {
                 self.refused_until
                     .store(now() + retry_after_ns, Ordering::Release);
@@ -257,7 +333,7 @@ impl Lease {
     pub async fn prefetch(
         &self,
         redis: &Redis,
-        script: &Script,
+        reserver: &Reserver,
         key: &str,
         quota: Quota,
         replicas: u32,
@@ -291,7 +367,7 @@ impl Lease {
         } = self
             .reserve(
                 redis,
-                script,
+                reserver,
                 Ask {
                     key,
                     quota,
@@ -302,8 +378,7 @@ impl Lease {
             )
             .await?
         {
-            let left = self.cells.load(Ordering::Acquire);
-            self.install(left + cells, remaining, reset_ns, now());
+            self.top_up(cells, remaining, reset_ns, now());
         }
         drop(claimed);
         Ok(())
@@ -314,6 +389,25 @@ impl Lease {
         self.remaining.store(remaining, Ordering::Relaxed);
         self.full_at.store(at + reset_ns, Ordering::Relaxed);
         self.cells.store(cells, Ordering::Release);
+        self.expires
+            .store(at + LEASE_TTL.as_nanos() as u64, Ordering::Release);
+    }
+
+    /// Add `cells` a background refill was granted to the lease, from `at` for [`LEASE_TTL`].
+    /// Added atomically: requests take cells meanwhile (and give some back), so reading the
+    /// count and storing `count + cells` would hand a cell taken in between out again, one
+    /// Redis never granted. A lease that ended meanwhile is replaced, not added to: its cells
+    /// are worthless (requests no longer take them), and carrying them into the new lease
+    /// would make them live longer than [`LEASE_TTL`]. Only this replica's refill (which holds
+    /// the refill lock) changes `expires`, so the check and the update agree.
+    fn top_up(&self, cells: u32, remaining: u32, reset_ns: u64, at: u64) {
+        self.remaining.store(remaining, Ordering::Relaxed);
+        self.full_at.store(at + reset_ns, Ordering::Relaxed);
+        if at < self.expires.load(Ordering::Acquire) {
+            self.cells.fetch_add(cells, Ordering::AcqRel);
+        } else {
+            self.cells.store(cells, Ordering::Release);
+        }
         self.expires
             .store(at + LEASE_TTL.as_nanos() as u64, Ordering::Release);
     }
@@ -389,24 +483,29 @@ struct Ask<'a> {
 /// Ask the fleet bucket, first charging it with `owed` cells admitted locally.
 async fn reserve(
     redis: &Redis,
-    script: &Script,
+    reserver: &Reserver,
     ask: Ask<'_>,
     owed: u64,
     deadline: Instant,
 ) -> Result<Grant, StoreError> {
     let interval_us = 1e6 / f64::from(ask.quota.tps.get());
     let window_us = interval_us * f64::from(ask.quota.burst.get());
-    let mut invocation = script.key(ask.key);
+    let mut invocation = reserver.script.key(ask.key);
     invocation
+        .key(&reserver.generation_key)
         .arg(format!("{interval_us:.3}"))
         .arg(format!("{window_us:.3}"))
         .arg(ask.want)
         .arg(ask.seed_ns / 1000)
-        .arg(owed);
+        .arg(owed)
+        .arg(reserver.seen.load(Ordering::Acquire));
     let reply: Vec<i64> = redis.invoke_by(&invocation, deadline).await?;
-    let [granted, retry_us, remaining, reset_us] = reply[..] else {
+    let [granted, retry_us, remaining, reset_us, generation] = reply[..] else {
         return Err(StoreError::Data(format!("reserve answered {reply:?}")));
     };
+    reserver
+        .seen
+        .store(u64::try_from(generation).unwrap_or(0), Ordering::Release);
     let ns = |us: i64| u64::try_from(us).unwrap_or(0).saturating_mul(1000);
     Ok(match u32::try_from(granted) {
         Ok(cells) if cells > 0 => Grant::Cells {

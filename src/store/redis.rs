@@ -44,6 +44,9 @@ pub struct StoreStats {
     pub errors: AtomicU64,
     /// Requests decided by `on_error` because the store was unreachable.
     pub fallbacks: AtomicU64,
+    /// Times the store went from up to unreachable: outage 0 is the time before the first
+    /// answer, outage n the n-th loss after an answer.
+    pub outages: AtomicU64,
 }
 
 /// The connection, the key prefix and the health.
@@ -181,6 +184,7 @@ impl Redis {
         match (was_up, error) {
             (true, Some(e)) => {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                self.stats.outages.fetch_add(1, Ordering::AcqRel);
                 tracing::error!(target: "sluice::store", error = %e, "store unreachable: on_error applies until it answers again");
             }
             (false, Some(_)) => {

@@ -30,15 +30,23 @@ pub const POLICY_POLL: Duration = Duration::from_millis(250);
 
 /// Take or renew the lease KEYS[1] for ARGV[1] (ttl ARGV[2] ms). A new holder gets a new
 /// fencing token (KEYS[2] incremented); returns the holder's token, or 0 when another holds it.
+/// A holder whose token Redis lost (the counter evicted under an `allkeys-*` policy, or
+/// deleted) gets a new one: without it the holder would renew the lease forever yet read no
+/// token, and nobody would lead. The holder is checked by the fenced write too, so a token
+/// counted again from 1 cannot let an old leader write.
 const LEAD: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return tonumber(redis.call('GET', KEYS[2]) or '0')
+  local token = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if token and token > 0 then return {token, now} end
+  return {redis.call('INCR', KEYS[2]), now}
 end
-if holder then return 0 end
+if holder then return {0, now} end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return redis.call('INCR', KEYS[2])
+return {redis.call('INCR', KEYS[2]), now}
 ";
 
 /// Write ARGV[3] to KEYS[3] only while ARGV[1] holds the lease KEYS[1] with token ARGV[2].
@@ -73,7 +81,8 @@ pub struct PolicyDoc {
 /// A service's autoscaled values, as the leader last wrote them.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ScaleDoc {
-    /// When the leader last stepped, ms since the Unix epoch.
+    /// When the leader last stepped, ms since the Unix epoch on Redis's clock (`TIME`): the
+    /// one clock every replica reads the same, so skew between replicas cannot move steps.
     pub stepped_at_ms: u64,
     /// Each autoscaled resource's limit.
     pub limits: BTreeMap<String, u32>,
@@ -161,8 +170,14 @@ impl Fleet {
             .key(self.redis.key("leader:epoch"))
             .arg(&self.id)
             .arg(self.member_ttl().as_millis() as u64);
-        let token: u64 = self.redis.invoke(&invocation).await?;
+        let reply: Vec<u64> = self.redis.invoke(&invocation).await?;
+        let [token, redis_now_ms] = reply[..] else {
+            return Err(StoreError::Data(format!("lead answered {reply:?}")));
+        };
         let before = self.leader_token.swap(token, Ordering::AcqRel);
+        if before != token && token != 0 {
+            self.leading_since_ms.store(redis_now_ms, Ordering::Release);
+        }
         if before != token {
             match token {
                 0 => {
@@ -174,6 +189,17 @@ impl Fleet {
             }
         }
         Ok(token != 0)
+    }
+
+    /// When this replica last took the autoscale lead (or a new token), ms on Redis's clock.
+    pub fn leading_since_ms(&self) -> u64 {
+        self.leading_since_ms.load(Ordering::Acquire)
+    }
+
+    /// Redis's clock now, ms since the Unix epoch: the clock autoscale steps are timed on.
+    pub async fn redis_time_ms(&self) -> Result<u64, StoreError> {
+        let (secs, micros): (u64, u64) = self.redis.query(&redis::cmd("TIME")).await?;
+        Ok(secs * 1000 + micros / 1000)
     }
 
     fn scale_key(&self, service: &str) -> String {

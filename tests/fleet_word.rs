@@ -1,0 +1,507 @@
+//! The fleet keeps its word (issue 19), against a real redis-server: what the README's fleet
+//! section promises holds through the races, resets and losses that used to break it.
+//! - a background refill racing requests hands out only cells Redis granted, a bucket Redis
+//!   lost comes back empty whoever asks first, and an outage of any length with
+//!   `on_error = "local"` adds nothing above `tps × time + burst`;
+//! - rate keys of different (service, resource) pairs never collide, and the built-in bucket
+//!   names cannot be configured;
+//! - the autoscale leader keeps leading when Redis loses its fencing counter, and a leader
+//!   after Redis lost the last step waits a full interval before stepping.
+
+mod support;
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice::config::{Backend, StoreConfig};
+use sluice::limit::{Quota, Verdict};
+use sluice::store::{Fleet, Lease, Local};
+use support::redis::RedisServer;
+
+fn quota(tps: u32, burst: u32) -> Quota {
+    Quota::new(NonZeroU32::new(tps).unwrap(), NonZeroU32::new(burst))
+}
+
+fn fleet(redis: &RedisServer, id: &str) -> Arc<Fleet> {
+    let config = StoreConfig {
+        backend: Backend::Redis,
+        url: redis.url(),
+        replica_id: id.into(),
+        // Generous: a loaded CI machine; nothing here measures the store's speed.
+        timeout: Duration::from_millis(500),
+        ..StoreConfig::default()
+    };
+    Fleet::connect(&config).unwrap()
+}
+
+/// A clock in ns for the lease (the limiter's clock in production).
+fn clock(start: Instant) -> impl Fn() -> u64 + Clone {
+    move || start.elapsed().as_nanos() as u64
+}
+
+/// The bucket's theoretical arrival time as Redis stores it (µs on Redis's clock).
+fn tat(redis: &RedisServer, key: &str) -> u64 {
+    let value = redis.command(&["GET", key]);
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("bucket {key} holds {value:?}"))
+}
+
+/// A task keeps a lease topped up with background refills and spends cells from it (requests
+/// admitted), while requests on another thread take cells whenever a refill is under way,
+/// every other one giving its cell straight back (like a capacity 429), so every refill's
+/// answer lands while cells are being taken (and the refill's clock is slow, to stand in for a
+/// preemption at the worst moment). Redis's bucket says how many cells it granted: at 1 TPS
+/// with a huge burst, each granted cell moves the bucket's time one second ahead and nothing
+/// else moves it. The requests admitted can never be more than that.
+#[test]
+fn a_background_refill_racing_requests_hands_out_only_cells_redis_granted() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = runtime.block_on(async { fleet(&redis, "a") });
+    let q = quota(1, 1_000_000);
+    let lease = Arc::new(Lease::new(q));
+    let key = a.rate_key("svc", "team");
+    let now = clock(Instant::now());
+    // The first grant (one cell, taken at once) creates the bucket; count from there.
+    let first = runtime
+        .block_on(a.refill(&lease, &key, q, now.clone()))
+        .unwrap();
+    assert!(matches!(first, Verdict::Admit { .. }));
+    let before = tat(&redis, &key);
+
+    // The refill reads the clock between its steps; a read that takes 20 µs stands in for
+    // the refill being preempted there (which a busy machine does now and then), so the test
+    // meets the race every run instead of a few times a minute.
+    let slow_now = {
+        let now = now.clone();
+        move || {
+            let read = Instant::now();
+            while read.elapsed() < Duration::from_micros(20) {
+                std::hint::spin_loop();
+            }
+            now()
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    // Cells requests on the other thread may still keep during the current refill.
+    let allowance = Arc::new(AtomicU64::new(0));
+    let taker = {
+        let (lease, stop, allowance, now) = (
+            Arc::clone(&lease),
+            Arc::clone(&stop),
+            Arc::clone(&allowance),
+            now.clone(),
+        );
+        std::thread::spawn(move || {
+            let (mut kept, mut given_back) = (0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                if allowance.load(Ordering::Acquire) == 0 {
+                    // Leave the CPU to Redis and the refill between refills.
+                    std::thread::yield_now();
+                    continue;
+                }
+                if !matches!(lease.take(now()), Local::Admit(_)) {
+                    continue;
+                }
+                // Every other request meets a full endpoint: its cell goes back.
+                let keep = given_back > kept
+                    && allowance
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                        .is_ok();
+                if keep {
+                    kept += 1;
+                } else {
+                    lease.give_back(false);
+                    given_back += 1;
+                }
+            }
+            (kept, given_back)
+        })
+    };
+    let (spent, refills) = runtime.block_on(async {
+        let started = Instant::now();
+        let (mut spent, mut refills) = (0u64, 0u64);
+        while started.elapsed() < Duration::from_secs(2) {
+            allowance.store(8, Ordering::Release);
+            a.prefetch(&lease, &key, q, slow_now.clone()).await.unwrap();
+            allowance.store(0, Ordering::Release);
+            refills += 1;
+            // Spend about half a batch, so the next refill finds the lease half full.
+            for _ in 0..64 {
+                let admit = match lease.take(now()) {
+                    Local::Admit(_) => true,
+                    Local::Refuse(v) => panic!("a bucket of a million cells refused: {v:?}"),
+                    Local::Empty => matches!(
+                        a.refill(&lease, &key, q, now.clone()).await.unwrap(),
+                        Verdict::Admit { .. }
+                    ),
+                };
+                spent += u64::from(admit);
+            }
+        }
+        (spent, refills)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let (kept, given_back) = taker.join().unwrap();
+    // What the lease still holds was granted too: spend it, so the count is exact.
+    let mut left = 0u64;
+    while matches!(lease.take(now()), Local::Admit(_)) {
+        left += 1;
+    }
+    let admitted = spent + kept + left;
+
+    let granted = (tat(&redis, &key) - before) / 1_000_000;
+    eprintln!(
+        "{admitted} admitted ({kept} during background refills), {granted} cells granted, \
+         {refills} background refills, {given_back} cells given back during them"
+    );
+    assert!(
+        refills > 50 && kept > 100 && given_back > 100,
+        "the race was hardly exercised: {refills} background refills, {kept} cells kept and \
+         {given_back} given back during them"
+    );
+    assert!(
+        admitted <= granted,
+        "{admitted} requests admitted with {granted} cells granted by Redis: {} cells Redis \
+         never granted",
+        admitted - granted
+    );
+}
+
+/// Spend the whole of a 1-cell bucket at `key`; true if its one cell was granted.
+async fn spend_one(fleet: &Fleet, key: &str, q: Quota, now: impl Fn() -> u64 + Clone) -> bool {
+    let lease = Lease::new(q);
+    matches!(
+        fleet.refill(&lease, key, q, now.clone()).await,
+        Ok(Verdict::Admit { .. })
+    )
+}
+
+/// Service `a:b` with resource `c` and service `a` with resource `b:c` are different callers:
+/// spending one's bucket leaves the other's untouched (their keys used to be the same
+/// `rate:a:b:c`).
+#[tokio::test]
+async fn names_with_colons_never_share_a_bucket() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let a = fleet(&redis, "a");
+    let q = quota(1, 1);
+    let now = clock(Instant::now());
+    let pairs = [("a:b", "c"), ("a", "b:c"), ("a:b:c", ""), ("", "a:b:c")];
+    let keys: Vec<String> = pairs.iter().map(|(s, r)| a.rate_key(s, r)).collect();
+    for (i, key) in keys.iter().enumerate() {
+        assert!(
+            spend_one(&a, key, q, now.clone()).await,
+            "{:?}'s bucket was spent before anything used it (key {key})",
+            pairs[i]
+        );
+        assert!(
+            !spend_one(&a, key, q, now.clone()).await,
+            "a bucket of 1 cell granted 2 at once (key {key})"
+        );
+    }
+    let stored = redis.dump("sluice:rate:*");
+    assert_eq!(stored.len(), pairs.len(), "one bucket per pair: {stored:?}");
+}
+
+/// A configured resource named like a built-in bucket would share it (and, in a fleet, its
+/// Redis key): `sluice check` refuses it and names the key.
+#[test]
+fn built_in_bucket_names_cannot_be_configured() {
+    use support::process::{check, write_config};
+    for name in ["anonymous", "unknown"] {
+        let text = format!(
+            "[listen]\nproxy = \"127.0.0.1:0\"\n\n[[service]]\nname = \"scoring\"\n\
+             endpoints = [\"http://127.0.0.1:9001\"]\n\n[[service.resource]]\nname = \"{name}\"\n\
+             key = \"k-{name}\"\n"
+        );
+        let path = write_config("fleet-word-check", &text);
+        let output = check(&path);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains("service[0].resource[0].name") && stderr.contains("built-in"),
+            "{name}: the message names the key and why: {stderr}"
+        );
+    }
+}
+
+/// One replica alone, with an autoscaled resource (so leading matters).
+fn lone_replica_config(redis: &RedisServer, id: &str, endpoint: &str) -> String {
+    support::fleet::replica_config(
+        &redis.url(),
+        id,
+        "local",
+        &format!(
+            "{}\n[service.rate_limit]\ndefault_tps = 10\n\n[[service.resource]]\n\
+             name = \"team-a\"\nkey = \"key-a\"\ntps = 10\nautoscale = true\n\n\
+             [service.autoscale]\ninterval = \"2s\"\n",
+            support::service(&[endpoint.to_owned()], "")
+        ),
+    )
+}
+
+/// Wait until `replica`'s `store.leader` is `leads`; false if that takes [`support::DEADLINE`].
+async fn leads_eventually(replica: &support::fleet::Replica, leads: bool) -> bool {
+    let deadline = tokio::time::Instant::now() + support::DEADLINE;
+    while tokio::time::Instant::now() < deadline {
+        if replica.store().await["leader"] == leads {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Redis loses the leader's fencing counter (`leader:epoch`) while the lease itself survives
+/// (eviction under an `allkeys-*` policy, or an operator): the holder keeps leading, with a
+/// new token, and its fenced writes go through. It used to renew the lease forever while
+/// reading token 0 — no leader, autoscaling stopped for the fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_keeps_leading_when_redis_loses_its_fencing_counter() {
+    let _serial = support::fleet::one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let endpoint = support::mock().start().await;
+    let a = support::fleet::Replica::start("a", &lone_replica_config(&redis, "a", &endpoint.url()))
+        .await;
+    a.wait_ready().await;
+    assert!(
+        leads_eventually(&a, true).await,
+        "a lone replica leads: {}",
+        a.store().await
+    );
+    assert_eq!(redis.command(&["DEL", "sluice:leader:epoch"]), "1");
+    // Several heartbeats (each renews the lease) after the loss.
+    let heartbeat = support::fleet::HEARTBEAT;
+    let watched = Instant::now();
+    while watched.elapsed() < heartbeat * 5 {
+        let store = a.store().await;
+        assert_eq!(
+            store["leader"],
+            true,
+            "{:?} after leader:epoch was lost the holder no longer leads: {store}\nredis: {:?}",
+            watched.elapsed(),
+            redis.dump("sluice:leader*")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(redis.command(&["GET", "sluice:leader"]), "a");
+    assert_ne!(redis.command(&["GET", "sluice:leader:epoch"]), "(nil)");
+}
+
+/// Two replicas with team-a at 10 TPS, autoscaled every `interval` by a rule that doubles the
+/// limit while it was throttled in the last second.
+fn autoscaled_service(endpoint: &str, interval: Duration) -> String {
+    format!(
+        "{}\n[service.rate_limit]\ndefault_tps = 10\n\n[[service.resource]]\nname = \"team-a\"\n\
+         key = \"key-a\"\ntps = 10\nautoscale = true\n\n[service.autoscale]\ninterval = \"{}ms\"\n\
+         [[service.autoscale.profile]]\nname = \"fast\"\n{}",
+        support::service(&[endpoint.to_owned()], "max_concurrent = 200"),
+        interval.as_millis(),
+        support::DOUBLE_WHILE_THROTTLED
+    )
+}
+
+/// The step Redis holds for the service `scoring`: (stepped_at_ms on Redis's clock, limits).
+fn published_step(redis: &RedisServer) -> Option<(u64, serde_json::Value)> {
+    let doc = redis.command(&["GET", "sluice:scale:scoring"]);
+    if doc == "(nil)" {
+        return None;
+    }
+    let doc: serde_json::Value = serde_json::from_str(&doc).expect("a scale document");
+    Some((doc["stepped_at_ms"].as_u64().expect("stepped_at_ms"), doc))
+}
+
+/// The autoscale leader steps, then dies as Redis restarts empty (the published step is gone
+/// with it). The survivor takes the lead and must not step until a full interval after the
+/// last step: with nothing published it waits an interval from taking the lead. It used to
+/// judge "due" from its own start and step at once — two steps in one interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_after_redis_lost_the_last_step_waits_a_full_interval() {
+    let _serial = support::fleet::one_at_a_time().await;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let endpoint = support::mock().start().await;
+    let interval = Duration::from_secs(2);
+    let services = autoscaled_service(&endpoint.url(), interval);
+    let replicas = support::fleet::start_fleet(&redis.url(), &["a", "b"], "local", &services).await;
+    // Throttled on both replicas (30 TPS against 10), so whoever leads has a reason to step.
+    let targets = support::fleet::Targets::new(replicas.iter().map(|r| r.addr).collect());
+    let load = support::fleet::open_loop(targets.clone(), "key-a", 30.0, None);
+    let started = Instant::now();
+    let (first_at, first) = loop {
+        if let Some(step) = published_step(&redis) {
+            break step;
+        }
+        assert!(
+            started.elapsed() < support::DEADLINE,
+            "nobody stepped: {:?}",
+            redis.dump("sluice:*")
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // Whoever stepped leads; it dies as Redis restarts empty.
+    let mut leader = None;
+    for (i, replica) in replicas.iter().enumerate() {
+        if replica.store().await["leader"] == true {
+            leader = Some(i);
+        }
+    }
+    let leader = leader.expect("the replica that stepped leads");
+    replicas[leader].kill_in_place();
+    targets.drop_target(leader);
+    redis.start_again();
+    let lost_at = Instant::now();
+    let survivor = &replicas[1 - leader];
+    let (second_at, second) = loop {
+        if let Some(step) = published_step(&redis) {
+            break step;
+        }
+        assert!(
+            lost_at.elapsed() < support::DEADLINE,
+            "the survivor never stepped: {}",
+            survivor.store().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    load.stop().await;
+    eprintln!(
+        "first step {first} by {}, second {second} by {} {} ms later on Redis's clock",
+        replicas[leader].id,
+        survivor.id,
+        second_at.saturating_sub(first_at)
+    );
+    assert!(
+        second_at >= first_at + interval.as_millis() as u64,
+        "two steps {} ms apart on Redis's clock, with an interval of {interval:?}",
+        second_at.saturating_sub(first_at)
+    );
+}
+
+/// Ask for one request through `lease`: the lease, or the store when it is empty; the local
+/// bucket mirrors the verdict, as the limiter does. A call that meets Redis's reconnect counts
+/// as not admitted.
+async fn ask(
+    fleet: &Fleet,
+    lease: &Lease,
+    key: &str,
+    q: Quota,
+    now: impl Fn() -> u64 + Clone,
+) -> bool {
+    let verdict = match lease.take(now()) {
+        Local::Admit(v) | Local::Refuse(v) => Ok(v),
+        Local::Empty => fleet.refill(lease, key, q, now.clone()).await,
+    };
+    if let Ok(verdict) = &verdict {
+        lease.fallback.mirror(verdict, now());
+    }
+    matches!(verdict, Ok(Verdict::Admit { .. }))
+}
+
+/// A busy replica spends the whole burst; Redis restarts empty; a replica that barely used
+/// the resource asks first. The bucket must not come back full (the busy replica would spend
+/// a second burst at once): a bucket lost with Redis's data starts as one that was empty at
+/// the loss, whoever calls first. It used to start from the first caller's own usage.
+#[tokio::test]
+async fn a_bucket_lost_with_a_restart_comes_back_empty_whoever_asks_first() {
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let (busy, quiet) = (fleet(&redis, "busy"), fleet(&redis, "quiet"));
+    let q = quota(100, 100);
+    let key = busy.rate_key("svc", "team");
+    let now = clock(Instant::now());
+    let (busy_lease, quiet_lease) = (Lease::new(q), Lease::new(q));
+    assert!(ask(&quiet, &quiet_lease, &key, q, now.clone()).await);
+    let mut spent = 0;
+    while ask(&busy, &busy_lease, &key, q, now.clone()).await {
+        spent += 1;
+    }
+    assert!(
+        spent >= 90,
+        "the busy replica spent only {spent} of the burst"
+    );
+    redis.start_again();
+    // Fresh leases: nothing leased before the loss is counted below.
+    let (busy_lease, quiet_lease) = (Lease::new(q), Lease::new(q));
+    let back = Instant::now();
+    let mut admitted = 0u32;
+    // The quiet replica asks first (a call meeting the reconnect is retried).
+    while !ask(&quiet, &quiet_lease, &key, q, now.clone()).await {
+        assert!(back.elapsed() < support::DEADLINE, "Redis never answered");
+    }
+    admitted += 1;
+    while back.elapsed() < Duration::from_millis(200) {
+        admitted += u32::from(ask(&busy, &busy_lease, &key, q, now.clone()).await);
+    }
+    let elapsed = back.elapsed().as_secs_f64();
+    // An empty bucket refills at 100 TPS; a lease may hold a cell or two more than that.
+    let bound = 100.0 * elapsed + 3.0;
+    eprintln!("{admitted} admitted in {elapsed:.3} s after the restart (bound {bound:.1})");
+    assert!(
+        f64::from(admitted) <= bound,
+        "{admitted} admitted in {elapsed:.3} s after Redis lost the bucket: a fresh burst \
+         (at most {bound:.1} from an empty bucket)"
+    );
+}
+
+/// `on_error = "local"` with uneven replicas: a busy replica spends the fleet's bucket, a
+/// quiet one has used none of it; then the store is unreachable for longer than a window
+/// (each replica judges alone at its share, as `limit::shared` does while the store is down),
+/// then it answers again (Redis kept the bucket). Over the whole run the fleet admits at most
+/// `tps × time + burst`. The quiet replica's local bucket used to start full — its share of
+/// the burst again, on top, never paid back by the charge after the outage (which stops at
+/// an empty bucket).
+#[tokio::test]
+async fn an_outage_longer_than_a_window_adds_nothing_above_the_limit() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (busy, quiet) = (fleet(&redis, "busy"), fleet(&redis, "quiet"));
+    let (tps, burst) = (100u32, 50u32);
+    let q = quota(tps, burst);
+    let share = sluice::store::share_of(q, 2);
+    let key = busy.rate_key("svc", "team");
+    let now = clock(Instant::now());
+    let (busy_lease, quiet_lease) = (Lease::new(q), Lease::new(q));
+    let started = Instant::now();
+    let mut admitted = 0u64;
+    while started.elapsed() < Duration::from_millis(300) {
+        admitted += u64::from(ask(&busy, &busy_lease, &key, q, now.clone()).await);
+    }
+    // The store is unreachable for a second (two windows); both replicas take traffic.
+    let outage = busy.outage() + 1;
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_secs(1) {
+        for lease in [&busy_lease, &quiet_lease] {
+            let (_, verdict) = lease.check_locally(share, outage, now());
+            admitted += u64::from(matches!(verdict, Verdict::Admit { .. }));
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    // Back: both charge what they admitted, and the busy one goes on.
+    let back = Instant::now();
+    admitted += u64::from(ask(&quiet, &quiet_lease, &key, q, now.clone()).await);
+    while back.elapsed() < Duration::from_millis(500) {
+        admitted += u64::from(ask(&busy, &busy_lease, &key, q, now.clone()).await);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let bound = f64::from(tps) * elapsed + f64::from(burst) + 3.0;
+    eprintln!("{admitted} admitted in {elapsed:.3} s (bound {bound:.1})");
+    assert!(
+        admitted as f64 <= bound,
+        "{admitted} admitted in {elapsed:.3} s: more than tps × time + burst ({bound:.1})"
+    );
+}
