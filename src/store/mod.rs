@@ -38,8 +38,8 @@ pub struct Fleet {
     reserve: rate::Reserver,
     scripts: sync::Scripts,
     heartbeat: members::Heartbeat,
-    /// This replica's share of every cap, packed as (index << 32 | replicas).
-    share: AtomicU64,
+    /// This replica's share of every cap (read when a policy is built and by admin views).
+    share: std::sync::Mutex<Share>,
     /// Live replicas seen at the last heartbeat (at least 1: this one).
     replicas: AtomicU32,
     /// The fencing token while this replica leads autoscaling; 0 otherwise.
@@ -66,7 +66,7 @@ impl Fleet {
             id,
             scripts: sync::Scripts::new(),
             // Not part of the fleet until the first heartbeat says so.
-            share: AtomicU64::new(pack(Share::NONE)),
+            share: std::sync::Mutex::new(Share::NONE),
             replicas: AtomicU32::new(1),
             leader_token: AtomicU64::new(0),
             leading_since_ms: AtomicU64::new(0),
@@ -106,15 +106,11 @@ impl Fleet {
 
     /// This replica's part of every concurrency cap.
     pub fn share(&self) -> Share {
-        let word = self.share.load(Ordering::Acquire);
-        Share {
-            index: (word >> 32) as u32,
-            replicas: word as u32,
-        }
+        *self.share.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_share(&self, share: Share) {
-        self.share.store(pack(share), Ordering::Release);
+        *self.share.lock().unwrap_or_else(|p| p.into_inner()) = share;
     }
 
     /// Whether this replica takes the autoscale steps now.
@@ -238,10 +234,6 @@ pub fn share_of(quota: Quota, replicas: u32) -> Quota {
         tps: part(quota.tps),
         burst: part(quota.burst),
     }
-}
-
-fn pack(share: Share) -> u64 {
-    (u64::from(share.index) << 32) | u64::from(share.replicas)
 }
 
 /// hostname + pid: unique per process, readable in the admin views.
