@@ -26,7 +26,7 @@ use crate::config::{OnError, StoreConfig};
 use crate::limit::Quota;
 pub use rate::{Lease, Local, LEASE_TTL};
 pub use redis::{Redis, StoreError, StoreStats, PASSWORD_ENV};
-pub use sync::{join, run, PolicyDoc, ScaleDoc, POLICY_POLL};
+pub use sync::{join, run, PolicyDoc, PolicyId, ScaleDoc, POLICY_POLL};
 pub use tally::{Others, Tally};
 
 /// This replica's connection to the fleet's shared state.
@@ -46,8 +46,8 @@ pub struct Fleet {
     leader_token: AtomicU64,
     /// When it took the lead (or its current token), ms on Redis's clock.
     leading_since_ms: AtomicU64,
-    /// The version of the fleet policy this replica follows.
-    policy_version: AtomicU64,
+    /// The fleet policy this replica follows.
+    policy_id: std::sync::Mutex<sync::PolicyId>,
 }
 
 impl Fleet {
@@ -70,7 +70,7 @@ impl Fleet {
             replicas: AtomicU32::new(1),
             leader_token: AtomicU64::new(0),
             leading_since_ms: AtomicU64::new(0),
-            policy_version: AtomicU64::new(0),
+            policy_id: std::sync::Mutex::new(sync::PolicyId::default()),
         }))
     }
 
@@ -120,7 +120,7 @@ impl Fleet {
 
     /// The version of the fleet policy in force here (0 before the first sync).
     pub fn policy_version(&self) -> u64 {
-        self.policy_version.load(Ordering::Acquire)
+        self.policy_id().version
     }
 
     /// The Redis key of a resource's rate bucket: `rate:{service's length}:{service}:{resource}`.
