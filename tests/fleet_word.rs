@@ -198,7 +198,14 @@ async fn names_with_colons_never_share_a_bucket() {
     let a = fleet(&redis, "a");
     let q = quota(1, 1);
     let now = clock(Instant::now());
-    let pairs = [("a:b", "c"), ("a", "b:c"), ("a:b:c", ""), ("", "a:b:c")];
+    let pairs = [
+        ("a:b", "c"),
+        ("a", "b:c"),
+        ("a:b:c", ""),
+        ("", "a:b:c"),
+        ("a\\", "b"),
+        ("a", "\\:b"),
+    ];
     let keys: Vec<String> = pairs.iter().map(|(s, r)| a.rate_key(s, r)).collect();
     for (i, key) in keys.iter().enumerate() {
         assert!(
@@ -211,8 +218,14 @@ async fn names_with_colons_never_share_a_bucket() {
             "a bucket of 1 cell granted 2 at once (key {key})"
         );
     }
-    let stored = redis.dump("sluice:rate:*");
+    let mut stored = redis.dump("sluice:rate:*");
+    stored.retain(|(key, _)| key != "sluice:rate:generation");
     assert_eq!(stored.len(), pairs.len(), "one bucket per pair: {stored:?}");
+    // Names without ':' or '\\' keep the key they always had (no migration).
+    assert_eq!(
+        a.rate_key("scoring", "team-a"),
+        "sluice:rate:scoring:team-a"
+    );
 }
 
 /// A configured resource named like a built-in bucket would share it (and, in a fleet, its

@@ -123,12 +123,14 @@ impl Fleet {
         self.policy_id().version
     }
 
-    /// The Redis key of a resource's rate bucket: `rate:{service's length}:{service}:{resource}`.
-    /// The length (in bytes) says where the service's name ends, so names that contain `:`
-    /// cannot make two (service, resource) pairs share a key (`a:b` + `c` and `a` + `b:c`).
+    /// The Redis key of a resource's rate bucket: `rate:{service}:{resource}`, each name with
+    /// `\` and `:` escaped by a `\`, so names that contain `:` cannot make two (service,
+    /// resource) pairs share a key (`a:b` + `c` and `a` + `b:c`), and names without either
+    /// keep the key they always had.
     pub fn rate_key(&self, service: &str, resource: &str) -> String {
+        let escape = |name: &str| name.replace('\\', "\\\\").replace(':', "\\:");
         self.redis
-            .key(&format!("rate:{}:{service}:{resource}", service.len()))
+            .key(&format!("rate:{}:{}", escape(service), escape(resource)))
     }
 
     /// Reserve cells for `lease` and take one, within `store.timeout` all told (waiting for
