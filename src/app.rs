@@ -2,7 +2,8 @@
 //! listeners are bound, then `run` serves until shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,9 +13,10 @@ use tokio::net::TcpListener;
 use crate::admin;
 use crate::autoscale;
 use crate::balance::InvalidEndpointUrl;
-use crate::config::{Backend, Config};
+use crate::config::{Backend, CaFileError, Config};
 use crate::control::Control;
 use crate::policy::Policy;
+use crate::proxy::connector::Connect;
 use crate::proxy::{self, Proxy};
 use crate::store::{self, Fleet};
 
@@ -27,6 +29,9 @@ pub enum StartError {
     /// The shared store's settings cannot be used.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// `[upstream] ca_file` cannot be used (it changed since the config was checked).
+    #[error("upstream.ca_file: {0}")]
+    CaFile(#[from] CaFileError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -44,15 +49,57 @@ pub struct App {
     admin_listener: Option<TcpListener>,
     admin_token: Option<String>,
     control: Arc<Control>,
+    connect: Connect,
 }
 
-async fn bind(addr: &str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: addr.to_owned(),
-            source,
-        })
+/// Bind a listener on `addr`. The unspecified IPv6 address (`[::]`, the proxy's default) is
+/// made dual-stack, IPV6_V6ONLY off whatever the host's `net.ipv6.bindv6only` says, so IPv4
+/// clients reach it too (as IPv4-mapped addresses); on a host without IPv6 it falls back to
+/// 0.0.0.0 on the same port.
+fn bind(addr: &str) -> Result<TcpListener, StartError> {
+    let failed = |source| StartError::Bind {
+        addr: addr.to_owned(),
+        source,
+    };
+    let parsed: SocketAddr = addr
+        .parse()
+        .map_err(|e| failed(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let SocketAddr::V6(v6) = parsed else {
+        return listen(parsed, false).map_err(failed);
+    };
+    if !v6.ip().is_unspecified() {
+        return listen(parsed, false).map_err(failed);
+    }
+    match listen(parsed, true) {
+        Err(e) if no_ipv6(&e) => {
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, parsed.port()));
+            tracing::warn!(%addr, error = %e, fallback = %v4, "no IPv6 on this host: listening on IPv4 only");
+            listen(v4, false).map_err(failed)
+        }
+        result => result.map_err(failed),
+    }
+}
+
+/// A host without IPv6: the kernel has no AF_INET6 (socket creation fails with EAFNOSUPPORT,
+/// 97 on Linux) or no IPv6 address to bind (`disable_ipv6`: EADDRNOTAVAIL).
+fn no_ipv6(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::AddrNotAvailable || e.raw_os_error() == Some(97)
+}
+
+/// What `tokio::net::TcpListener::bind` does (SO_REUSEADDR, backlog 1024), plus IPV6_V6ONLY
+/// off when `dual_stack`, which tokio cannot set.
+fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if dual_stack {
+        socket.set_only_v6(false)?;
+    }
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 impl App {
@@ -66,11 +113,12 @@ impl App {
             Backend::Redis => Some(Fleet::connect(&config.store)?),
         };
         let policy = Policy::from_config(config, fleet.as_ref())?;
-        let proxy = Proxy::new(policy, config.timeouts.connect, fleet.clone());
-        let proxy_listener = bind(&config.listen.proxy).await?;
+        let connect = Connect::new(config.timeouts.connect, config.upstream.ca_file.as_deref())?;
+        let proxy = Proxy::new(policy, connect.clone(), fleet.clone());
+        let proxy_listener = bind(&config.listen.proxy)?;
         let admin_listener = match config.listen.admin.as_str() {
             "" => None,
-            addr => Some(bind(addr).await?),
+            addr => Some(bind(addr)?),
         };
         let control = Arc::new(Control::new(Arc::clone(&proxy), config.clone(), None));
         if let Some(fleet) = &fleet {
@@ -82,6 +130,7 @@ impl App {
             proxy_listener,
             admin_listener,
             admin_token: std::env::var("SLUICE_ADMIN_TOKEN").ok(),
+            connect,
         })
     }
 
@@ -133,7 +182,8 @@ impl App {
         tasks.spawn(autoscale::run(
             Arc::clone(&self.proxy),
             Arc::clone(self.proxy.events()),
-            autoscale::Notifier::default(),
+            // Webhooks trust what endpoints do (system roots and `[upstream] ca_file`).
+            autoscale::Notifier::new(self.connect.with_timeout(autoscale::NOTIFY_TIMEOUT)),
             chrono::Utc::now,
         ));
         tasks.spawn(reload_on_hangup(Arc::clone(&self.control)));

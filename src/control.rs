@@ -110,6 +110,9 @@ impl Control {
         if old.store != new.store {
             needs_restart.push("store");
         }
+        if old.upstream != new.upstream {
+            needs_restart.push("upstream.ca_file");
+        }
         Ok(Reloaded {
             summary,
             events,

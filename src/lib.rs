@@ -8,6 +8,7 @@ pub mod balance;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod healthcheck;
 pub mod limit;
 pub mod metrics;
 pub mod policy;

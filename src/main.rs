@@ -11,7 +11,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use sluice::config::{Config, EndpointConfig, DEFAULT_PATH};
 use sluice::telemetry::{self, LogFormat};
-use sluice::{app, demo, App};
+use sluice::{app, demo, healthcheck, App};
 
 /// A rate-limiting reverse proxy for ML scoring APIs.
 #[derive(Parser)]
@@ -32,6 +32,9 @@ enum Command {
     Check(ConfigArg),
     /// Start demo scoring endpoints on 127.0.0.1 and the proxy in front of them.
     Demo(DemoArgs),
+    /// Exit 0 when `/readyz` on the config's admin listener answers 200 (ready or degraded),
+    /// 1 otherwise with the reason on stderr; for container HEALTHCHECKs.
+    Healthcheck(HealthcheckArgs),
     /// Serve only demo scoring endpoints, on consecutive ports (a backend for `run`, e.g. in a
     /// container); stop on SIGTERM/SIGINT.
     DemoEndpoints(DemoEndpointsArgs),
@@ -51,6 +54,15 @@ struct RunArgs {
     /// Runtime worker threads [default: one per CPU core].
     #[arg(long)]
     workers: Option<usize>,
+}
+
+#[derive(Args)]
+struct HealthcheckArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Give up (not ready) after this long, e.g. "3s".
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -89,6 +101,7 @@ fn main() -> ExitCode {
             cli.log_format,
             Some((args.endpoints, args.latency)),
         ),
+        Command::Healthcheck(args) => healthcheck(&args),
         Command::DemoEndpoints(args) => block_on(cli.log_format, None, demo_endpoints_only(&args)),
     }
 }
@@ -101,6 +114,33 @@ fn check(path: &Path) -> ExitCode {
         }
         Err(e) => {
             eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// No logging and a one-thread runtime: a check every few seconds must stay cheap and print
+/// only its verdict.
+fn healthcheck(args: &HealthcheckArgs) -> ExitCode {
+    let verdict = Config::load(&args.config.config)
+        .map_err(|e| e.to_string())
+        .and_then(|config| healthcheck::admin_target(&config).map_err(|e| e.to_string()))
+        .and_then(|addr| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+            runtime
+                .block_on(healthcheck::check(addr, args.timeout))
+                .map_err(|e| e.to_string())
+        });
+    match verdict {
+        Ok(status) => {
+            println!("{status}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("sluice healthcheck: not ready: {why}");
             ExitCode::FAILURE
         }
     }

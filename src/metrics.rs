@@ -1,26 +1,67 @@
 //! Prometheus metrics. Counters and histograms live next to what they count (per service,
 //! per endpoint, per resource) as plain atomics, so recording is a few atomic adds and no
-//! label lookup; a scrape walks the live policy and encodes everything with
-//! prometheus-client. Labels are service, endpoint URL, resource name, status class and reason:
-//! all bounded by the config, never a key.
+//! label lookup; a scrape walks the live policy and writes every family in the format the
+//! scraper asked for ([`Format`]): the Prometheus text format 0.0.4 or OpenMetrics 1.0.0. The
+//! writer is ours (a few dozen lines): the two formats differ only in how a counter family is
+//! named, in escaping and in the closing `# EOF`, and owning it keeps what a histogram bucket
+//! holds in one place. Labels are service, endpoint URL, resource name, status class and
+//! reason: all bounded by the config, never a key.
 
-use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::Registry;
-
 use crate::control::Control;
-use crate::policy::Policy;
 use crate::proxy::reject::Reason;
 
-/// Content type of the text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// An exposition format, chosen per scrape from the `Accept` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4: what any scraper understands, and the default.
+    Prometheus,
+    /// OpenMetrics 1.0.0 text, for a scraper that asks for `application/openmetrics-text`
+    /// (Prometheus does, first, by default).
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format an `Accept` header prefers: the acceptable media type with the highest
+    /// `q` (the first listed on a tie) among OpenMetrics and `text/plain`; the text format
+    /// when the header is absent or names neither (`*/*` included), as Prometheus' own client
+    /// libraries do. Any OpenMetrics `version` is answered with 1.0.0 (the only other one is
+    /// the draft 0.0.1, which it extends).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let mut best = (0.0, Self::Prometheus);
+        for item in accept.unwrap_or("").split(',') {
+            let mut parts = item.split(';').map(str::trim);
+            let format = match parts.next() {
+                Some(t) if t.eq_ignore_ascii_case("application/openmetrics-text") => {
+                    Self::OpenMetrics
+                }
+                Some(t) if t.eq_ignore_ascii_case("text/plain") => Self::Prometheus,
+                _ => continue,
+            };
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(Some(1.0), |(_, v)| v.trim().parse::<f64>().ok())
+                .filter(|q| (0.0..=1.0).contains(q))
+                .unwrap_or(0.0);
+            if q > best.0 {
+                best = (q, format);
+            }
+        }
+        best.1
+    }
+
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            Self::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
 
 /// Histogram bucket upper bounds, in seconds.
 const BOUNDS: [f64; 16] = [
@@ -28,7 +69,7 @@ const BOUNDS: [f64; 16] = [
     60.0,
 ];
 
-/// A latency histogram of atomics (cumulative, like Prometheus').
+/// A latency histogram of atomics: one count per bucket (the exposition accumulates them).
 #[derive(Debug, Default)]
 pub struct Histogram {
     buckets: [AtomicU64; BOUNDS.len() + 1],
@@ -48,7 +89,8 @@ impl Histogram {
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
-    /// (sum in seconds, count, cumulative buckets) as the encoder wants them.
+    /// (sum in seconds, count, cumulative bucket counts ending at +Inf): what a `_bucket`
+    /// sample holds. `count` is the +Inf bucket itself, so the two always agree.
     fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
         let mut cumulative = 0;
         let mut buckets = Vec::with_capacity(BOUNDS.len() + 1);
@@ -105,6 +147,37 @@ impl ServiceStats {
     }
 }
 
+/// Reasons sluice answers with before a request has a service, counted in [`UnroutedStats`]
+/// and exported without service labels: never per service, where their series could never
+/// move.
+const UNROUTED: [Reason; 4] = [
+    Reason::NoRoute,
+    Reason::InvalidHost,
+    Reason::UnsupportedTransferCoding,
+    Reason::ConflictingFraming,
+];
+
+/// Whether a reason is given before a request has a service (one of [`UNROUTED`]).
+fn before_routing(reason: Reason) -> bool {
+    UNROUTED.contains(&reason)
+}
+
+/// sluice's own answers to requests that reached no service (no route, or refused before
+/// routing: an invalid `Host`, a transfer coding sluice does not implement, both
+/// `Content-Length` and `Transfer-Encoding`): they have no
+/// service to be counted under. Kept across policy changes, like a service's counts.
+#[derive(Debug, Default)]
+pub struct UnroutedStats {
+    own: [AtomicU64; Reason::ALL.len()],
+}
+
+impl UnroutedStats {
+    /// Count an answer sluice gave to a request that reached no service.
+    pub fn count_own(&self, reason: Reason) {
+        self.own[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What an endpoint counts.
 #[derive(Debug, Default)]
 pub struct EndpointStats {
@@ -129,323 +202,424 @@ pub struct ReloadStats {
     pub failed: AtomicU64,
 }
 
-/// Render every metric in the text format.
-pub fn render(control: &Control) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(Live {
-        policy: control.proxy().policy(),
-        events: control.proxy().events().totals(),
-        reloads: (
-            control.reloads().ok.load(Ordering::Relaxed),
-            control.reloads().failed.load(Ordering::Relaxed),
-        ),
-        fleet: control.proxy().fleet().map(|f| f.view()),
-    }));
-    let mut text = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
-        tracing::error!(error = %e, "cannot encode metrics");
+/// What a metric family is, for its `# TYPE` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One exposition being written, family by family.
+struct Exposition {
+    format: Format,
+    out: String,
+    /// The family being written: the name its samples start with.
+    name: &'static str,
+}
+
+impl Exposition {
+    fn new(format: Format) -> Self {
+        Self {
+            format,
+            out: String::with_capacity(16 * 1024),
+            name: "",
+        }
     }
-    text
-}
 
-/// A snapshot source for one scrape.
-#[derive(Debug)]
-struct Live {
-    policy: std::sync::Arc<Policy>,
-    events: Vec<(&'static str, u64)>,
-    reloads: (u64, u64),
-    fleet: Option<crate::store::FleetView>,
-}
-
-type Labels = Vec<(Cow<'static, str>, Cow<'static, str>)>;
-
-fn labels(pairs: &[(&'static str, &str)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (Cow::Borrowed(*k), Cow::Owned((*v).to_owned())))
-        .collect()
-}
-
-/// One metric family: a descriptor and its labelled samples.
-fn family<'e>(
-    encoder: &'e mut DescriptorEncoder,
-    name: &'e str,
-    help: &str,
-    kind: MetricType,
-    mut each: impl FnMut(
-        &mut prometheus_client::encoding::MetricEncoder<'_>,
-    ) -> Result<(), std::fmt::Error>,
-) -> Result<(), std::fmt::Error> {
-    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
-    each(&mut metric)
-}
-
-fn counter(
-    m: &mut prometheus_client::encoding::MetricEncoder<'_>,
-    l: &Labels,
-    v: u64,
-) -> Result<(), std::fmt::Error> {
-    ConstCounter::new(v).encode(m.encode_family(l)?)
-}
-
-fn gauge(
-    m: &mut prometheus_client::encoding::MetricEncoder<'_>,
-    l: &Labels,
-    v: i64,
-) -> Result<(), std::fmt::Error> {
-    ConstGauge::new(v).encode(m.encode_family(l)?)
-}
-
-fn histogram(
-    m: &mut prometheus_client::encoding::MetricEncoder<'_>,
-    l: &Labels,
-    h: &Histogram,
-) -> Result<(), std::fmt::Error> {
-    let (sum, count, buckets) = h.snapshot();
-    m.encode_family(l)?
-        .encode_histogram::<Labels>(sum, count, &buckets, None)
-}
-
-impl Collector for Live {
-    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let services = &self.policy.services;
-        family(
-            &mut e,
-            "sluice_requests",
-            "Answers by service, endpoint, status class and, for sluice's own answers, reason",
-            MetricType::Counter,
-            |m| {
-                for s in services {
-                    for (endpoint, _) in s.pool.shape().endpoints.iter() {
-                        for (i, class) in CLASSES.iter().enumerate() {
-                            let n = endpoint.stats.classes[i].load(Ordering::Relaxed);
-                            let l = labels(&[
-                                ("service", &s.name),
-                                ("endpoint", endpoint.url()),
-                                ("class", class),
-                                ("reason", ""),
-                            ]);
-                            counter(m, &l, n)?;
-                        }
-                    }
-                    for reason in Reason::ALL {
-                        let n = s.stats.own[reason.index()].load(Ordering::Relaxed);
-                        let class = CLASSES[class_index(reason.status().as_u16())];
-                        let l = labels(&[
-                            ("service", &s.name),
-                            ("endpoint", ""),
-                            ("class", class),
-                            ("reason", reason.as_str()),
-                        ]);
-                        counter(m, &l, n)?;
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            &mut e,
-            "sluice_request_duration_seconds",
-            "Time from request to response headers, per service",
-            MetricType::Histogram,
-            |m| {
-                for s in services {
-                    histogram(m, &labels(&[("service", &s.name)]), &s.stats.duration)?;
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            &mut e,
-            "sluice_upstream_duration_seconds",
-            "Time from sending to an endpoint to its response headers",
-            MetricType::Histogram,
-            |m| {
-                for s in services {
-                    for (endpoint, _) in s.pool.shape().endpoints.iter() {
-                        let l = labels(&[("service", &s.name), ("endpoint", endpoint.url())]);
-                        histogram(m, &l, &endpoint.stats.duration)?;
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            &mut e,
-            "sluice_endpoint_in_flight",
-            "Requests in flight at an endpoint",
-            MetricType::Gauge,
-            |m| {
-                for s in services {
-                    for (endpoint, _) in s.pool.shape().endpoints.iter() {
-                        let l = labels(&[("service", &s.name), ("endpoint", endpoint.url())]);
-                        gauge(m, &l, i64::from(endpoint.in_flight()))?;
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            &mut e,
-            "sluice_endpoint_max_concurrent",
-            "Concurrency cap of an endpoint",
-            MetricType::Gauge,
-            |m| {
-                for s in services {
-                    for (endpoint, cap) in s.pool.shape().endpoints.iter() {
-                        let l = labels(&[("service", &s.name), ("endpoint", endpoint.url())]);
-                        gauge(m, &l, i64::from(*cap))?;
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            &mut e,
-            "sluice_endpoint_healthy",
-            "1 unless the endpoint is in its connect-failure back-off",
-            MetricType::Gauge,
-            |m| {
-                for s in services {
-                    for (endpoint, _) in s.pool.shape().endpoints.iter() {
-                        let l = labels(&[("service", &s.name), ("endpoint", endpoint.url())]);
-                        gauge(m, &l, i64::from(endpoint.is_healthy()))?;
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            &mut e,
-            "sluice_service_in_flight",
-            "Requests in flight over all endpoints of a service",
-            MetricType::Gauge,
-            |m| {
-                for s in services {
-                    gauge(
-                        m,
-                        &labels(&[("service", &s.name)]),
-                        i64::from(s.pool.in_flight()),
-                    )?;
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            &mut e,
-            "sluice_queue_length",
-            "Requests waiting for a slot",
-            MetricType::Gauge,
-            |m| {
-                for s in services {
-                    gauge(
-                        m,
-                        &labels(&[("service", &s.name)]),
-                        s.pool.queue_len() as i64,
-                    )?;
-                }
-                Ok(())
-            },
-        )?;
-        family(&mut e, "sluice_resource_requests", "Requests per resource: admitted, throttled (429 for rate), succeeded (2xx from the endpoint: what a caller is billed for)", MetricType::Counter, |m| {
-            for s in services {
-                for r in s.limits.iter().flat_map(|l| l.all_resources()) {
-                    let c = &r.counters;
-                    for (outcome, n) in [("admitted", &c.admitted), ("throttled", &c.throttled), ("succeeded", &c.succeeded)] {
-                        let l = labels(&[("service", &s.name), ("resource", &r.name), ("outcome", outcome)]);
-                        counter(m, &l, n.total())?;
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        family(
-            &mut e,
-            "sluice_resource_limit_tps",
-            "TPS limit in force per resource",
-            MetricType::Gauge,
-            |m| {
-                for s in services {
-                    for r in s.limits.iter().flat_map(|l| l.all_resources()) {
-                        let l = labels(&[("service", &s.name), ("resource", &r.name)]);
-                        gauge(m, &l, i64::from(r.limit().tps.get()))?;
-                    }
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            &mut e,
-            "sluice_autoscale_events",
-            "Autoscale actions, deferrals and policy changes, by kind",
-            MetricType::Counter,
-            |m| {
-                for (kind, n) in &self.events {
-                    counter(m, &labels(&[("kind", kind)]), *n)?;
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            &mut e,
-            "sluice_config_reloads",
-            "Config reloads by result",
-            MetricType::Counter,
-            |m| {
-                counter(m, &labels(&[("result", "ok")]), self.reloads.0)?;
-                counter(m, &labels(&[("result", "failed")]), self.reloads.1)
-            },
-        )?;
-        if let Some(f) = &self.fleet {
-            let gauges: [(&str, &str, i64); 4] = [
-                (
-                    "sluice_store_up",
-                    "1 while the shared store answers, 0 while on_error applies",
-                    i64::from(f.up),
-                ),
-                (
-                    "sluice_fleet_replicas",
-                    "Live replicas in the fleet at the last heartbeat",
-                    i64::from(f.replicas),
-                ),
-                (
-                    "sluice_fleet_leader",
-                    "1 while this replica takes the fleet's autoscale steps",
-                    i64::from(f.leader),
-                ),
-                (
-                    "sluice_fleet_policy_version",
-                    "Version of the fleet policy in force here",
-                    i64::try_from(f.policy_version).unwrap_or(i64::MAX),
-                ),
-            ];
-            for (name, help, value) in gauges {
-                // No labels: one series per replica, told apart by the scrape target.
-                let metric = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-                ConstGauge::new(value).encode(metric)?;
-            }
-            let counters: [(&str, &str, u64); 3] = [
-                (
-                    "sluice_store_calls",
-                    "Calls to the shared store",
-                    f.calls_total,
-                ),
-                (
-                    "sluice_store_errors",
-                    "Store calls that failed or timed out",
-                    f.errors_total,
-                ),
-                (
-                    "sluice_store_fallbacks",
-                    "Requests decided by store.on_error while the store was unreachable",
-                    f.fallbacks_total,
-                ),
-            ];
-            for (name, help, value) in counters {
-                let metric = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-                ConstCounter::new(value).encode(metric)?;
+    /// Start a family: its `# HELP` and `# TYPE` lines. OpenMetrics names a counter family
+    /// without its samples' `_total`; the text format 0.0.4 has no such rule, and Prometheus
+    /// (and `promtool check metrics`) file the metadata under the exact name, so there the
+    /// family is named as its samples are.
+    fn family(&mut self, name: &'static str, help: &str, kind: Kind) {
+        self.name = name;
+        let total = match (kind, self.format) {
+            (Kind::Counter, Format::Prometheus) => "_total",
+            _ => "",
+        };
+        let kind = match kind {
+            Kind::Counter => "counter",
+            Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
+        };
+        self.out.push_str("# HELP ");
+        self.out.push_str(name);
+        self.out.push_str(total);
+        self.out.push(' ');
+        for c in help.chars() {
+            match c {
+                '\\' => self.out.push_str("\\\\"),
+                '\n' => self.out.push_str("\\n"),
+                '"' if self.format == Format::OpenMetrics => self.out.push_str("\\\""),
+                c => self.out.push(c),
             }
         }
-        Ok(())
+        self.out.push_str("\n# TYPE ");
+        self.out.push_str(name);
+        self.out.push_str(total);
+        self.out.push(' ');
+        self.out.push_str(kind);
+        self.out.push('\n');
+    }
+
+    /// One sample line of the current family: its name with `suffix`, `labels` (then `le`,
+    /// for a bucket) and `value`.
+    fn sample(
+        &mut self,
+        suffix: &str,
+        labels: &[(&str, &str)],
+        le: Option<&str>,
+        value: impl std::fmt::Display,
+    ) {
+        self.out.push_str(self.name);
+        self.out.push_str(suffix);
+        let extra = le.map(|le| ("le", le));
+        let mut all = labels.iter().copied().chain(extra).peekable();
+        if all.peek().is_some() {
+            self.out.push('{');
+            for (i, (key, value)) in all.enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                self.out.push_str(key);
+                self.out.push_str("=\"");
+                for c in value.chars() {
+                    match c {
+                        '\\' => self.out.push_str("\\\\"),
+                        '"' => self.out.push_str("\\\""),
+                        '\n' => self.out.push_str("\\n"),
+                        c => self.out.push(c),
+                    }
+                }
+                self.out.push('"');
+            }
+            self.out.push('}');
+        }
+        // Writing to a String cannot fail.
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    fn counter(&mut self, labels: &[(&str, &str)], value: u64) {
+        self.sample("_total", labels, None, value);
+    }
+
+    fn gauge(&mut self, labels: &[(&str, &str)], value: i64) {
+        self.sample("", labels, None, value);
+    }
+
+    /// `_bucket` (cumulative, ending at `+Inf`), `_sum` and `_count`. Bounds and the sum are
+    /// written with `{:?}` (`1.0`, not `1`): the canonical form OpenMetrics asks of `le`.
+    fn histogram(&mut self, labels: &[(&str, &str)], histogram: &Histogram) {
+        let (sum, count, buckets) = histogram.snapshot();
+        for (bound, cumulative) in buckets {
+            let le = if bound.is_finite() {
+                format!("{bound:?}")
+            } else {
+                "+Inf".to_owned()
+            };
+            self.sample("_bucket", labels, Some(&le), cumulative);
+        }
+        self.sample("_sum", labels, None, format_args!("{sum:?}"));
+        self.sample("_count", labels, None, count);
+    }
+
+    fn finish(mut self) -> String {
+        if self.format == Format::OpenMetrics {
+            self.out.push_str("# EOF\n");
+        }
+        self.out
+    }
+}
+
+/// Render every metric in `format`.
+pub fn render(control: &Control, format: Format) -> String {
+    let proxy = control.proxy();
+    let policy = proxy.policy();
+    let services = &policy.services;
+    let mut e = Exposition::new(format);
+
+    e.family(
+        "sluice_requests",
+        "Answers by service, endpoint, status class and, for sluice's own answers, reason",
+        Kind::Counter,
+    );
+    for s in services {
+        for (endpoint, _) in s.pool.shape().endpoints.iter() {
+            for (i, class) in CLASSES.iter().enumerate() {
+                let n = endpoint.stats.classes[i].load(Ordering::Relaxed);
+                let l = [
+                    ("service", &*s.name),
+                    ("endpoint", endpoint.url()),
+                    ("class", class),
+                    ("reason", ""),
+                ];
+                e.counter(&l, n);
+            }
+        }
+        for reason in Reason::ALL.into_iter().filter(|r| !before_routing(*r)) {
+            let n = s.stats.own[reason.index()].load(Ordering::Relaxed);
+            let class = CLASSES[class_index(reason.status().as_u16())];
+            let l = [
+                ("service", &*s.name),
+                ("endpoint", ""),
+                ("class", class),
+                ("reason", reason.as_str()),
+            ];
+            e.counter(&l, n);
+        }
+    }
+    // No service, so no service or endpoint label (Prometheus reads a missing label as "").
+    for reason in UNROUTED {
+        let l = [
+            ("class", CLASSES[class_index(reason.status().as_u16())]),
+            ("reason", reason.as_str()),
+        ];
+        e.counter(
+            &l,
+            policy.unrouted.own[reason.index()].load(Ordering::Relaxed),
+        );
+    }
+
+    e.family(
+        "sluice_request_duration_seconds",
+        "Time from request to response headers, per service",
+        Kind::Histogram,
+    );
+    for s in services {
+        e.histogram(&[("service", &s.name)], &s.stats.duration);
+    }
+
+    e.family(
+        "sluice_upstream_duration_seconds",
+        "Time from sending to an endpoint to its response headers",
+        Kind::Histogram,
+    );
+    for s in services {
+        for (endpoint, _) in s.pool.shape().endpoints.iter() {
+            let l = [("service", &*s.name), ("endpoint", endpoint.url())];
+            e.histogram(&l, &endpoint.stats.duration);
+        }
+    }
+
+    type EndpointGauge = fn(&crate::balance::Endpoint, u32) -> i64;
+    let endpoint_gauges: [(&'static str, &str, EndpointGauge); 3] = [
+        (
+            "sluice_endpoint_in_flight",
+            "Requests in flight at an endpoint",
+            |endpoint, _| i64::from(endpoint.in_flight()),
+        ),
+        (
+            "sluice_endpoint_max_concurrent",
+            "Concurrency cap of an endpoint",
+            |_, cap| i64::from(cap),
+        ),
+        (
+            "sluice_endpoint_healthy",
+            "1 unless the endpoint is in its connect-failure back-off",
+            |endpoint, _| i64::from(endpoint.is_healthy()),
+        ),
+    ];
+    for (name, help, value) in endpoint_gauges {
+        e.family(name, help, Kind::Gauge);
+        for s in services {
+            for (endpoint, cap) in s.pool.shape().endpoints.iter() {
+                let l = [("service", &*s.name), ("endpoint", endpoint.url())];
+                e.gauge(&l, value(endpoint, *cap));
+            }
+        }
+    }
+
+    e.family(
+        "sluice_service_in_flight",
+        "Requests in flight over all endpoints of a service",
+        Kind::Gauge,
+    );
+    for s in services {
+        e.gauge(&[("service", &s.name)], i64::from(s.pool.in_flight()));
+    }
+
+    e.family(
+        "sluice_queue_length",
+        "Requests waiting for a slot",
+        Kind::Gauge,
+    );
+    for s in services {
+        let waiting = i64::try_from(s.pool.queue_len()).unwrap_or(i64::MAX);
+        e.gauge(&[("service", &s.name)], waiting);
+    }
+
+    e.family(
+        "sluice_resource_requests",
+        "Requests per resource: admitted, throttled (429 for rate), succeeded (2xx from the endpoint: what a caller is billed for)",
+        Kind::Counter,
+    );
+    for s in services {
+        for r in s.limits.iter().flat_map(|l| l.all_resources()) {
+            let c = &r.counters;
+            for (outcome, n) in [
+                ("admitted", &c.admitted),
+                ("throttled", &c.throttled),
+                ("succeeded", &c.succeeded),
+            ] {
+                let l = [
+                    ("service", &*s.name),
+                    ("resource", &r.name),
+                    ("outcome", outcome),
+                ];
+                e.counter(&l, n.total());
+            }
+        }
+    }
+
+    e.family(
+        "sluice_resource_limit_tps",
+        "TPS limit in force per resource",
+        Kind::Gauge,
+    );
+    for s in services {
+        for r in s.limits.iter().flat_map(|l| l.all_resources()) {
+            let l = [("service", &*s.name), ("resource", &r.name)];
+            e.gauge(&l, i64::from(r.limit().tps.get()));
+        }
+    }
+
+    e.family(
+        "sluice_autoscale_events",
+        "Autoscale actions, deferrals and policy changes, by kind",
+        Kind::Counter,
+    );
+    for (kind, n) in proxy.events().totals() {
+        e.counter(&[("kind", kind)], n);
+    }
+
+    let reloads = control.reloads();
+    e.family(
+        "sluice_config_reloads",
+        "Config reloads by result",
+        Kind::Counter,
+    );
+    e.counter(&[("result", "ok")], reloads.ok.load(Ordering::Relaxed));
+    e.counter(
+        &[("result", "failed")],
+        reloads.failed.load(Ordering::Relaxed),
+    );
+
+    if let Some(f) = proxy.fleet().map(|f| f.view()) {
+        // No labels: one series per replica, told apart by the scrape target.
+        let gauges: [(&'static str, &str, i64); 4] = [
+            (
+                "sluice_store_up",
+                "1 while the shared store answers, 0 while on_error applies",
+                i64::from(f.up),
+            ),
+            (
+                "sluice_fleet_replicas",
+                "Live replicas in the fleet at the last heartbeat",
+                i64::from(f.replicas),
+            ),
+            (
+                "sluice_fleet_leader",
+                "1 while this replica takes the fleet's autoscale steps",
+                i64::from(f.leader),
+            ),
+            (
+                "sluice_fleet_policy_version",
+                "Version of the fleet policy in force here",
+                i64::try_from(f.policy_version).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            e.family(name, help, Kind::Gauge);
+            e.gauge(&[], value);
+        }
+        let counters: [(&'static str, &str, u64); 3] = [
+            (
+                "sluice_store_calls",
+                "Calls to the shared store",
+                f.calls_total,
+            ),
+            (
+                "sluice_store_errors",
+                "Store calls that failed or timed out",
+                f.errors_total,
+            ),
+            (
+                "sluice_store_fallbacks",
+                "Requests decided by store.on_error while the store was unreachable",
+                f.fallbacks_total,
+            ),
+        ];
+        for (name, help, value) in counters {
+            e.family(name, help, Kind::Counter);
+            e.counter(&[], value);
+        }
+    }
+    e.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_chooses_the_format_by_preference() {
+        let cases = [
+            (None, Format::Prometheus),
+            (Some(""), Format::Prometheus),
+            (Some("*/*"), Format::Prometheus),
+            (Some("text/plain; version=0.0.4"), Format::Prometheus),
+            (Some("application/openmetrics-text"), Format::OpenMetrics),
+            (
+                Some("Application/OpenMetrics-Text; Version=1.0.0; charset=utf-8"),
+                Format::OpenMetrics,
+            ),
+            // Prometheus 2.42's default.
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,\
+                     application/openmetrics-text;version=0.0.1;q=0.75,\
+                     text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                Format::OpenMetrics,
+            ),
+            // Prometheus with `scrape_protocols` putting the text format first.
+            (
+                Some("text/plain;version=0.0.4;q=0.9,application/openmetrics-text;q=0.5"),
+                Format::Prometheus,
+            ),
+            (Some("application/openmetrics-text;q=0"), Format::Prometheus),
+            (Some("application/openmetrics-text;q=x"), Format::Prometheus),
+            (
+                Some("text/plain, application/openmetrics-text"),
+                Format::Prometheus,
+            ),
+        ];
+        for (accept, format) in cases {
+            assert_eq!(Format::negotiate(accept), format, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn escaping_follows_each_format() {
+        for format in [Format::Prometheus, Format::OpenMetrics] {
+            let mut e = Exposition::new(format);
+            e.family("x", "a \"b\" \\ c\nd", Kind::Counter);
+            e.counter(&[("l", "q\"\\\n")], 1);
+            let text = e.finish();
+            let (help, eof) = match format {
+                Format::Prometheus => (
+                    "# HELP x_total a \"b\" \\\\ c\\nd\n# TYPE x_total counter\n",
+                    "",
+                ),
+                Format::OpenMetrics => (
+                    "# HELP x a \\\"b\\\" \\\\ c\\nd\n# TYPE x counter\n",
+                    "# EOF\n",
+                ),
+            };
+            assert_eq!(
+                text,
+                format!("{help}x_total{{l=\"q\\\"\\\\\\n\"}} 1\n{eof}")
+            );
+        }
     }
 }

@@ -9,7 +9,7 @@ use crate::autoscale::{Event, ServiceAutoscaler};
 use crate::balance::{InvalidEndpointUrl, Pool, Shape, Share};
 use crate::config::{Config, Timeouts};
 use crate::limit::RateLimiter;
-use crate::metrics::ServiceStats;
+use crate::metrics::{ServiceStats, UnroutedStats};
 use crate::store::Fleet;
 
 /// One service as the request path sees it.
@@ -40,6 +40,8 @@ pub struct Policy {
     pub timeouts: Timeouts,
     /// The config this policy was built from (with live changes): what admin changes edit.
     pub config: Config,
+    /// Counts of requests that matched no service; kept across policy changes.
+    pub unrouted: Arc<UnroutedStats>,
 }
 
 impl Policy {
@@ -128,6 +130,7 @@ impl Policy {
             routes,
             timeouts: config.timeouts.clone(),
             config: config.clone(),
+            unrouted: previous.map_or_else(Arc::default, |p| Arc::clone(&p.unrouted)),
         };
         Ok((policy, events))
     }

@@ -121,6 +121,9 @@ struct Second {
     at: u64,
     count: u64,
     sum_micros: u64,
+    /// The largest latency of the second: a bucket's upper bound may be above every sample in
+    /// it (up to √2 times), and a percentile must not be.
+    max_micros: u64,
     buckets: [u32; BUCKETS],
 }
 
@@ -129,6 +132,7 @@ impl Second {
         at: u64::MAX,
         count: 0,
         sum_micros: 0,
+        max_micros: 0,
         buckets: [0; BUCKETS],
     };
 }
@@ -157,7 +161,8 @@ pub struct LatencySummary {
     pub count: u64,
     /// Mean latency.
     pub mean_ms: f64,
-    /// 99th percentile (bucket upper bound).
+    /// 99th percentile: the upper bound of the bucket that holds it, capped at the largest
+    /// latency observed (never above the slowest response, never below the true value).
     pub p99_ms: f64,
 }
 
@@ -176,6 +181,7 @@ impl LatencyWindow {
         }
         slot.count += 1;
         slot.sum_micros = slot.sum_micros.saturating_add(micros);
+        slot.max_micros = slot.max_micros.max(micros);
         slot.buckets[bucket_of(micros)] += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
     }
@@ -195,6 +201,7 @@ impl LatencyWindow {
         {
             merged.count += s.count;
             merged.sum_micros = merged.sum_micros.saturating_add(s.sum_micros);
+            merged.max_micros = merged.max_micros.max(s.max_micros);
             for (m, b) in merged.buckets.iter_mut().zip(s.buckets) {
                 *m += b;
             }
@@ -216,7 +223,7 @@ impl LatencyWindow {
         Some(LatencySummary {
             count: merged.count,
             mean_ms: merged.sum_micros as f64 / merged.count as f64 / 1000.0,
-            p99_ms: p99 / 1000.0,
+            p99_ms: p99.min(merged.max_micros as f64) / 1000.0,
         })
     }
 }
@@ -274,5 +281,25 @@ mod tests {
         assert!((50.0..=50.0 * 1.42).contains(&s.p99_ms), "{s:?}");
         tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(window.last_minute(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn p99_is_never_above_the_slowest_response() {
+        // One 51.6 ms response: its bucket's bound is 72.4 ms.
+        let window = LatencyWindow::default();
+        window.record(Duration::from_micros(51_600));
+        let s = window.last_minute().unwrap();
+        assert_eq!((s.count, s.mean_ms, s.p99_ms), (1, 51.6, 51.6), "{s:?}");
+        // The cap is the largest sample of the whole minute, not of one second.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..200 {
+            window.record(Duration::from_micros(40_000));
+        }
+        let s = window.last_minute().unwrap();
+        assert_eq!(s.p99_ms, 51.2, "{s:?}"); // 40 ms's bucket bound, below 51.6
+        tokio::time::advance(Duration::from_secs(60)).await;
+        window.record(Duration::from_micros(10_100));
+        let s = window.last_minute().unwrap();
+        assert_eq!((s.count, s.p99_ms), (1, 10.1), "{s:?}");
     }
 }

@@ -6,6 +6,8 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -600,17 +602,28 @@ async fn reload_applies_a_valid_file_and_refuses_an_invalid_one_without_failing_
     let valid = limited(&backend.url(), "max_concurrent = 9");
     let path = process::write_config("reload", &valid);
     let sluice = start_sluice_with(&valid, Some(TOKEN), Some(path.clone())).await;
-    // Load on a keep-alive client throughout; every answer must be the endpoint's.
+    // Load on a keep-alive client throughout; every answer must be the endpoint's. The client
+    // waits for each answer and sends at most one request per `PACE`, half the default limit
+    // (100 TPS, burst 100), so the limit never refuses it however fast or slow the machine
+    // runs the reloads (at full speed, a run whose reloads took longer than the burst lasts
+    // got 429s). Each round waits for answers under the new policy, so traffic overlaps
+    // every reload whatever their speed.
+    const PACE: Duration = Duration::from_millis(20);
     let addr = sluice.addr;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
     let load = {
-        let stop = std::sync::Arc::clone(&stop);
+        let (stop, answered) = (Arc::clone(&stop), Arc::clone(&answered));
         tokio::spawn(async move {
             let client = pool();
             let mut statuses = BTreeMap::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut pace = tokio::time::interval(PACE);
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(Ordering::SeqCst) {
+                pace.tick().await;
                 let answer = send(&client, keyed(addr, "someone")).await;
                 *statuses.entry(answer.status.as_u16()).or_insert(0) += 1;
+                answered.fetch_add(1, Ordering::SeqCst);
             }
             statuses
         })
@@ -631,6 +644,11 @@ async fn reload_applies_a_valid_file_and_refuses_an_invalid_one_without_failing_
             policy["service"][0]["endpoints"].as_array().unwrap().len(),
             2
         );
+        let seen = answered.load(Ordering::SeqCst);
+        eventually("answers under the reloaded policy", || {
+            answered.load(Ordering::SeqCst) >= seen + 2
+        })
+        .await;
         // Invalid: two problems, both reported; nothing changes.
         let broken = text
             .replace(
@@ -647,7 +665,7 @@ async fn reload_applies_a_valid_file_and_refuses_an_invalid_one_without_failing_
         let policy = call(&sluice, "GET", "/admin/policy", "").await.json();
         assert_eq!(policy["service"][0]["max_concurrent"], 10 + round);
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::SeqCst);
     let statuses = load.await.unwrap();
     assert_eq!(
         statuses.keys().copied().collect::<Vec<_>>(),

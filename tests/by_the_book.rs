@@ -489,3 +489,50 @@ async fn a_reload_applies_client_header_to_new_connections_without_a_restart() {
     assert!(closed.is_ok(), "still open after {:?}", started.elapsed());
     assert_eq!(backend.requests(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_the_queue_gets_its_rate_cell_back() {
+    let backend = mock().gated().start().await;
+    // One slot and a queue; team-a at 1 TPS with a burst of 20 (it barely refills meanwhile).
+    let sluice = start_sluice(&config(&format!(
+        "{}\n[service.rate_limit]\n\
+         [[service.resource]]\nname = \"team-a\"\nkey = \"key-a\"\ntps = 1\nburst = 20\n",
+        service(
+            &[backend.url()],
+            "max_concurrent = 1\nqueue_size = 4\nqueue_timeout = \"30s\""
+        )
+    )))
+    .await;
+    let keyed = |path: &str| {
+        let mut req = get(sluice.addr, path);
+        req.headers_mut()
+            .insert("x-api-key", "key-a".parse().unwrap());
+        req
+    };
+    let pool = pool();
+    let held = {
+        let (pool, req) = (pool.clone(), keyed("/hold"));
+        tokio::spawn(async move { send(&pool, req).await })
+    };
+    backend.wait_current(1).await;
+
+    // A request that waits in the queue, then its client leaves.
+    let mut leaving = TcpStream::connect(sluice.addr).await.unwrap();
+    leaving
+        .write_all(b"GET /queued HTTP/1.1\r\nhost: a.example\r\nx-api-key: key-a\r\n\r\n")
+        .await
+        .unwrap();
+    let queue = sluice.pool(0);
+    eventually("the request waits in the queue", || queue.queue_len() == 1).await;
+    drop(leaving);
+    eventually("the request left the queue", || queue.queue_len() == 0).await;
+
+    backend.open_gate();
+    assert_eq!(held.await.unwrap().status, 200);
+    let answer = send(&pool, keyed("/after")).await;
+    assert_eq!(answer.status, 200);
+    // Two cells spent (the held request and this one); the queued one came back.
+    assert!(remaining(&answer) >= 18, "r = {}", remaining(&answer));
+    assert_eq!(backend.arrivals(), ["/hold", "/after"]);
+    sluice.assert_idle().await;
+}

@@ -15,12 +15,12 @@ async fn sluice_demo_answers_scores_through_the_proxy() {
     let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/sluice.toml"))
             .unwrap();
-    let text = shipped.replacen("0.0.0.0:8080", "127.0.0.1:0", 1).replacen(
+    let text = shipped.replacen("[::]:8080", "127.0.0.1:0", 1).replacen(
         "127.0.0.1:9090",
         "127.0.0.1:0",
         1,
     );
-    assert_ne!(text, shipped, "the shipped config listens on 0.0.0.0:8080");
+    assert_ne!(text, shipped, "the shipped config listens on [::]:8080");
     let path = write_config("demo", &text);
     let mut sluice = start_binary(&[
         "demo",

@@ -244,21 +244,55 @@ async fn endpoints_full_answers_carry_the_callers_ratelimit_headers() {
     );
     let sluice = start_sluice(&toml).await;
     let addr = sluice.addr;
+    let started = tokio::time::Instant::now();
     let first = tokio::spawn(async move { once(addr, keyed(addr, KEY_A)).await });
     backend.wait_current(1).await;
     let full = once(addr, keyed(addr, KEY_A)).await;
+    // A cell per 100 ms is refilled between the two requests (on a busy machine they can be
+    // more than 100 ms apart).
+    let refilled = (started.elapsed().as_secs_f64() * 10.0).floor() as u64;
     assert_eq!(full.status, 429);
     assert_eq!(full.reason(), "endpoints_full");
     assert_eq!(full.header("ratelimit-policy"), Some("\"tps\";q=10;w=1"));
-    // The 429 for capacity gave its cell back: one of the burst of 10 used.
-    assert_eq!(ratelimit(&full.headers).1, 9, "one of the burst of 10 used");
+    // The 429 for capacity gave its cell back: one of the burst of 10 used, plus what was
+    // refilled since (never above the burst).
+    let remaining = ratelimit(&full.headers).1;
+    assert!(
+        (9..=(9 + refilled).min(10)).contains(&remaining),
+        "one of the burst of 10 used: r={remaining}, {refilled} refilled since"
+    );
     backend.open_gate();
     first.await.unwrap();
     sluice.stop().await;
 }
 
+/// Measured in a process of its own: the RSS check would otherwise count what the other tests
+/// of this binary allocate meanwhile (24 MB over a 4 MB bound once, on a busy machine).
+#[test]
+fn a_flood_of_unknown_keys_stays_within_max_tracked_keys() {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "unknown_key_flood_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "flood child failed:\n{text}");
+    assert!(text.contains("1 passed"), "the flood did not run:\n{text}");
+}
+
+/// The flood itself; run by the test above in a child process.
 #[tokio::test]
-async fn a_flood_of_unknown_keys_stays_within_max_tracked_keys() {
+#[ignore = "run in a child process by a_flood_of_unknown_keys_stays_within_max_tracked_keys"]
+async fn unknown_key_flood_child() {
     let toml = limited_service("http://127.0.0.1:1", "max_tracked_keys = 5000", TEAM_A);
     let config = sluice::config::Config::parse(&toml).unwrap();
     let policy = sluice::policy::Policy::from_config(&config, None).unwrap();

@@ -47,7 +47,8 @@ impl Access {
                 "changes are disabled: start sluice with SLUICE_ADMIN_TOKEN set and send \
                  `Authorization: Bearer <token>`",
             )),
-            None if !peer.ip().is_loopback() => Err(ApiError::forbidden(
+            // `to_canonical`: on a dual-stack `[::]` listener, IPv4 loopback is ::ffff:127.0.0.1.
+            None if !peer.ip().to_canonical().is_loopback() => Err(ApiError::forbidden(
                 "without SLUICE_ADMIN_TOKEN the admin API answers loopback clients only",
             )),
             None => Ok(()),

@@ -209,10 +209,19 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     }
 }
 
-async fn metrics(State(admin): State<Admin>) -> Response {
-    let text = crate::metrics::render(&admin.control);
+/// The format follows `Accept` (OpenMetrics when asked for, the text format 0.0.4 otherwise),
+/// so the answer varies with it.
+async fn metrics(State(admin): State<Admin>, headers: HeaderMap) -> Response {
+    let accept = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = crate::metrics::Format::negotiate(accept);
+    let text = crate::metrics::render(&admin.control, format);
     (
-        [(http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        [
+            (http::header::CONTENT_TYPE, format.content_type()),
+            (http::header::VARY, "Accept"),
+        ],
         text,
     )
         .into_response()

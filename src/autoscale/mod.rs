@@ -32,7 +32,7 @@ pub use engine::{ResourceSpec, ResourceState, ServiceEngine};
 pub use evaluate::{evaluate, proposed, Bounds, Cause, Decision, EvalInput, CONCURRENCY_BOUNDS};
 pub use events::{Event, EventHistory, EventKind, EventQuery, ScaleTarget, DEFAULT_HISTORY};
 pub use metrics::{Metric, Metrics, ResourceMetrics, ServiceMetrics};
-pub use notify::Notifier;
+pub use notify::{Notifier, TIMEOUT as NOTIFY_TIMEOUT};
 pub use profile::{covers, last_start, local_to_utc, select};
 pub use ring::{CounterRing, GaugeRing};
 pub use runner::{run, ServiceAutoscaler, WallClock};

@@ -15,11 +15,12 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
 use super::Event;
+use crate::proxy::connector::{self, Connect};
 
 /// Deliveries allowed in flight at once; more are dropped with a warning.
 const MAX_IN_FLIGHT: usize = 64;
 /// Time a receiver gets to answer.
-const TIMEOUT: Duration = Duration::from_secs(2);
+pub const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Sends events to webhook URLs.
 #[derive(Clone)]
@@ -28,16 +29,22 @@ pub struct Notifier {
     in_flight: Arc<Semaphore>,
 }
 
+/// Trusting the system's roots.
 impl Default for Notifier {
     fn default() -> Self {
-        Self {
-            client: Client::builder(TokioExecutor::new()).build(crate::proxy::connector(TIMEOUT)),
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-        }
+        Self::new(TIMEOUT)
     }
 }
 
 impl Notifier {
+    /// Deliveries over connections made as `connect` says (its timeout should be [`TIMEOUT`]).
+    pub fn new(connect: impl Into<Connect>) -> Self {
+        Self {
+            client: Client::builder(TokioExecutor::new()).build(connector::build(connect)),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
+
     /// POST `event` to each of `urls` in the background; never waits.
     pub fn send(&self, urls: &[String], event: &Event) {
         if urls.is_empty() {

@@ -4,6 +4,7 @@
 mod limits;
 mod rate_limit;
 mod store;
+mod upstream;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -19,10 +20,15 @@ pub use rate_limit::{
     BUILT_IN_RESOURCES, TPS_CEILING, UNKNOWN_RESOURCE,
 };
 pub use store::{Backend, OnError, StoreConfig};
+pub use upstream::{load_ca_file, CaFileError, UpstreamConfig};
 pub use validate::{validate, ConfigError, MAX_CONCURRENT_RANGE};
 
 /// Where `run` and `check` look when neither `--config` nor `SLUICE_CONFIG` says otherwise.
 pub const DEFAULT_PATH: &str = "config/sluice.toml";
+
+/// `[listen] proxy` by default: every address of both families (the listener turns
+/// IPV6_V6ONLY off, and falls back to 0.0.0.0 on a host without IPv6).
+pub const DEFAULT_PROXY_LISTEN: &str = "[::]:8080";
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -34,6 +40,9 @@ pub struct Config {
     /// Client- and upstream-side time limits.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// How endpoints are connected to, beyond the timeouts (the CA file for https).
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
     /// Bounds on what one client may make the proxy hold (heads, streams, connections).
     #[serde(default)]
     pub limits: Limits,
@@ -49,7 +58,7 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Listen {
-    /// Address of the proxy listener, e.g. "0.0.0.0:8080".
+    /// Address of the proxy listener, e.g. "[::]:8080" (IPv6 and IPv4).
     pub proxy: String,
     /// Address of the admin listener (API, metrics, dashboard); "" disables it.
     pub admin: String,
@@ -58,7 +67,7 @@ pub struct Listen {
 impl Default for Listen {
     fn default() -> Self {
         Self {
-            proxy: "0.0.0.0:8080".into(),
+            proxy: DEFAULT_PROXY_LISTEN.into(),
             admin: "127.0.0.1:9090".into(),
         }
     }

@@ -106,7 +106,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
         p.add(
             "listen.proxy",
             format!(
-                "{:?} is not a socket address; expected IP:PORT such as \"0.0.0.0:8080\"",
+                "{:?} is not a socket address; expected IP:PORT such as \"[::]:8080\" or \"0.0.0.0:8080\"",
                 config.listen.proxy
             ),
         );
@@ -128,6 +128,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
         &CLIENT_BODY_TIMEOUT_RANGE,
     );
     p.positive("timeouts.shutdown_grace", t.shutdown_grace);
+    super::upstream::validate(&mut p, &config.upstream);
     super::limits::validate(&mut p, &config.limits);
     super::store::validate(&mut p, &config.store);
 

@@ -34,6 +34,14 @@ pub struct Status {
     pub reset_secs: u64,
 }
 
+impl Status {
+    /// The status once the request's cell was given back (it never reached an endpoint).
+    pub fn with_cell_back(mut self) -> Self {
+        self.remaining = self.remaining.saturating_add(1).min(self.quota.burst.get());
+        self
+    }
+}
+
 /// Quotas whose `RateLimit-Policy` each thread keeps built (direct-mapped by quota).
 const POLICY_CACHE: usize = 64;
 

@@ -449,9 +449,9 @@ impl RateLimiter {
     }
 
     /// Give back the cell of an admitted request that never reached an endpoint (no slot was
-    /// free): its caller is not billed for it, and it is not counted as admitted. `status` is
-    /// what the check told; the answer tells the cell back.
-    pub fn give_back(&self, resource: &Resource, cell: Cell, status: &mut Status) {
+    /// free, or its client left while it waited for one): its caller is not billed for it, and
+    /// it is not counted as admitted. False when nothing was spent to give back.
+    pub fn give_back(&self, resource: &Resource, cell: Cell) -> bool {
         match cell {
             Cell::Own => resource.bucket.give_back(),
             Cell::Leased | Cell::Fallback => {
@@ -460,12 +460,9 @@ impl RateLimiter {
                 }
             }
             Cell::Unknown(digest) => self.table.give_back(&digest, self.unknown_quota()),
-            Cell::Free => return,
+            Cell::Free => return false,
         }
-        status.remaining = status
-            .remaining
-            .saturating_add(1)
-            .min(status.quota.burst.get());
+        true
     }
 
     /// The configured resource of `key`, or the key's digest when it is nobody's.

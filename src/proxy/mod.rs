@@ -2,6 +2,7 @@
 //! Answers sluice gives itself are built in [`reject`].
 
 pub mod body;
+pub mod connector;
 mod framing;
 pub mod headers;
 mod inbound;
@@ -11,18 +12,16 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::{request, Request, Response};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::time::Instant;
 
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot, Slot};
-use crate::limit::{Admission, KeyProblem, Resource};
+use crate::limit::{Admission, Cell, KeyProblem, RateLimiter, Resource};
+use crate::metrics::UnroutedStats;
 use crate::policy::{Policy, Service};
 use crate::store::Fleet;
 use body::{BodyWatch, ResponseBody, UpstreamBody};
@@ -41,27 +40,18 @@ pub struct Proxy {
     fleet: Option<Arc<Fleet>>,
 }
 
-/// The connector for outgoing HTTP/1.1 (http and https): TCP with `connect_timeout`, no
-/// Nagle delay, TLS with the webpki roots.
-pub fn connector(connect_timeout: Duration) -> HttpsConnector<HttpConnector> {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(connect_timeout));
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http)
-}
-
 impl Proxy {
-    /// A proxy serving `policy`; `connect_timeout` bounds each upstream TCP connect; `fleet`
-    /// is the shared store the policy's limits use, if any.
-    pub fn new(policy: Policy, connect_timeout: Duration, fleet: Option<Arc<Fleet>>) -> Arc<Self> {
+    /// A proxy serving `policy`; `connect` bounds each upstream TCP connect (and says which
+    /// roots TLS trusts: a bare timeout means the system's); `fleet` is the shared store the
+    /// policy's limits use, if any.
+    pub fn new(
+        policy: Policy,
+        connect: impl Into<connector::Connect>,
+        fleet: Option<Arc<Fleet>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             policy: ArcSwap::from_pointee(policy),
-            upstream: Upstream::new(connector(connect_timeout)),
+            upstream: Upstream::new(connector::build(connect)),
             events: Arc::new(EventHistory::new(DEFAULT_HISTORY)),
             fleet,
         })
@@ -108,7 +98,7 @@ impl Proxy {
             .then(|| (head.method.clone(), head.uri.path().to_owned()));
         // Dropped unfinished when the client leaves before the answer: then it counts and logs
         // the request as 499 `client_gone`.
-        let mut outcome = Outcome::new(started, client, logged);
+        let mut outcome = Outcome::new(started, client, logged, &policy.unrouted);
         // Taken when the request is forwarded; still here when sluice answered on its own.
         let mut body = Some(body);
         let mut response = match checked {
@@ -201,14 +191,24 @@ impl Proxy {
                 cell,
             } => {
                 outcome.note_resource(resource);
+                // Until a slot is taken the cell is only lent: a 429 for capacity, or a client
+                // that leaves while it waits in the queue, gives it back.
+                let mut lent = LentCell {
+                    limits,
+                    resource,
+                    cell: Some(cell),
+                };
                 let mut response = match self.take_slot(service, outcome).await {
                     Ok(slot) => {
+                        lent.cell = None;
                         limits.confirm(resource, outcome.arrived);
                         self.forward(policy, service, slot, head, body, outcome)
                             .await
                     }
                     Err(refused) => {
-                        limits.give_back(resource, cell, &mut status);
+                        if lent.give_back() {
+                            status = status.with_cell_back();
+                        }
                         refused
                     }
                 };
@@ -342,6 +342,29 @@ impl Proxy {
     }
 }
 
+/// A rate cell spent on a request that has no slot yet; given back when dropped unconfirmed.
+struct LentCell<'a> {
+    limits: &'a RateLimiter,
+    resource: &'a Resource,
+    /// `None` once the request took a slot (the cell is its for good).
+    cell: Option<Cell>,
+}
+
+impl LentCell<'_> {
+    /// Give the cell back now; true when one was spent.
+    fn give_back(&mut self) -> bool {
+        self.cell
+            .take()
+            .is_some_and(|cell| self.limits.give_back(self.resource, cell))
+    }
+}
+
+impl Drop for LentCell<'_> {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
 /// One exchange as it goes: when it arrived, where it was routed, and what the access log
 /// and the counters tell about it besides its status. Finished once with the answer's status;
 /// dropped unfinished (the client left before the answer, so hyper dropped the request's
@@ -354,6 +377,8 @@ struct Outcome<'p> {
     /// unset).
     logged: Option<(http::Method, String)>,
     service: Option<&'p Service>,
+    /// Where an answer given before there was a service is counted.
+    unrouted: &'p UnroutedStats,
     resource: Option<Arc<str>>,
     endpoint: Option<Arc<Endpoint>>,
     reason: Option<Reason>,
@@ -363,12 +388,18 @@ struct Outcome<'p> {
 }
 
 impl<'p> Outcome<'p> {
-    fn new(arrived: Instant, client: SocketAddr, logged: Option<(http::Method, String)>) -> Self {
+    fn new(
+        arrived: Instant,
+        client: SocketAddr,
+        logged: Option<(http::Method, String)>,
+        unrouted: &'p UnroutedStats,
+    ) -> Self {
         Self {
             arrived,
             client,
             logged,
             service: None,
+            unrouted,
             resource: None,
             endpoint: None,
             reason: None,
@@ -411,6 +442,8 @@ impl<'p> Outcome<'p> {
                 (None, Some(endpoint)) => endpoint.stats.count_answer(status),
                 (None, None) => {}
             }
+        } else if let Some(reason) = self.reason {
+            self.unrouted.count_own(reason);
         }
         let Some((method, path)) = &self.logged else {
             return;

@@ -65,6 +65,9 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             },
             () = &mut shutdown => break,
         };
+        // On the dual-stack `[::]` listener an IPv4 client is `::ffff:a.b.c.d`: log and
+        // forward it as the IPv4 address it is.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         settings.refresh(&proxy);
         if open.load(Ordering::Acquire) >= settings.max_connections {
             // Accept-and-close rather than stop accepting: the client learns at once, and the
@@ -101,6 +104,10 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, shutdown: impl Futu
             let conflicting = service_activity.is_conflicting();
             async move {
                 let response = if conflicting {
+                    proxy
+                        .policy()
+                        .unrouted
+                        .count_own(Reason::ConflictingFraming);
                     refuse_conflicting_framing(peer)
                 } else {
                     proxy.handle(req, peer).await

@@ -112,6 +112,15 @@ impl Replica {
             .collect()
     }
 
+    /// Its access lines (target `sluice::access`), JSON.
+    pub fn logged_access(&self) -> Vec<Value> {
+        let lines = self.process.lock().unwrap().json_lines();
+        lines
+            .into_iter()
+            .filter(|j| j["target"] == "sluice::access")
+            .collect()
+    }
+
     /// An admin call with the token (and a JSON body when `body` is not empty).
     pub async fn call(&self, method: &str, path: &str, body: &str) -> Answer {
         let mut req = request(method, self.admin, path, body.to_owned());
@@ -211,10 +220,24 @@ pub async fn start_fleet(
     on_error: &str,
     services: &str,
 ) -> Vec<Replica> {
+    start_fleet_with(redis_url, ids, on_error, STORE_TIMEOUT, services).await
+}
+
+/// [`start_fleet`] with another `store.timeout`.
+pub async fn start_fleet_with(
+    redis_url: &str,
+    ids: &[&str],
+    on_error: &str,
+    timeout: Duration,
+    services: &str,
+) -> Vec<Replica> {
     let starting: Vec<_> = ids
         .iter()
         .map(|id| {
-            let toml = replica_config(redis_url, id, on_error, services);
+            let toml = replica_config(redis_url, id, on_error, services).replace(
+                &format!("timeout = \"{}ms\"", STORE_TIMEOUT.as_millis()),
+                &format!("timeout = \"{}ms\"", timeout.as_millis()),
+            );
             let id = id.to_string();
             tokio::spawn(async move { Replica::start(&id, &toml).await })
         })

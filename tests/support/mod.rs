@@ -41,6 +41,25 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// Ask `/readyz` at `admin` until it answers `status`; panic after [`DEADLINE`] with the last
+/// answer.
+pub async fn readyz_until(admin: SocketAddr, status: u16) -> Answer {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let answer = once(admin, get(admin, "/readyz")).await;
+        if answer.status == status {
+            return answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered {status}; last: {} {}",
+            answer.status,
+            answer.text()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// An autoscale rule for tests that want steps in seconds: +100% whenever the resource was
 /// throttled in the last second (cooldown 1 s). Append after a `[[service.autoscale.profile]]`.
 pub const DOUBLE_WHILE_THROTTLED: &str = r#"[[service.autoscale.profile.rule]]
