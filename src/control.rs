@@ -172,12 +172,12 @@ impl Control {
         }
     }
 
-    /// Apply the fleet's policy `version` (published by replica `origin`): this replica's
+    /// Apply the fleet's policy `id` (published by replica `origin`): this replica's
     /// config with the fleet's services, validated like the file.
     pub async fn adopt(
         &self,
         services: Vec<crate::config::ServiceConfig>,
-        version: u64,
+        id: crate::store::PolicyId,
         origin: &str,
         reason: &str,
     ) -> Result<(), ChangeError> {
@@ -185,10 +185,11 @@ impl Control {
         let mut config = self.proxy.policy().config.clone();
         if config.services == services {
             if let Some(fleet) = self.proxy.fleet() {
-                fleet.follow(version);
+                fleet.follow(id);
             }
             return Ok(());
         }
+        let version = id.version;
         config.services = services;
         let target = ScaleTarget::Setting {
             key: "fleet_policy".into(),
@@ -196,7 +197,7 @@ impl Control {
         let reason = format!("fleet policy version {version} from replica {origin}: {reason}");
         self.install(config, "*", target, reason)?;
         if let Some(fleet) = self.proxy.fleet() {
-            fleet.follow(version);
+            fleet.follow(id);
         }
         Ok(())
     }

@@ -6,7 +6,9 @@
 //! - rate keys of different (service, resource) pairs never collide, and the built-in bucket
 //!   names cannot be configured;
 //! - the autoscale leader keeps leading when Redis loses its fencing counter, and a leader
-//!   after Redis lost the last step waits a full interval before stepping.
+//!   after Redis lost the last step waits a full interval before stepping;
+//! - the fleet's policy survives Redis restarting empty: changes work again everywhere, the
+//!   latest policy wins, and a replica started afterwards follows the fleet.
 
 mod support;
 
@@ -196,7 +198,14 @@ async fn names_with_colons_never_share_a_bucket() {
     let a = fleet(&redis, "a");
     let q = quota(1, 1);
     let now = clock(Instant::now());
-    let pairs = [("a:b", "c"), ("a", "b:c"), ("a:b:c", ""), ("", "a:b:c")];
+    let pairs = [
+        ("a:b", "c"),
+        ("a", "b:c"),
+        ("a:b:c", ""),
+        ("", "a:b:c"),
+        ("a\\", "b"),
+        ("a", "\\:b"),
+    ];
     let keys: Vec<String> = pairs.iter().map(|(s, r)| a.rate_key(s, r)).collect();
     for (i, key) in keys.iter().enumerate() {
         assert!(
@@ -209,13 +218,14 @@ async fn names_with_colons_never_share_a_bucket() {
             "a bucket of 1 cell granted 2 at once (key {key})"
         );
     }
-    // Buckets only: the store generation lives under the same prefix.
-    let stored: Vec<_> = redis
-        .dump("sluice:rate:*")
-        .into_iter()
-        .filter(|(key, _)| key != "sluice:rate:generation")
-        .collect();
+    let mut stored = redis.dump("sluice:rate:*");
+    stored.retain(|(key, _)| key != "sluice:rate:generation");
     assert_eq!(stored.len(), pairs.len(), "one bucket per pair: {stored:?}");
+    // Names without ':' or '\\' keep the key they always had (no migration).
+    assert_eq!(
+        a.rate_key("scoring", "team-a"),
+        "sluice:rate:scoring:team-a"
+    );
 }
 
 /// A configured resource named like a built-in bucket would share it (and, in a fleet, its
@@ -509,4 +519,111 @@ async fn an_outage_longer_than_a_window_adds_nothing_above_the_limit() {
         admitted as f64 <= bound,
         "{admitted} admitted in {elapsed:.3} s: more than tps × time + burst ({bound:.1})"
     );
+}
+
+/// Wait until `replica`'s resource team-a runs at `tps`; false after [`support::DEADLINE`].
+async fn limit_becomes(replica: &support::fleet::Replica, tps: u64) -> bool {
+    let deadline = tokio::time::Instant::now() + support::DEADLINE;
+    while tokio::time::Instant::now() < deadline {
+        if replica.limit_tps("team-a").await == tps {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Redis restarts empty under a fleet that changed its policy (team-a 10 → 50 TPS). Admin
+/// changes work again on every replica and reach the others, and a replica that starts
+/// afterwards follows the fleet, not its file. It used to refuse every later change with 409 for good, and a new
+/// replica's file (version 1) was ignored by the others: two policies in one fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_sync_survives_redis_restarting_empty() {
+    let _serial = support::fleet::one_at_a_time().await;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let endpoint = support::mock().start().await;
+    let services = support::fleet::rated_service(&endpoint.url(), "max_concurrent = 20", 10, 10);
+    let replicas = support::fleet::start_fleet(&redis.url(), &["a", "b"], "local", &services).await;
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let change = |tps: u32| format!(r#"{{"tps": {tps}}}"#);
+    let path = "/admin/services/scoring/resources/team-a";
+    let answer = a.call("PUT", path, &change(50)).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert!(limit_becomes(b, 50).await, "b never adopted a's change");
+
+    redis.start_again();
+    // An admin change on either replica works again (once the connection is back and, at
+    // most, a republish of the running policy raced it) and reaches the other.
+    for (tps, on, other) in [(70, b, a), (90, a, b)] {
+        let tried = Instant::now();
+        loop {
+            let answer = on.call("PUT", path, &change(tps)).await;
+            if answer.status == 200 {
+                break;
+            }
+            assert!(
+                tried.elapsed() < support::DEADLINE,
+                "after Redis restarted empty, a change on {} is still refused: {} {}",
+                on.id,
+                answer.status,
+                answer.text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            limit_becomes(other, u64::from(tps)).await,
+            "{}'s change to {tps} never reached {}",
+            on.id,
+            other.id
+        );
+    }
+    // A replica that starts now follows the fleet (90), not its file (10).
+    let c_config = support::fleet::replica_config(&redis.url(), "c", "local", &services);
+    let c = support::fleet::Replica::start("c", &c_config).await;
+    c.wait_ready().await;
+    assert!(limit_becomes(&c, 90).await, "c runs its own file");
+    for replica in [a, b] {
+        assert_eq!(replica.limit_tps("team-a").await, 90, "{}", replica.id);
+    }
+}
+
+/// Redis restarts empty right after an admin change (the other replica may not have adopted
+/// it yet): the policy is published again, the later one wins, and the fleet keeps the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_policy_is_republished_after_redis_lost_it() {
+    let _serial = support::fleet::one_at_a_time().await;
+    let Some(mut redis) = RedisServer::start() else {
+        return;
+    };
+    let endpoint = support::mock().start().await;
+    let services = support::fleet::rated_service(&endpoint.url(), "max_concurrent = 20", 10, 10);
+    let replicas = support::fleet::start_fleet(&redis.url(), &["a", "b"], "local", &services).await;
+    let answer = replicas[0]
+        .call(
+            "PUT",
+            "/admin/services/scoring/resources/team-a",
+            r#"{"tps": 50}"#,
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    redis.start_again();
+    // b may not have adopted the change yet and publish its older policy first; a, which
+    // followed the later version, then publishes its own over it.
+    let back = Instant::now();
+    loop {
+        let stored = redis.command(&["GET", "sluice:policy"]);
+        if stored.contains("\"tps\":50") {
+            break;
+        }
+        assert!(
+            back.elapsed() < support::DEADLINE,
+            "the fleet policy was not restored with the change: {stored}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for replica in &replicas {
+        assert!(limit_becomes(replica, 50).await, "{}", replica.id);
+    }
 }

@@ -18,7 +18,7 @@ use rand::Rng;
 
 pub use endpoint::{Endpoint, InvalidEndpointUrl};
 use queue::Queue;
-pub use share::Share;
+pub use share::{Share, HELD};
 
 use crate::config::{Balance, ServiceConfig};
 

@@ -3,13 +3,21 @@
 //! position and so its share of every concurrency cap (`balance::Share`).
 //!
 //! A replica that joins takes no slots until it has been listed for 2 heartbeats (unless it is
-//! alone): by then every other replica has seen it (they look every heartbeat) and shrunk its
-//! own share, so the sum over the fleet never exceeds a cap while the set grows. Once it has
+//! alone): by then every other replica has seen it (they look every heartbeat). Once it has
 //! taken slots it keeps its standing across a store outage or restart.
 //!
 //! A replica that leaves (or dies) keeps its share until its stamp is 3 heartbeats old; the
 //! others grow theirs then. A replica shutting down does not remove itself early: its
 //! in-flight requests still hold its share while they drain.
+//!
+//! Whenever this replica's position changes it holds the earlier one for 2 more heartbeats
+//! and takes the smaller part under either (`balance::Share`): it shrinks at once and grows
+//! only when every other replica has seen the same change, so the parts the replicas admit
+//! by never add up to more than a cap, whatever mix of old and new views they hold. What a
+//! smaller part does not do is recall requests already in flight: a replica whose part
+//! shrank starts no new request at that endpoint until its in-flight count is below the new
+//! part, and the ones above it finish; until they do, the endpoint can have more than its
+//! cap in flight by at most that excess.
 //!
 //! Each replica also keeps its own view: when each member is due to be counted gone. A member
 //! missing from Redis is kept until then, and while this replica cannot reach the store the
@@ -67,6 +75,44 @@ struct View {
     settled: bool,
     /// The last heartbeat that reached the store.
     last_ok: Option<Instant>,
+    /// This replica's position at the last heartbeat.
+    position: Option<Share>,
+    /// Earlier positions the other replicas may still see, with the heartbeats left to hold
+    /// each (see `balance::Share`).
+    held: Vec<(Share, u32)>,
+}
+
+/// Heartbeats an earlier view is held after it changed here: every other replica sees a
+/// change within one heartbeat of it (a joiner's stamp at its next beat; a dead member's
+/// stamp ages out by the same Redis time everywhere, within one heartbeat's jitter), so after
+/// two, none can still be on the old view.
+const HOLD_BEATS: u32 = 2;
+
+impl View {
+    /// This beat's position `plain`, holding the earlier ones still in force.
+    fn hold(&mut self, plain: Share) -> Share {
+        for (_, left) in &mut self.held {
+            *left = left.saturating_sub(1);
+        }
+        self.held.retain(|&(_, left)| left > 0);
+        if let Some(before) = self.position.replace(plain) {
+            // No slots before (not joined yet): nothing to hold; the join grace already let
+            // every other replica shrink first.
+            if before != plain && before.replicas > 0 {
+                self.held.push((before, HOLD_BEATS));
+            }
+        }
+        // At most one change per beat, each held for HOLD_BEATS: never more than HELD; if
+        // ever, the oldest goes (the newest are the ones others most likely still see).
+        while self.held.len() > crate::balance::HELD {
+            self.held.remove(0);
+        }
+        let mut share = plain;
+        for (slot, (before, _)) in share.held.iter_mut().zip(&self.held) {
+            *slot = Some((before.index, before.replicas));
+        }
+        share
+    }
 }
 
 /// Heartbeats of one replica.
@@ -133,13 +179,11 @@ impl Heartbeat {
         ids.sort();
         // Alone, there is nobody whose share must shrink first.
         view.settled |= joined_long_ago || ids.len() == 1;
-        let share = match ids.iter().position(|m| m == id) {
-            Some(index) if view.settled => Share {
-                index: index as u32,
-                replicas: ids.len() as u32,
-            },
+        let plain = match ids.iter().position(|m| m == id) {
+            Some(index) if view.settled => Share::at(index as u32, ids.len() as u32),
             _ => Share::NONE,
         };
+        let share = view.hold(plain);
         Ok(Members { ids, share })
     }
 

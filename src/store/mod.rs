@@ -26,7 +26,7 @@ use crate::config::{OnError, StoreConfig};
 use crate::limit::Quota;
 pub use rate::{Lease, Local, LEASE_TTL};
 pub use redis::{Redis, StoreError, StoreStats, PASSWORD_ENV};
-pub use sync::{join, run, PolicyDoc, ScaleDoc, POLICY_POLL};
+pub use sync::{join, run, PolicyDoc, PolicyId, ScaleDoc, POLICY_POLL};
 pub use tally::{Others, Tally};
 
 /// This replica's connection to the fleet's shared state.
@@ -38,16 +38,16 @@ pub struct Fleet {
     reserve: rate::Reserver,
     scripts: sync::Scripts,
     heartbeat: members::Heartbeat,
-    /// This replica's share of every cap, packed as (index << 32 | replicas).
-    share: AtomicU64,
+    /// This replica's share of every cap (read when a policy is built and by admin views).
+    share: std::sync::Mutex<Share>,
     /// Live replicas seen at the last heartbeat (at least 1: this one).
     replicas: AtomicU32,
     /// The fencing token while this replica leads autoscaling; 0 otherwise.
     leader_token: AtomicU64,
     /// When it took the lead (or its current token), ms on Redis's clock.
     leading_since_ms: AtomicU64,
-    /// The version of the fleet policy this replica follows.
-    policy_version: AtomicU64,
+    /// The fleet policy this replica follows.
+    policy_id: std::sync::Mutex<sync::PolicyId>,
 }
 
 impl Fleet {
@@ -66,11 +66,11 @@ impl Fleet {
             id,
             scripts: sync::Scripts::new(),
             // Not part of the fleet until the first heartbeat says so.
-            share: AtomicU64::new(pack(Share::NONE)),
+            share: std::sync::Mutex::new(Share::NONE),
             replicas: AtomicU32::new(1),
             leader_token: AtomicU64::new(0),
             leading_since_ms: AtomicU64::new(0),
-            policy_version: AtomicU64::new(0),
+            policy_id: std::sync::Mutex::new(sync::PolicyId::default()),
         }))
     }
 
@@ -106,15 +106,11 @@ impl Fleet {
 
     /// This replica's part of every concurrency cap.
     pub fn share(&self) -> Share {
-        let word = self.share.load(Ordering::Acquire);
-        Share {
-            index: (word >> 32) as u32,
-            replicas: word as u32,
-        }
+        *self.share.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn set_share(&self, share: Share) {
-        self.share.store(pack(share), Ordering::Release);
+        *self.share.lock().unwrap_or_else(|p| p.into_inner()) = share;
     }
 
     /// Whether this replica takes the autoscale steps now.
@@ -124,15 +120,17 @@ impl Fleet {
 
     /// The version of the fleet policy in force here (0 before the first sync).
     pub fn policy_version(&self) -> u64 {
-        self.policy_version.load(Ordering::Acquire)
+        self.policy_id().version
     }
 
-    /// The Redis key of a resource's rate bucket: `rate:{service's length}:{service}:{resource}`.
-    /// The length (in bytes) says where the service's name ends, so names that contain `:`
-    /// cannot make two (service, resource) pairs share a key (`a:b` + `c` and `a` + `b:c`).
+    /// The Redis key of a resource's rate bucket: `rate:{service}:{resource}`, each name with
+    /// `\` and `:` escaped by a `\`, so names that contain `:` cannot make two (service,
+    /// resource) pairs share a key (`a:b` + `c` and `a` + `b:c`), and names without either
+    /// keep the key they always had.
     pub fn rate_key(&self, service: &str, resource: &str) -> String {
+        let escape = |name: &str| name.replace('\\', "\\\\").replace(':', "\\:");
         self.redis
-            .key(&format!("rate:{}:{service}:{resource}", service.len()))
+            .key(&format!("rate:{}:{}", escape(service), escape(resource)))
     }
 
     /// Reserve cells for `lease` and take one, within `store.timeout` all told (waiting for
@@ -238,10 +236,6 @@ pub fn share_of(quota: Quota, replicas: u32) -> Quota {
         tps: part(quota.tps),
         burst: part(quota.burst),
     }
-}
-
-fn pack(share: Share) -> u64 {
-    (u64::from(share.index) << 32) | u64::from(share.replicas)
 }
 
 /// hostname + pid: unique per process, readable in the admin views.

@@ -112,7 +112,7 @@ impl Reserver {
     pub fn new(redis: &Redis) -> Self {
         Self {
             script: super::redis::script(RESERVE),
-            // Cannot be a bucket's key: those go on with the service name's length.
+            // Cannot be a bucket's key: those have a second unescaped ':' after the service.
             generation_key: redis.key("rate:generation"),
             seen: AtomicU64::new(0),
         }

@@ -57,15 +57,31 @@ redis.call('SET', KEYS[3], ARGV[3])
 return 1
 ";
 
-/// Publish policy ARGV[2] as the next version if the version (KEYS[1]) is still ARGV[1].
-/// Returns the new version, or 0 when another replica published first.
+/// Publish policy ARGV[2] as the next version if the policy in the store (version KEYS[1],
+/// generation KEYS[3]) is still the one this replica follows (ARGV[1], ARGV[3]), or if the
+/// store holds none (never published, or Redis lost it: the first publish into an empty store
+/// wins). Every publish draws a new generation (ARGV[4]), so a document is known by its
+/// (version, generation) even across a reset that counts versions again. Returns the new
+/// version, or 0 when the store holds another policy.
 const PUBLISH: &str = r"
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current ~= tonumber(ARGV[1]) then return 0 end
-local version = redis.call('INCR', KEYS[1])
+local generation = redis.call('GET', KEYS[3]) or '0'
+if current ~= 0 and (current ~= tonumber(ARGV[1]) or generation ~= ARGV[3]) then return 0 end
+local version = math.max(current, tonumber(ARGV[1])) + 1
+redis.call('SET', KEYS[1], version)
 redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[4])
 return version
 ";
+
+/// Which fleet policy document: its version and the generation drawn when it was published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyId {
+    /// Counts publishes (again from the followed version after the store lost the policy).
+    pub version: u64,
+    /// Drawn at random by the publishing replica; 0 for none.
+    pub generation: u64,
+}
 
 /// The fleet's policy document.
 #[derive(Debug, Serialize, Deserialize)]
@@ -76,6 +92,10 @@ pub struct PolicyDoc {
     pub reason: String,
     /// The services, as a config file would list them.
     pub services: Vec<ServiceConfig>,
+    /// For a policy published again after the store lost it: the version its publisher
+    /// followed (a replica that followed a later one publishes its own over it); else 0.
+    #[serde(default)]
+    pub restored_from: u64,
 }
 
 /// A service's autoscaled values, as the leader last wrote them.
@@ -109,8 +129,17 @@ impl Scripts {
 }
 
 impl Fleet {
-    fn policy_keys(&self) -> (String, String) {
-        (self.redis.key("policy:version"), self.redis.key("policy"))
+    fn policy_keys(&self) -> (String, String, String) {
+        (
+            self.redis.key("policy:version"),
+            self.redis.key("policy"),
+            self.redis.key("policy:generation"),
+        )
+    }
+
+    /// The fleet policy this replica follows.
+    pub fn policy_id(&self) -> PolicyId {
+        *self.policy_id.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Publish `services` as the fleet's next policy, if the fleet is still at the version
@@ -120,47 +149,81 @@ impl Fleet {
         services: &[ServiceConfig],
         reason: &str,
     ) -> Result<Option<u64>, StoreError> {
+        self.publish_over(services, reason, self.policy_id(), 0)
+            .await
+    }
+
+    /// Publish `services` if the store holds the policy `followed` (or none), marked as
+    /// restored from version `restored_from` (0: an ordinary change).
+    async fn publish_over(
+        &self,
+        services: &[ServiceConfig],
+        reason: &str,
+        followed: PolicyId,
+        restored_from: u64,
+    ) -> Result<Option<u64>, StoreError> {
         let doc = PolicyDoc {
             origin: self.id.clone(),
             reason: reason.to_owned(),
             services: services.iter().map(hashed_keys).collect(),
+            restored_from,
         };
         let json = serde_json::to_string(&doc).map_err(|e| StoreError::Data(e.to_string()))?;
-        let (version_key, doc_key) = self.policy_keys();
+        let (version_key, doc_key, generation_key) = self.policy_keys();
+        let generation = rand::random::<u64>().max(1);
         let mut invocation = self.scripts.publish.key(&version_key);
         invocation
             .key(&doc_key)
-            .arg(self.policy_version())
-            .arg(json);
+            .key(&generation_key)
+            .arg(followed.version)
+            .arg(json)
+            .arg(followed.generation)
+            .arg(generation);
         let version: u64 = self.redis.invoke(&invocation).await?;
         if version == 0 {
             return Ok(None);
         }
-        self.policy_version.store(version, Ordering::Release);
+        self.follow(PolicyId {
+            version,
+            generation,
+        });
         Ok(Some(version))
     }
 
-    /// The fleet's policy when its version is newer than the one followed here.
-    pub async fn newer_policy(&self) -> Result<Option<(u64, PolicyDoc)>, StoreError> {
-        let (version_key, doc_key) = self.policy_keys();
-        let (version, doc): (Option<u64>, Option<String>) = self
+    /// What the store holds: `Ok(None)` when it holds no policy (never published, or Redis
+    /// lost it), else its id and, unless it is the one followed here, the document. Any other
+    /// document wins, whatever its version: a newer one, or one published into a store that
+    /// was reset (restarted empty, or restored to an older state) — the store's document is
+    /// the fleet's.
+    async fn stored_policy(&self) -> Result<Option<(PolicyId, Option<PolicyDoc>)>, StoreError> {
+        let (version_key, doc_key, generation_key) = self.policy_keys();
+        let (version, doc, generation): (Option<u64>, Option<String>, Option<u64>) = self
             .redis
-            .query(redis::cmd("MGET").arg(&version_key).arg(&doc_key))
+            .query(
+                redis::cmd("MGET")
+                    .arg(&version_key)
+                    .arg(&doc_key)
+                    .arg(&generation_key),
+            )
             .await?;
         let (Some(version), Some(doc)) = (version, doc) else {
             return Ok(None);
         };
-        if version <= self.policy_version() {
-            return Ok(None);
+        let id = PolicyId {
+            version,
+            generation: generation.unwrap_or(0),
+        };
+        if id == self.policy_id() {
+            return Ok(Some((id, None)));
         }
         let doc: PolicyDoc = serde_json::from_str(&doc)
             .map_err(|e| StoreError::Data(format!("policy version {version}: {e}")))?;
-        Ok(Some((version, doc)))
+        Ok(Some((id, Some(doc))))
     }
 
-    /// Mark `version` as the one in force here.
-    pub fn follow(&self, version: u64) {
-        self.policy_version.store(version, Ordering::Release);
+    /// Mark `id` as the policy in force here.
+    pub fn follow(&self, id: PolicyId) {
+        *self.policy_id.lock().unwrap_or_else(|p| p.into_inner()) = id;
     }
 
     /// Take or renew the autoscale lease; whether this replica leads now.
@@ -307,13 +370,30 @@ fn missed(fleet: &Fleet, control: &Control) {
     }
 }
 
-/// Adopt the fleet's policy if it is newer than the one in force here.
+/// Adopt the fleet's policy if it is another than the one in force here. If the store lost
+/// the policy this replica follows (Redis restarted empty), publish the one in force here
+/// again: the fleet keeps the policy it ran (the first replica to notice wins; the others
+/// adopt its document, the same policy).
 async fn follow_policy(fleet: &Fleet, control: &Control) -> Result<(), StoreError> {
-    let Some((version, doc)) = fleet.newer_policy().await? else {
-        return Ok(());
+    let followed = fleet.policy_id();
+    let (id, doc) = match fleet.stored_policy().await? {
+        Some((_, None)) => return Ok(()),
+        // Republished from an older version than this replica followed (it had not seen the
+        // last change before the store lost it): the later policy goes back over it.
+        Some((id, Some(doc))) if doc.restored_from > 0 && doc.restored_from < followed.version => {
+            republish(fleet, control, id).await?;
+            return Ok(());
+        }
+        Some((id, Some(doc))) => (id, doc),
+        None if followed.version == 0 => return Ok(()),
+        None => {
+            republish(fleet, control, PolicyId::default()).await?;
+            return Ok(());
+        }
     };
+    let version = id.version;
     match control
-        .adopt(doc.services, version, &doc.origin, &doc.reason)
+        .adopt(doc.services, id, &doc.origin, &doc.reason)
         .await
     {
         Ok(()) => {
@@ -321,9 +401,21 @@ async fn follow_policy(fleet: &Fleet, control: &Control) -> Result<(), StoreErro
         }
         Err(e) => {
             // Followed anyway: retrying an invalid document every poll would only repeat this.
-            fleet.follow(version);
+            fleet.follow(id);
             tracing::error!(target: "sluice::store", version, origin = %doc.origin, "fleet policy refused here, the old one stays: {e}");
         }
+    }
+    Ok(())
+}
+
+/// Publish the policy in force here again, over `stored` (none: the store lost the policy;
+/// else a copy republished from an older version than this replica followed).
+async fn republish(fleet: &Fleet, control: &Control, stored: PolicyId) -> Result<(), StoreError> {
+    let services = control.proxy().policy().config.services.clone();
+    let from = fleet.policy_version();
+    let reason = "republished: the store had lost the fleet policy";
+    if let Some(version) = fleet.publish_over(&services, reason, stored, from).await? {
+        tracing::warn!(target: "sluice::store", version, from, "the store had lost the fleet policy: republished the one in force here");
     }
     Ok(())
 }
