@@ -347,7 +347,7 @@ async fn shared_limit_holds(
     let bucket = redis
         .lock()
         .unwrap()
-        .command(&["EXISTS", &format!("{PREFIX}rate:7:scoring:team-a")]); // rate:{service length}:{service}:{resource}
+        .command(&["EXISTS", &format!("{PREFIX}rate:scoring:team-a")]);
     if bucket != "1" {
         soak.violations.add(
             "team-a's shared bucket not in Redis after it returned",
