@@ -925,22 +925,5 @@ fn million_key_flood_child() {
 
 #[test]
 fn a_million_distinct_keys_stay_within_max_tracked_keys() {
-    let exe = std::env::current_exe().unwrap();
-    let output = std::process::Command::new(exe)
-        .args([
-            "--exact",
-            "million_key_flood_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "flood child failed:\n{text}");
-    assert!(text.contains("1 passed"), "the flood did not run:\n{text}");
+    run_alone("million_key_flood_child");
 }

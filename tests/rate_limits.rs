@@ -270,23 +270,7 @@ async fn endpoints_full_answers_carry_the_callers_ratelimit_headers() {
 /// of this binary allocate meanwhile (24 MB over a 4 MB bound once, on a busy machine).
 #[test]
 fn a_flood_of_unknown_keys_stays_within_max_tracked_keys() {
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "unknown_key_flood_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success(), "flood child failed:\n{text}");
-    assert!(text.contains("1 passed"), "the flood did not run:\n{text}");
+    run_alone("unknown_key_flood_child");
 }
 
 /// The flood itself; run by the test above in a child process.

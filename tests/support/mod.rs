@@ -87,6 +87,29 @@ pub fn proc_status_kb(pid: &str, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// Run the ignored test `child` of this test binary alone, in a process of its own, and fail
+/// unless it ran and passed: for a test that measures the whole process (its RSS), which the
+/// other tests of its binary would otherwise add to.
+pub fn run_alone(child: &str) {
+    let output = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args([
+            "--exact",
+            child,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .output()
+        .expect("run the test binary again");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{child} failed:\n{text}");
+    assert!(text.contains("1 passed"), "{child} did not run:\n{text}");
+}
+
 /// A config with the proxy and the admin API on ephemeral ports of 127.0.0.1, followed by
 /// `rest`.
 pub fn config(rest: &str) -> String {
