@@ -5,35 +5,12 @@
 
 mod support;
 
-use std::num::NonZeroU32;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice::config::{Backend, StoreConfig};
 use sluice::limit::{Quota, Verdict};
 use sluice::store::{Fleet, Lease};
-use support::redis::RedisServer;
-
-fn quota(tps: u32, burst: u32) -> Quota {
-    Quota::new(NonZeroU32::new(tps).unwrap(), NonZeroU32::new(burst))
-}
-
-fn fleet(redis: &RedisServer, id: &str) -> Arc<Fleet> {
-    let config = StoreConfig {
-        backend: Backend::Redis,
-        url: redis.url(),
-        replica_id: id.into(),
-        // Generous: a loaded CI machine; the bound itself is tested below.
-        timeout: Duration::from_millis(500),
-        ..StoreConfig::default()
-    };
-    Fleet::connect(&config).unwrap()
-}
-
-/// A clock in ns for the lease (the limiter's clock in production).
-fn clock(start: Instant) -> impl Fn() -> u64 {
-    move || start.elapsed().as_nanos() as u64
-}
+use support::redis::{lease_clock as clock, quota, store_fleet as fleet, RedisServer};
 
 /// Take from the lease, asking the store when it is empty.
 async fn admit(fleet: &Fleet, lease: &Lease, key: &str, q: Quota, now: &impl Fn() -> u64) -> bool {

@@ -359,3 +359,29 @@ fn read_reply(reader: &mut impl BufRead) -> std::io::Result<String> {
         _ => Err(bad(format!("unexpected reply {line:?}"))),
     }
 }
+
+/// A quota of `tps` with `burst`, for lease and store tests.
+pub fn quota(tps: u32, burst: u32) -> sluice::limit::Quota {
+    sluice::limit::Quota::new(
+        std::num::NonZeroU32::new(tps).expect("tps > 0"),
+        std::num::NonZeroU32::new(burst),
+    )
+}
+
+/// Replica `id` of a fleet on `redis`, connected directly (no proxy around it). Its store
+/// timeout is generous: a loaded CI machine; tests that measure the bound set their own.
+pub fn store_fleet(redis: &RedisServer, id: &str) -> Arc<sluice::store::Fleet> {
+    let config = sluice::config::StoreConfig {
+        backend: sluice::config::Backend::Redis,
+        url: redis.url(),
+        replica_id: id.into(),
+        timeout: Duration::from_millis(500),
+        ..sluice::config::StoreConfig::default()
+    };
+    sluice::store::Fleet::connect(&config).expect("a fleet on the test's redis-server")
+}
+
+/// A clock in ns since `start` for a lease (the limiter's clock in production).
+pub fn lease_clock(start: Instant) -> impl Fn() -> u64 + Clone {
+    move || start.elapsed().as_nanos() as u64
+}
