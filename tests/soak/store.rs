@@ -387,7 +387,7 @@ async fn soak_with_the_redis_store_while_redis_dies_and_hangs() {
     let began = Instant::now();
     let clock = (Instant::now(), chrono::Utc::now());
     let endpoints = Endpoints::start().await;
-    let (garbage, garbage_served) = garbage_endpoint().await;
+    let (garbage, garbage_tally) = garbage_endpoint().await;
     let store = format!(
         "\n[store]\nbackend = \"redis\"\nurl = \"{redis_url}\"\nkey_prefix = \"{PREFIX}\"\n\
          on_error = \"deny\"\nheartbeat = \"{}ms\"\ntimeout = \"{}ms\"\n",
@@ -508,6 +508,7 @@ async fn soak_with_the_redis_store_while_redis_dies_and_hangs() {
     }
     endpoints.cycle_all(&soak.violations).await;
 
+    soak.judge_garbage_timeouts(&garbage_tally);
     let violations = soak.violations.total();
     let (kinds, examples) = soak.violations.0.lock().unwrap().clone();
     let peaks = *endpoints.max_peak.lock().unwrap();
@@ -554,7 +555,7 @@ async fn soak_with_the_redis_store_while_redis_dies_and_hangs() {
         "soak-store: after the load, team-a (40 TPS, burst 40): {admitted} admitted, {refused} \
          refused of a burst of 120 in {burst_took:?}"
     );
-    soak.write_tallies(&mut summary, "soak-store", &garbage_served);
+    soak.write_tallies(&mut summary, "soak-store", &garbage_tally);
     let _ = writeln!(
         summary,
         "soak-store: most served at once by one endpoint: {} as it counted, {} with abandoned \
