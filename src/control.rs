@@ -40,6 +40,13 @@ pub enum ChangeError {
     /// The fleet's store could not take the change, so no replica made it.
     #[error("the shared store did not take the change, nothing changed: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The store's answer to the change did not come and its outcome could not be read back:
+    /// it may yet reach every replica (this one included) within a policy poll.
+    #[error(
+        "the shared store did not confirm the change ({0}); it may still have been made and \
+         reach every replica within a second: GET /admin/policy shows what is in force"
+    )]
+    Unconfirmed(crate::store::StoreError),
 }
 
 /// What a successful reload did.
@@ -150,6 +157,7 @@ impl Control {
         edit: impl FnOnce(&mut Config) -> Result<(), ChangeError>,
     ) -> Result<Vec<Event>, ChangeError> {
         let _one_at_a_time = self.serial.lock().await;
+        self.check_runs_fleet_policy()?;
         let mut config = self.proxy.policy().config.clone();
         edit(&mut config)?;
         self.publish(&config, &reason).await?;
@@ -163,13 +171,29 @@ impl Control {
             return Ok(());
         };
         validate(config).map_err(ChangeError::Invalid)?;
-        match fleet.publish_policy(&config.services, reason).await? {
-            Some(_) => Ok(()),
-            None => Err(ChangeError::Conflict(
+        match fleet.publish_policy(&config.services, reason).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(ChangeError::Conflict(
                 "another replica changed the fleet policy a moment ago; nothing changed here, retry"
                     .into(),
             )),
+            Err(crate::store::StoreError::Unconfirmed(e)) => Err(ChangeError::Unconfirmed(*e)),
+            Err(e) => Err(e.into()),
         }
+    }
+
+    /// An edit is made to the services this replica runs. On a replica that refused the
+    /// fleet's policy those are older than the fleet's, and publishing them would undo that
+    /// policy on every replica. (A reload publishes the file instead: an operator's way out.)
+    fn check_runs_fleet_policy(&self) -> Result<(), ChangeError> {
+        let Some((version, why)) = self.proxy.fleet().and_then(|f| f.refused_policy()) else {
+            return Ok(());
+        };
+        Err(ChangeError::Conflict(format!(
+            "this replica refused the fleet's policy version {version} ({why}) and runs an older \
+             one, so a change made here would undo that version everywhere; nothing changed. \
+             Make the change on a replica that runs the fleet's policy, or reload a valid file here"
+        )))
     }
 
     /// Apply the fleet's policy `id` (published by replica `origin`): this replica's

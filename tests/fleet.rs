@@ -113,8 +113,9 @@ async fn fleet_wide_rate(tps: u32, offered: f64, seconds: u64) {
             tps = lower;
             offered = f64::from(tps) * ratio;
             let body = format!(r#"{{"tps": {tps}, "burst": {tps}}}"#);
-            // A store too slow to take the change in time refuses it (503, nothing changed):
-            // ask again.
+            // A store too slow to take the change in time refuses it (503: nothing changed, or
+            // the outcome unknown; after an unknown outcome that was in fact applied, a 409
+            // until this replica adopted it): ask again.
             let deadline = tokio::time::Instant::now() + DEADLINE;
             loop {
                 let answer = replicas[0]
@@ -124,7 +125,8 @@ async fn fleet_wide_rate(tps: u32, offered: f64, seconds: u64) {
                     break;
                 }
                 assert!(
-                    answer.status == 503 && tokio::time::Instant::now() < deadline,
+                    matches!(answer.status.as_u16(), 503 | 409)
+                        && tokio::time::Instant::now() < deadline,
                     "{}",
                     answer.text()
                 );

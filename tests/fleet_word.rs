@@ -8,7 +8,10 @@
 //! - the autoscale leader keeps leading when Redis loses its fencing counter, and a leader
 //!   after Redis lost the last step waits a full interval before stepping;
 //! - the fleet's policy survives Redis restarting empty: changes work again everywhere, the
-//!   latest policy wins, and a replica started afterwards follows the fleet.
+//!   latest policy wins, and a replica started afterwards follows the fleet;
+//! - an admin change whose answer from Redis comes late is read back: made (200) when Redis
+//!   applied it, `503 outcome_unknown` (never "nothing changed") when that cannot be told;
+//!   a replica that refused the fleet's policy does not publish its older one over it.
 
 mod support;
 
@@ -498,6 +501,37 @@ async fn an_outage_longer_than_a_window_adds_nothing_above_the_limit() {
     );
 }
 
+/// Replicas a and b (`on_error = "local"`) sharing a redis-server of their own, in front of
+/// one endpoint with a cap of 20, resource team-a at 10 TPS.
+struct TwoReplicas {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    redis: RedisServer,
+    _endpoint: support::mock::Mock,
+    replicas: Vec<support::fleet::Replica>,
+    /// Their services, as a config file lists them.
+    services: String,
+}
+
+impl TwoReplicas {
+    /// `None` when redis-server is missing outside CI.
+    async fn start() -> Option<Self> {
+        let serial = support::fleet::one_at_a_time().await;
+        let redis = RedisServer::start()?;
+        let endpoint = support::mock().start().await;
+        let services =
+            support::fleet::rated_service(&endpoint.url(), "max_concurrent = 20", 10, 10);
+        let replicas =
+            support::fleet::start_fleet(&redis.url(), &["a", "b"], "local", &services).await;
+        Some(Self {
+            _serial: serial,
+            redis,
+            _endpoint: endpoint,
+            replicas,
+            services,
+        })
+    }
+}
+
 /// Wait until `replica`'s resource team-a runs at `tps`; false after [`support::DEADLINE`].
 async fn limit_becomes(replica: &support::fleet::Replica, tps: u64) -> bool {
     let deadline = tokio::time::Instant::now() + support::DEADLINE;
@@ -516,13 +550,15 @@ async fn limit_becomes(replica: &support::fleet::Replica, tps: u64) -> bool {
 /// replica's file (version 1) was ignored by the others: two policies in one fleet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_sync_survives_redis_restarting_empty() {
-    let _serial = support::fleet::one_at_a_time().await;
-    let Some(mut redis) = RedisServer::start() else {
+    let Some(fleet) = TwoReplicas::start().await else {
         return;
     };
-    let endpoint = support::mock().start().await;
-    let services = support::fleet::rated_service(&endpoint.url(), "max_concurrent = 20", 10, 10);
-    let replicas = support::fleet::start_fleet(&redis.url(), &["a", "b"], "local", &services).await;
+    let TwoReplicas {
+        mut redis,
+        replicas,
+        services,
+        ..
+    } = fleet;
     let (a, b) = (&replicas[0], &replicas[1]);
     let change = |tps: u32| format!(r#"{{"tps": {tps}}}"#);
     let path = "/admin/services/scoring/resources/team-a";
@@ -570,13 +606,14 @@ async fn policy_sync_survives_redis_restarting_empty() {
 /// it yet): the policy is published again, the later one wins, and the fleet keeps the change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_policy_is_republished_after_redis_lost_it() {
-    let _serial = support::fleet::one_at_a_time().await;
-    let Some(mut redis) = RedisServer::start() else {
+    let Some(fleet) = TwoReplicas::start().await else {
         return;
     };
-    let endpoint = support::mock().start().await;
-    let services = support::fleet::rated_service(&endpoint.url(), "max_concurrent = 20", 10, 10);
-    let replicas = support::fleet::start_fleet(&redis.url(), &["a", "b"], "local", &services).await;
+    let TwoReplicas {
+        mut redis,
+        replicas,
+        ..
+    } = fleet;
     let answer = replicas[0]
         .call(
             "PUT",
@@ -603,4 +640,156 @@ async fn the_fleet_policy_is_republished_after_redis_lost_it() {
     for replica in &replicas {
         assert!(limit_becomes(replica, 50).await, "{}", replica.id);
     }
+}
+
+/// The fleet policy document as the store holds it.
+fn stored_policy(redis: &RedisServer) -> serde_json::Value {
+    serde_json::from_str(&redis.command(&["GET", "sluice:policy"])).expect("a policy document")
+}
+
+/// Redis holds every write (scripts included) for `ms` while reads go on: what a slow or
+/// briefly hung store does to a publish.
+fn hold_writes(redis: &RedisServer, ms: u64) {
+    assert_eq!(
+        redis.command(&["CLIENT", "PAUSE", &ms.to_string(), "WRITE"]),
+        "OK"
+    );
+}
+
+const TEAM_A: &str = "/admin/services/scoring/resources/team-a";
+
+/// Redis runs an admin change's publish only after `store.timeout` (its writes held 400 ms):
+/// the replica reads the outcome back and answers 200, and every replica runs the change. It
+/// used to answer `503 store_unavailable`, "nothing changed", while the fleet adopted it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_redis_applied_after_the_timeout_is_answered_as_made() {
+    let Some(fleet) = TwoReplicas::start().await else {
+        return;
+    };
+    let TwoReplicas {
+        redis, replicas, ..
+    } = fleet;
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let version = a.store().await["policy_version"].as_u64().unwrap();
+    hold_writes(&redis, 400);
+    let asked = Instant::now();
+    let answer = a.call("PUT", TEAM_A, r#"{"tps": 50}"#).await;
+    let took = asked.elapsed();
+    assert_eq!(
+        answer.status,
+        200,
+        "after {took:?} (store.timeout {:?}): {}",
+        support::fleet::STORE_TIMEOUT,
+        answer.text()
+    );
+    assert!(
+        took >= support::fleet::STORE_TIMEOUT,
+        "the publish was answered in {took:?}: Redis did not hold it"
+    );
+    assert_eq!(
+        a.store().await["policy_version"].as_u64(),
+        Some(version + 1),
+        "a follows the version it published"
+    );
+    for replica in [a, b] {
+        assert!(limit_becomes(replica, 50).await, "{}", replica.id);
+    }
+    assert_eq!(stored_policy(&redis)["origin"], "a");
+}
+
+/// Redis holds an admin change's publish longer than the replica reads back (1 s): the answer
+/// is `503 outcome_unknown` saying the change may still be made, and once Redis runs it every
+/// replica, the one asked included, runs the change. It used to be `503 store_unavailable`,
+/// "nothing changed" — and then the change was made everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_outcome_cannot_be_read_back_is_answered_as_unknown() {
+    let Some(fleet) = TwoReplicas::start().await else {
+        return;
+    };
+    let TwoReplicas {
+        redis, replicas, ..
+    } = fleet;
+    let held = Instant::now();
+    hold_writes(&redis, 3000);
+    let answer = replicas[0].call("PUT", TEAM_A, r#"{"tps": 50}"#).await;
+    let answered = held.elapsed();
+    let body = answer.json();
+    assert_eq!(
+        (answer.status.as_u16(), body["error"].as_str()),
+        (503, Some("outcome_unknown")),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().unwrap().contains("may still"),
+        "{body}"
+    );
+    if answered < Duration::from_millis(3000) {
+        // Answered while Redis still held the publish: nothing is in force yet.
+        assert_eq!(replicas[0].limit_tps("team-a").await, 10);
+    }
+    for replica in &replicas {
+        assert!(limit_becomes(replica, 50).await, "{}", replica.id);
+    }
+}
+
+/// A document every replica refuses appears in the store (here written by hand, as a newer
+/// sluice or an operator might): a replica that refused it says so in its store view, and
+/// an admin change on it is refused with 409 instead of publishing the older services it
+/// runs over the fleet's version. It used to succeed, undoing that version fleet-wide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_refused_the_fleet_policy_does_not_publish_over_it() {
+    let Some(fleet) = TwoReplicas::start().await else {
+        return;
+    };
+    let TwoReplicas {
+        redis, replicas, ..
+    } = fleet;
+    let b = &replicas[1];
+    let mut doc = stored_policy(&redis);
+    doc["origin"] = "x".into();
+    doc["services"][0]["max_concurrent"] = 5000.into();
+    let version: u64 = redis
+        .command(&["GET", "sluice:policy:version"])
+        .parse()
+        .unwrap();
+    redis.command(&["SET", "sluice:policy", &doc.to_string()]);
+    let next = (version + 1).to_string();
+    redis.command(&[
+        "MSET",
+        "sluice:policy:generation",
+        "4242",
+        "sluice:policy:version",
+        &next,
+    ]);
+    let deadline = Instant::now() + support::DEADLINE;
+    while !b.output().contains("fleet policy refused here") {
+        assert!(Instant::now() < deadline, "b never refused the document");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = b.call("PUT", TEAM_A, r#"{"tps": 50}"#).await;
+    let body = answer.json();
+    assert_eq!(
+        (answer.status.as_u16(), body["error"].as_str()),
+        (409, Some("conflict")),
+        "{body}"
+    );
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("refused the fleet's policy"),
+        "{body}"
+    );
+    assert_eq!(
+        stored_policy(&redis)["origin"],
+        "x",
+        "the fleet's document was replaced"
+    );
+    assert_eq!(b.limit_tps("team-a").await, 10, "nothing changed on b");
+    // And says so where an operator looks.
+    let store = b.store().await;
+    assert_eq!(store["policy_version"], version + 1, "{store}");
+    let refused = store["policy_refused"].as_str().unwrap_or_default();
+    assert!(refused.contains("max_concurrent"), "{refused}");
+    assert_eq!(b.local_cap().await, 10, "b runs the policy it had");
 }

@@ -127,6 +127,7 @@ impl From<ChangeError> for ApiError {
             ChangeError::NoFile => (StatusCode::CONFLICT, "no_config_file"),
             ChangeError::Endpoint(_) => (StatusCode::BAD_REQUEST, "invalid"),
             ChangeError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            ChangeError::Unconfirmed(_) => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
         };
         Self::new(status, error, e.to_string())
     }

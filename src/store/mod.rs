@@ -47,7 +47,7 @@ pub struct Fleet {
     /// When it took the lead (or its current token), ms on Redis's clock.
     leading_since_ms: AtomicU64,
     /// The fleet policy this replica follows.
-    policy_id: std::sync::Mutex<sync::PolicyId>,
+    followed: std::sync::Mutex<sync::Followed>,
 }
 
 impl Fleet {
@@ -70,7 +70,7 @@ impl Fleet {
             replicas: AtomicU32::new(1),
             leader_token: AtomicU64::new(0),
             leading_since_ms: AtomicU64::new(0),
-            policy_id: std::sync::Mutex::new(sync::PolicyId::default()),
+            followed: std::sync::Mutex::default(),
         }))
     }
 
@@ -197,6 +197,10 @@ pub struct FleetView {
     pub leader: bool,
     /// Version of the fleet policy in force here.
     pub policy_version: u64,
+    /// Why this replica refused that version (it runs the policy it had before); admin
+    /// changes made on it are refused until it runs the fleet's policy again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_refused: Option<String>,
     /// Store calls made.
     pub calls_total: u64,
     /// Store calls that failed or timed out.
@@ -220,6 +224,7 @@ impl Fleet {
             joined: share.replicas > 0,
             leader: self.is_leader(),
             policy_version: self.policy_version(),
+            policy_refused: self.refused_policy().map(|(_, why)| why),
             calls_total: stats.calls.load(Ordering::Relaxed),
             errors_total: stats.errors.load(Ordering::Relaxed),
             fallbacks_total: stats.fallbacks.load(Ordering::Relaxed),

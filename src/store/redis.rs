@@ -33,6 +33,23 @@ pub enum StoreError {
     /// store itself did not fail (yet), so this is not a store error.
     #[error("waited {0:?} for another request's store call")]
     Busy(Duration),
+    /// A write whose answer did not come, and whose outcome could not be read back: Redis
+    /// may have applied it.
+    #[error("{0}, and whether the store applied it could not be read back")]
+    Unconfirmed(Box<StoreError>),
+}
+
+impl StoreError {
+    /// Whether the call may have reached Redis and run although it failed here: its answer
+    /// timed out or its connection broke while it was under way (a refused connection never
+    /// carried it).
+    pub fn may_have_been_applied(&self) -> bool {
+        match self {
+            Self::Timeout(_) => true,
+            Self::Redis(e) => e.is_io_error() && !e.is_connection_refusal(),
+            _ => false,
+        }
+    }
 }
 
 /// Counts for `/metrics`.

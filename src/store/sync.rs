@@ -83,6 +83,29 @@ pub struct PolicyId {
     pub generation: u64,
 }
 
+/// The fleet policy this replica follows, and whether it refused that document.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Followed {
+    id: PolicyId,
+    /// Why this replica refused the document `id` (it runs the policy it had before).
+    refused: Option<String>,
+}
+
+/// How long the outcome of a publish whose answer did not come in time is read back before
+/// the change is answered as unconfirmed.
+const READ_BACK: Duration = Duration::from_secs(1);
+
+/// What reading back an unanswered publish found.
+enum ReadBack {
+    /// The store holds the document published (as this version).
+    Applied(u64),
+    /// The store still holds the policy the publish was to replace: it was not applied.
+    NotApplied,
+    /// The store could not be read, or holds a third policy (the publish may have been
+    /// applied and replaced since).
+    Unknown,
+}
+
 /// The fleet's policy document.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PolicyDoc {
@@ -137,9 +160,23 @@ impl Fleet {
         )
     }
 
+    fn followed(&self) -> std::sync::MutexGuard<'_, Followed> {
+        self.followed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The fleet policy this replica follows.
     pub fn policy_id(&self) -> PolicyId {
-        *self.policy_id.lock().unwrap_or_else(|p| p.into_inner())
+        self.followed().id
+    }
+
+    /// The version of the fleet policy this replica refused, and why (it runs the one it had
+    /// before); `None` when it runs the fleet's.
+    pub fn refused_policy(&self) -> Option<(u64, String)> {
+        let followed = self.followed();
+        followed
+            .refused
+            .clone()
+            .map(|why| (followed.id.version, why))
     }
 
     /// Publish `services` as the fleet's next policy, if the fleet is still at the version
@@ -179,7 +216,19 @@ impl Fleet {
             .arg(json)
             .arg(followed.generation)
             .arg(generation);
-        let version: u64 = self.redis.invoke(&invocation).await?;
+        let version: u64 = match self.redis.invoke(&invocation).await {
+            Ok(version) => version,
+            // The answer did not come, yet Redis may have applied the publish (and every
+            // replica would adopt it): find out before answering.
+            Err(e) if e.may_have_been_applied() => {
+                match self.read_back(followed, generation).await {
+                    ReadBack::Applied(version) => version,
+                    ReadBack::NotApplied => return Err(e),
+                    ReadBack::Unknown => return Err(StoreError::Unconfirmed(Box::new(e))),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         if version == 0 {
             return Ok(None);
         }
@@ -188,6 +237,39 @@ impl Fleet {
             generation,
         });
         Ok(Some(version))
+    }
+
+    /// Whether a publish of `generation` over `followed` whose answer did not come was
+    /// applied. The calls share the publish's connection, so Redis answers them only after
+    /// it ran the publish: a store that answers at all says what the publish did.
+    async fn read_back(&self, followed: PolicyId, generation: u64) -> ReadBack {
+        let (version_key, _, generation_key) = self.policy_keys();
+        let until = tokio::time::Instant::now() + READ_BACK;
+        while tokio::time::Instant::now() < until {
+            let stored: Result<(Option<u64>, Option<u64>), _> = self
+                .redis
+                .query(redis::cmd("MGET").arg(&version_key).arg(&generation_key))
+                .await;
+            match stored {
+                Ok((Some(version), Some(stored))) if stored == generation => {
+                    return ReadBack::Applied(version)
+                }
+                Ok((version, stored)) => {
+                    let id = PolicyId {
+                        version: version.unwrap_or(0),
+                        generation: stored.unwrap_or(0),
+                    };
+                    return if id == followed && id.version != 0 {
+                        ReadBack::NotApplied
+                    } else {
+                        ReadBack::Unknown
+                    };
+                }
+                // A connection that failed fast: give it a moment to come back.
+                Err(_) => tokio::time::sleep(self.config.timeout.min(READ_BACK / 10)).await,
+            }
+        }
+        ReadBack::Unknown
     }
 
     /// What the store holds: `Ok(None)` when it holds no policy (never published, or Redis
@@ -223,7 +305,16 @@ impl Fleet {
 
     /// Mark `id` as the policy in force here.
     pub fn follow(&self, id: PolicyId) {
-        *self.policy_id.lock().unwrap_or_else(|p| p.into_inner()) = id;
+        *self.followed() = Followed { id, refused: None };
+    }
+
+    /// Mark `id` as followed but refused here (`why`): it is not adopted again every poll,
+    /// and no edit made here may publish over it (see `Control::change`).
+    pub fn follow_refused(&self, id: PolicyId, why: String) {
+        *self.followed() = Followed {
+            id,
+            refused: Some(why),
+        };
     }
 
     /// Take or renew the autoscale lease; whether this replica leads now.
@@ -401,8 +492,8 @@ async fn follow_policy(fleet: &Fleet, control: &Control) -> Result<(), StoreErro
         }
         Err(e) => {
             // Followed anyway: retrying an invalid document every poll would only repeat this.
-            fleet.follow(id);
             tracing::error!(target: "sluice::store", version, origin = %doc.origin, "fleet policy refused here, the old one stays: {e}");
+            fleet.follow_refused(id, e.to_string());
         }
     }
     Ok(())
@@ -411,6 +502,11 @@ async fn follow_policy(fleet: &Fleet, control: &Control) -> Result<(), StoreErro
 /// Publish the policy in force here again, over `stored` (none: the store lost the policy;
 /// else a copy republished from an older version than this replica followed).
 async fn republish(fleet: &Fleet, control: &Control, stored: PolicyId) -> Result<(), StoreError> {
+    // Not from a replica that refused the policy it follows: it runs an older one than the
+    // fleet did, and the replicas that ran the fleet's republish it.
+    if fleet.refused_policy().is_some() {
+        return Ok(());
+    }
     let services = control.proxy().policy().config.services.clone();
     let from = fleet.policy_version();
     let reason = "republished: the store had lost the fleet policy";
