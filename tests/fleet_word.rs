@@ -6,9 +6,11 @@
 //! - rate keys of different (service, resource) pairs never collide, and the built-in bucket
 //!   names cannot be configured;
 //! - the autoscale leader keeps leading when Redis loses its fencing counter, and a leader
-//!   after Redis lost the last step waits a full interval before stepping;
-//! - the fleet's policy survives Redis restarting empty: changes work again everywhere, the
-//!   latest policy wins, and a replica started afterwards follows the fleet;
+//!   after Redis lost the last step, or whose wall clock runs an hour ahead, waits a full
+//!   interval (on Redis's clock) before stepping;
+//! - the fleet's policy survives Redis restarting empty or restored from an older backup:
+//!   changes work again everywhere, the latest policy wins (after a restore, the backup's),
+//!   and a replica started afterwards follows the fleet;
 //! - an admin change whose answer from Redis comes late is read back: made (200) when Redis
 //!   applied it, `503 outcome_unknown` (never "nothing changed") when that cannot be told;
 //!   a replica that refused the fleet's policy does not publish its older one over it.
@@ -385,6 +387,100 @@ async fn a_leader_after_redis_lost_the_last_step_waits_a_full_interval() {
     );
 }
 
+/// libfaketime's preload library, to run a replica whose wall clock is off; `None` (after a
+/// notice) when it is missing outside CI.
+fn libfaketime() -> Option<std::path::PathBuf> {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .find(|lib| lib.exists());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libfaketime is missing: CI must install it (.ci/install-debian-package faketime faketime)"
+        );
+        eprintln!("skipped: libfaketime is not installed (Debian package faketime)");
+    }
+    found
+}
+
+/// A replica whose wall clock runs an hour ahead (libfaketime; its monotonic clock is left
+/// alone) takes the autoscale lead right after the leader stepped and died. Steps are timed
+/// on Redis's clock, so it waits out the interval from that step. On its own clock the step
+/// looked an hour old and it stepped at once: two steps in one interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_clock_runs_an_hour_ahead_still_waits_the_interval() {
+    let _serial = support::fleet::one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let Some(faketime) = libfaketime() else {
+        return;
+    };
+    let endpoint = support::mock().start().await;
+    let interval = Duration::from_secs(2);
+    let services = autoscaled_service(&endpoint.url(), interval);
+    let config = |id: &str| support::fleet::replica_config(&redis.url(), id, "local", &services);
+    // a starts first and leads; b, its clock an hour ahead, follows.
+    let a = support::fleet::Replica::start("a", &config("a")).await;
+    a.wait_ready().await;
+    assert!(leads_eventually(&a, true).await, "a never led");
+    let skewed = [
+        ("LD_PRELOAD", faketime.to_str().expect("a UTF-8 path")),
+        ("FAKETIME", "+1h"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let b = support::fleet::Replica::start_with_env("b", &config("b"), &skewed).await;
+    b.wait_ready().await;
+    let logged_at = b.logged("sluice listening")[0]["timestamp"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .expect("a timestamp");
+    let ahead = logged_at.signed_duration_since(chrono::Utc::now());
+    assert!(
+        ahead > chrono::Duration::minutes(50),
+        "b's clock is not an hour ahead ({ahead}): libfaketime did not take"
+    );
+
+    // Throttled on both (30 TPS against 10): whoever leads has a reason to step.
+    let targets = support::fleet::Targets::new(vec![a.addr, b.addr]);
+    let load = support::fleet::open_loop(targets.clone(), "key-a", 30.0, None);
+    let started = Instant::now();
+    let (first_at, first) = loop {
+        if let Some(step) = published_step(&redis) {
+            break step;
+        }
+        assert!(started.elapsed() < support::DEADLINE, "a never stepped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    a.kill_in_place();
+    targets.drop_target(0);
+    let (second_at, second) = loop {
+        match published_step(&redis) {
+            Some((at, doc)) if at != first_at => break (at, doc),
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < support::DEADLINE,
+            "b never stepped: {}",
+            b.store().await
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    load.stop().await;
+    eprintln!(
+        "a stepped {first}; b, an hour ahead, stepped {second} {} ms later on Redis's clock",
+        second_at.saturating_sub(first_at)
+    );
+    assert!(
+        second_at >= first_at + interval.as_millis() as u64,
+        "two steps {} ms apart on Redis's clock, with an interval of {interval:?}",
+        second_at.saturating_sub(first_at)
+    );
+}
+
 /// Ask for one request through `lease`: the lease, or the store when it is empty; the local
 /// bucket mirrors the verdict, as the limiter does. A call that meets Redis's reconnect counts
 /// as not admitted.
@@ -544,6 +640,66 @@ async fn limit_becomes(replica: &support::fleet::Replica, tps: u64) -> bool {
     false
 }
 
+/// Set team-a to `tps` on replica `on` — asking again while the store refuses it (a
+/// reconnect, a republish racing it) — and wait until `other` runs it too.
+async fn change_team_a_everywhere(
+    on: &support::fleet::Replica,
+    other: &support::fleet::Replica,
+    tps: u64,
+) {
+    let tried = Instant::now();
+    loop {
+        let answer = on.call("PUT", TEAM_A, &format!(r#"{{"tps": {tps}}}"#)).await;
+        if answer.status == 200 {
+            break;
+        }
+        assert!(
+            tried.elapsed() < support::DEADLINE,
+            "a change on {} is still refused: {} {}",
+            on.id,
+            answer.status,
+            answer.text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        limit_becomes(other, tps).await,
+        "{}'s change to {tps} never reached {}",
+        on.id,
+        other.id
+    );
+}
+
+/// Redis is restored from a backup taken before the fleet's last change, so the store holds
+/// a lower policy version than the replicas follow. The store's document is the fleet's:
+/// every replica goes back to the policy it holds, and admin changes work again on every
+/// replica. Replicas used to ignore any version at or below the one they followed: the fleet
+/// ran a policy the store no longer held, and every later change was refused with 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_restored_from_an_older_backup_brings_the_fleet_back_to_its_policy() {
+    let Some(fleet) = TwoReplicas::start().await else {
+        return;
+    };
+    let TwoReplicas {
+        mut redis, replicas, ..
+    } = fleet;
+    let (a, b) = (&replicas[0], &replicas[1]);
+    change_team_a_everywhere(a, b, 50).await;
+    let backup = redis.snapshot();
+    change_team_a_everywhere(b, a, 70).await;
+    redis.restore(&backup);
+    for replica in [a, b] {
+        assert!(
+            limit_becomes(replica, 50).await,
+            "{} does not run the restored policy: {}",
+            replica.id,
+            replica.store().await
+        );
+    }
+    change_team_a_everywhere(a, b, 80).await;
+    change_team_a_everywhere(b, a, 90).await;
+}
+
 /// Redis restarts empty under a fleet that changed its policy (team-a 10 → 50 TPS). Admin
 /// changes work again on every replica and reach the others, and a replica that starts
 /// afterwards follows the fleet, not its file. It used to refuse every later change with 409 for good, and a new
@@ -560,38 +716,13 @@ async fn policy_sync_survives_redis_restarting_empty() {
         ..
     } = fleet;
     let (a, b) = (&replicas[0], &replicas[1]);
-    let change = |tps: u32| format!(r#"{{"tps": {tps}}}"#);
-    let path = "/admin/services/scoring/resources/team-a";
-    let answer = a.call("PUT", path, &change(50)).await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
-    assert!(limit_becomes(b, 50).await, "b never adopted a's change");
+    change_team_a_everywhere(a, b, 50).await;
 
     redis.start_again();
     // An admin change on either replica works again (once the connection is back and, at
     // most, a republish of the running policy raced it) and reaches the other.
-    for (tps, on, other) in [(70, b, a), (90, a, b)] {
-        let tried = Instant::now();
-        loop {
-            let answer = on.call("PUT", path, &change(tps)).await;
-            if answer.status == 200 {
-                break;
-            }
-            assert!(
-                tried.elapsed() < support::DEADLINE,
-                "after Redis restarted empty, a change on {} is still refused: {} {}",
-                on.id,
-                answer.status,
-                answer.text()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            limit_becomes(other, u64::from(tps)).await,
-            "{}'s change to {tps} never reached {}",
-            on.id,
-            other.id
-        );
-    }
+    change_team_a_everywhere(b, a, 70).await;
+    change_team_a_everywhere(a, b, 90).await;
     // A replica that starts now follows the fleet (90), not its file (10).
     let c_config = support::fleet::replica_config(&redis.url(), "c", "local", &services);
     let c = support::fleet::Replica::start("c", &c_config).await;

@@ -75,11 +75,16 @@ impl Replica {
     /// Write `toml` to a file and start `sluice --log-format json run --config FILE` with the
     /// admin token; returns once it logged "sluice listening".
     pub async fn start(id: &str, toml: &str) -> Replica {
+        Self::start_with_env(id, toml, &[]).await
+    }
+
+    /// [`Replica::start`] with more environment variables.
+    pub async fn start_with_env(id: &str, toml: &str, env: &[(&str, &str)]) -> Replica {
         let path = write_config(&format!("fleet-{id}"), toml);
         let path = path.to_str().expect("temp paths are UTF-8");
-        let process =
-            start_binary_with_env(&["run", "--config", path], &[("SLUICE_ADMIN_TOKEN", TOKEN)])
-                .await;
+        let mut env = env.to_vec();
+        env.push(("SLUICE_ADMIN_TOKEN", TOKEN));
+        let process = start_binary_with_env(&["run", "--config", path], &env).await;
         Replica {
             id: id.to_owned(),
             addr: process.addr,

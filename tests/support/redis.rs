@@ -27,6 +27,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Everything the server printed, across restarts, for failure messages.
     log: Arc<Mutex<Vec<String>>>,
+    /// Its working directory: where `SAVE` writes a snapshot and a start reads one.
+    dir: PathBuf,
 }
 
 /// Whether `value` (of [`REQUIRE_ENV`]) asks for a missing `redis-server` to fail the test.
@@ -99,10 +101,17 @@ impl RedisServer {
         // redis-server exits at once and we try another port.
         let mut failures = Vec::new();
         for _ in 0..5 {
+            let port = restartable_port();
+            let dir = std::env::temp_dir().join(format!(
+                "sluice-redis-{}-{port}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).expect("a directory for redis-server");
             let mut server = RedisServer {
-                port: restartable_port(),
+                port,
                 child: None,
                 log: Arc::default(),
+                dir,
             };
             match server.spawn(&binary) {
                 Ok(()) => return Some(server),
@@ -152,10 +161,31 @@ impl RedisServer {
         }
     }
 
+    /// Write a snapshot of its data as it is now (`SAVE`: an RDB file, what a backup holds)
+    /// and return it, for [`RedisServer::restore`].
+    pub fn snapshot(&self) -> Vec<u8> {
+        assert_eq!(self.command(&["SAVE"]), "OK");
+        std::fs::read(self.dir.join(SNAPSHOT)).expect("the snapshot SAVE wrote")
+    }
+
+    /// Restart on the same port from `snapshot`, as an operator restoring a backup: its data
+    /// is what it was when the snapshot was taken.
+    pub fn restore(&mut self, snapshot: &[u8]) {
+        self.stop();
+        std::fs::write(self.dir.join(SNAPSHOT), snapshot).expect("write the snapshot");
+        self.launch();
+    }
+
     /// Start a fresh, empty server on the same port (after [`RedisServer::stop`], or after
     /// killing the current one). Panics when it does not come up.
     pub fn start_again(&mut self) {
         self.stop();
+        let _ = std::fs::remove_file(self.dir.join(SNAPSHOT));
+        self.launch();
+    }
+
+    /// Start the server again on its port, from whatever its directory holds.
+    fn launch(&mut self) {
         let binary = find_redis_server().expect("redis-server was on PATH a moment ago");
         // The old process is gone, but give the kernel a moment if the bind races its exit.
         let deadline = Instant::now() + super::DEADLINE;
@@ -229,6 +259,9 @@ impl RedisServer {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--dbfilename", SNAPSHOT])
             .args(["--appendonly", "no"])
             .args(["--daemonize", "no"])
             .stdin(Stdio::null())
@@ -277,8 +310,12 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The file name of a snapshot in a server's directory.
+const SNAPSHOT: &str = "dump.rdb";
 
 /// Whether something at `addr` answers an inline `PING` with `+PONG`.
 pub fn ping(addr: SocketAddr) -> bool {
