@@ -649,7 +649,9 @@ async fn change_team_a_everywhere(
 ) {
     let tried = Instant::now();
     loop {
-        let answer = on.call("PUT", TEAM_A, &format!(r#"{{"tps": {tps}}}"#)).await;
+        let answer = on
+            .call("PUT", TEAM_A, &format!(r#"{{"tps": {tps}}}"#))
+            .await;
         if answer.status == 200 {
             break;
         }
@@ -681,7 +683,9 @@ async fn a_store_restored_from_an_older_backup_brings_the_fleet_back_to_its_poli
         return;
     };
     let TwoReplicas {
-        mut redis, replicas, ..
+        mut redis,
+        replicas,
+        ..
     } = fleet;
     let (a, b) = (&replicas[0], &replicas[1]);
     change_team_a_everywhere(a, b, 50).await;

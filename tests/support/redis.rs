@@ -102,10 +102,8 @@ impl RedisServer {
         let mut failures = Vec::new();
         for _ in 0..5 {
             let port = restartable_port();
-            let dir = std::env::temp_dir().join(format!(
-                "sluice-redis-{}-{port}",
-                std::process::id()
-            ));
+            let dir =
+                std::env::temp_dir().join(format!("sluice-redis-{}-{port}", std::process::id()));
             std::fs::create_dir_all(&dir).expect("a directory for redis-server");
             let mut server = RedisServer {
                 port,
