@@ -40,10 +40,12 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use sluice::balance::{Pool, Slot};
+use sluice::config::key_digest;
 use sluice::config::Config;
-use sluice::limit::{key_digest, Admission, KeySource, RateLimiter};
+use sluice::limit::{Admission, KeySource, RateLimiter};
 use sluice::policy::Policy;
-use sluice::proxy::reject::{Reason, Rejection};
+use sluice::proxy::reject::Rejection;
+use sluice::reason::Reason;
 use tokio::time::Instant;
 
 const SIZES: [usize; 3] = [1, 10_000, 100_000];

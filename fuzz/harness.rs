@@ -137,7 +137,7 @@ pub fn keys(data: &[u8]) {
     let mut keys: Vec<Vec<u8>> = Vec::new();
     for i in 0..input.u8() % 4 {
         let key = input.bytes(40).to_vec();
-        let digest: String = sluice::limit::key_digest(&key)
+        let digest: String = sluice::config::key_digest(&key)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();

@@ -14,11 +14,11 @@ use crate::admin;
 use crate::autoscale;
 use crate::balance::InvalidEndpointUrl;
 use crate::config::{Backend, CaFileError, Config};
-use crate::control::Control;
+use crate::control::{self, Control};
 use crate::policy::Policy;
 use crate::proxy::connector::Connect;
 use crate::proxy::{self, Proxy};
-use crate::store::{self, Fleet};
+use crate::store::Fleet;
 
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +122,7 @@ impl App {
         };
         let control = Arc::new(Control::new(Arc::clone(&proxy), config.clone(), None));
         if let Some(fleet) = &fleet {
-            store::join(fleet, &control).await;
+            control::fleet::join(fleet, &control).await;
         }
         Ok(Self {
             control,
@@ -188,7 +188,10 @@ impl App {
         ));
         tasks.spawn(reload_on_hangup(Arc::clone(&self.control)));
         if let Some(fleet) = self.proxy.fleet() {
-            tasks.spawn(store::run(Arc::clone(fleet), Arc::clone(&self.control)));
+            tasks.spawn(control::fleet::run(
+                Arc::clone(fleet),
+                Arc::clone(&self.control),
+            ));
         }
         // The admin API keeps answering while the proxy drains (/readyz says 503 then), and
         // stops with it.

@@ -13,6 +13,8 @@ pub mod limit;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reason;
+pub mod recorders;
 pub mod stats;
 pub mod store;
 pub mod telemetry;

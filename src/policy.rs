@@ -9,7 +9,7 @@ use crate::autoscale::{Event, ServiceAutoscaler};
 use crate::balance::{InvalidEndpointUrl, Pool, Shape, Share};
 use crate::config::{Config, Timeouts};
 use crate::limit::RateLimiter;
-use crate::metrics::{ServiceStats, UnroutedStats};
+use crate::recorders::{ServiceStats, UnroutedStats};
 use crate::store::Fleet;
 
 /// One service as the request path sees it.

@@ -350,7 +350,7 @@ async fn resources_are_created_changed_and_removed_live() {
     let client = pool();
     // key-b is unknown, so refused.
     assert_eq!(send(&client, keyed(sluice.addr, "key-b")).await.status, 401);
-    let digest = sluice::limit::key_digest(b"key-b");
+    let digest = sluice::config::key_digest(b"key-b");
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     let created = call(
         &sluice,
@@ -438,7 +438,7 @@ async fn a_rotated_key_stops_working_at_once_and_the_new_one_keeps_the_bucket() 
     for _ in 0..3 {
         assert_eq!(send(&client, keyed(sluice.addr, "key-a")).await.status, 200);
     }
-    let hex: String = sluice::limit::key_digest(b"key-a2")
+    let hex: String = sluice::config::key_digest(b"key-a2")
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

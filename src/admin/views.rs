@@ -190,7 +190,9 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
         projected_tps: projection.projected_tps(),
         admitted_tps,
         headroom_tps: projection.available_tps(),
-        requests_total: service.stats.answers_total(&shape),
+        requests_total: service
+            .stats
+            .answers_total(shape.endpoints.iter().map(|(e, _)| &e.stats)),
         throttled_total: service.stats.too_many_requests_total(),
         endpoints,
         resources,

@@ -18,7 +18,7 @@ use crate::balance::{Endpoint, Pool};
 use crate::config::ServiceConfig;
 use crate::limit::RateLimiter;
 use crate::proxy::Proxy;
-use crate::store::{Fleet, Others, ScaleDoc, Tally};
+use crate::store::{Counts, Fleet, Others, ScaleDoc, Tally};
 
 /// How often gauges (in flight, queue, headroom) are sampled into the metric windows.
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -290,7 +290,7 @@ pub async fn run(
                     let sec = u64::try_from(wall().timestamp()).unwrap_or(0);
                     let leader = fleet.is_leader();
                     tally
-                        .exchange(fleet, live, sec, leader)
+                        .exchange(fleet, &live.name, counts(live), sec, leader)
                         .await
                         .ok()
                         .flatten()
@@ -384,4 +384,22 @@ async fn fleet_turn(
         events.extend(stepped);
     }
     events
+}
+
+/// What this replica counted for `service`, for the fleet's tally.
+fn counts(service: &crate::policy::Service) -> Counts {
+    let resources = service.limits.as_ref().map_or_else(Vec::new, |limits| {
+        limits
+            .all_resources()
+            .map(|r| {
+                let c = &r.counters;
+                (r.name.to_string(), c.admitted.total(), c.throttled.total())
+            })
+            .collect()
+    });
+    Counts {
+        resources,
+        in_flight: service.pool.in_flight(),
+        queue: service.pool.queue_len(),
+    }
 }

@@ -9,8 +9,8 @@ use http::uri::PathAndQuery;
 use http::Uri;
 use tokio::time::Instant;
 
-use crate::metrics::EndpointStats;
 use crate::proxy::upstream::IdleConnections;
+use crate::recorders::EndpointStats;
 use crate::stats::LatencyWindow;
 
 /// First back-off after a connect failure; doubles per consecutive failure.

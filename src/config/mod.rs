@@ -16,8 +16,8 @@ use crate::autoscale::AutoscaleSettings;
 
 pub use limits::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 pub use rate_limit::{
-    parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys, ANONYMOUS_RESOURCE,
-    BUILT_IN_RESOURCES, TPS_CEILING, UNKNOWN_RESOURCE,
+    key_digest, parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys,
+    ANONYMOUS_RESOURCE, BUILT_IN_RESOURCES, TPS_CEILING, UNKNOWN_RESOURCE,
 };
 pub use store::{Backend, OnError, StoreConfig};
 pub use upstream::{load_ca_file, CaFileError, UpstreamConfig};

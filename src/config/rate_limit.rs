@@ -1,8 +1,15 @@
 //! `[service.rate_limit]` and `[[service.resource]]`: per-resource (API key) TPS limits.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::validate::Problems;
+
+/// SHA-256 of a key: how resources are matched (a `key` is compared by its digest, like a
+/// `key_sha256`) and unknown keys tracked.
+pub fn key_digest(key: &[u8]) -> [u8; 32] {
+    Sha256::digest(key).into()
+}
 
 /// Highest TPS any limit may be set to: the GCRA emission interval stays ≥ 1 µs.
 pub const TPS_CEILING: u32 = 1_000_000;
@@ -89,7 +96,7 @@ impl ResourceConfig {
     pub fn key_digest(&self) -> Option<[u8; 32]> {
         match (&self.key_sha256, &self.key) {
             (Some(hex), _) => parse_sha256_hex(hex),
-            (None, Some(key)) => Some(crate::limit::key_digest(key.as_bytes())),
+            (None, Some(key)) => Some(key_digest(key.as_bytes())),
             (None, None) => None,
         }
     }

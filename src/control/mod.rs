@@ -12,9 +12,11 @@ use tokio::sync::Mutex;
 use crate::autoscale::{Event, EventKind, ScaleTarget};
 use crate::balance::InvalidEndpointUrl;
 use crate::config::{validate, Config, ConfigError, LoadError};
-use crate::metrics::ReloadStats;
 use crate::policy::Policy;
 use crate::proxy::Proxy;
+use crate::recorders::ReloadStats;
+
+pub mod fleet;
 
 /// Why a change changed nothing.
 #[derive(Debug, thiserror::Error)]

@@ -7,15 +7,10 @@ use std::sync::{Mutex, MutexGuard};
 
 use http::header::{HeaderMap, HeaderName, AUTHORIZATION};
 use lru::LruCache;
-use sha2::{Digest, Sha256};
 use siphasher::sip128::SipHasher13;
 
 use super::gcra::{self, Quota, Verdict};
-
-/// SHA-256 of a key: how resources are matched and unknown keys tracked.
-pub fn key_digest(key: &[u8]) -> [u8; 32] {
-    Sha256::digest(key).into()
-}
+use crate::config::key_digest;
 
 /// Slots of a [`DigestMemo`] (48 bytes each: 3 MiB of address space, resident only where
 /// keys landed).

@@ -28,7 +28,7 @@ use crate::store::{self, Fleet, Lease};
 pub use gcra::{Bucket, Quota, Verdict};
 pub use headers::Status;
 use index::ResourceIndex;
-pub use keys::{key_digest, DigestMemo, KeySource, KeyTable};
+pub use keys::{DigestMemo, KeySource, KeyTable};
 
 /// Name under which requests with unknown keys are counted (keys themselves are never shown);
 /// config validation reserves it.
@@ -515,7 +515,7 @@ impl RateLimiter {
                 let status = Status {
                     quota,
                     remaining: 0,
-                    reset_secs: crate::proxy::reject::retry_after_secs(retry_after_ms),
+                    reset_secs: crate::reason::retry_after_secs(retry_after_ms),
                 };
                 Admission::Limited {
                     resource,

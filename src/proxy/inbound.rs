@@ -9,7 +9,7 @@ use http::header::{self, HeaderValue};
 use http::{request, uri, Uri, Version};
 
 use super::headers::is_chunked_alone;
-use super::reject::Reason;
+use crate::reason::Reason;
 
 /// Refuse a head that must never reach an endpoint, before routing.
 ///

@@ -21,11 +21,12 @@ use tokio::time::Instant;
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot, Slot};
 use crate::limit::{Admission, Cell, KeyProblem, RateLimiter, Resource};
-use crate::metrics::UnroutedStats;
 use crate::policy::{Policy, Service};
+use crate::reason::Reason;
+use crate::recorders::UnroutedStats;
 use crate::store::Fleet;
 use body::{BodyWatch, ResponseBody, UpstreamBody};
-use reject::{Reason, Rejection};
+use reject::Rejection;
 pub use server::serve;
 use upstream::{Connection, Reuse, SendError, Upstream};
 

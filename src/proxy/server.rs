@@ -32,9 +32,10 @@ use tokio::time::Instant;
 
 use super::body::ResponseBody;
 use super::framing::Framing;
-use super::reject::{Reason, Rejection};
+use super::reject::Rejection;
 use super::Proxy;
 use crate::config::{Limits, HYPER_DEFAULT_MAX_HEADERS};
+use crate::reason::Reason;
 
 /// How often refused connections are logged at most (a flood must not flood the log).
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(1);

@@ -6,7 +6,10 @@
 //!   that heartbeats maintain (`members.rs`, shares in `balance::Share`);
 //! - the policy (services, limits, admin changes) with a version every replica follows, and
 //!   the autoscaled values, written only by the leader (`sync.rs`);
-//! - autoscale metrics summed over the fleet (`sync.rs`).
+//! - autoscale metrics summed over the fleet (`tally.rs`).
+//!
+//! What a replica does with it, every heartbeat and policy poll, is the control plane's
+//! (`control::fleet`).
 //!
 //! Nothing on the request path waits on Redis for longer than `store.timeout`; while Redis is
 //! unreachable, `store.on_error` decides (see [`OnError`]).
@@ -26,8 +29,8 @@ use crate::config::{OnError, StoreConfig};
 use crate::limit::Quota;
 pub use rate::{Lease, Local, LEASE_TTL};
 pub use redis::{Redis, StoreError, StoreStats, PASSWORD_ENV};
-pub use sync::{join, run, PolicyDoc, PolicyId, ScaleDoc, POLICY_POLL};
-pub use tally::{Others, Tally};
+pub use sync::{PolicyDoc, PolicyId, ScaleDoc};
+pub use tally::{Counts, Others, Tally};
 
 /// This replica's connection to the fleet's shared state.
 #[derive(Debug)]
@@ -109,7 +112,8 @@ impl Fleet {
         *self.share.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_share(&self, share: Share) {
+    /// Take `share` as this replica's part (the control plane also applies it to the pools).
+    pub fn set_share(&self, share: Share) {
         *self.share.lock().unwrap_or_else(|p| p.into_inner()) = share;
     }
 

@@ -1,9 +1,11 @@
-//! What the fleet agrees on, and the loop that keeps this replica in step with it:
+//! What the fleet agrees on (the loop that keeps a replica in step with it is
+//! `control::fleet`):
 //! - the replica set (heartbeats) and so this replica's share of every cap;
 //! - the policy: the services (endpoints, caps, resources, autoscale settings) as one JSON
 //!   document with a version. A change made on any replica is validated there, written with a
 //!   compare-and-set on the version, and every other replica adopts it at its next poll
-//!   ([`POLICY_POLL`]). A replica that starts while the store holds a policy follows it;
+//!   (`control::fleet::POLICY_POLL`). A replica that starts while the store holds a policy
+//!   follows it;
 //! - the autoscale leader: a lease (SET NX with expiry, renewed every heartbeat) that carries
 //!   a fencing token; only the holder steps the autoscaler, and its writes are refused once
 //!   the lease is someone else's;
@@ -12,7 +14,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Script;
@@ -22,11 +23,6 @@ use super::redis::StoreError;
 use super::Fleet;
 use crate::balance::Share;
 use crate::config::{OnError, ServiceConfig};
-use crate::control::Control;
-
-/// How often a replica looks for a new policy version: changes reach every replica within it
-/// plus one store round trip.
-pub const POLICY_POLL: Duration = Duration::from_millis(250);
 
 /// Take or renew the lease KEYS[1] for ARGV[1] (ttl ARGV[2] ms). A new holder gets a new
 /// fencing token (KEYS[2] incremented); returns the holder's token, or 0 when another holds it.
@@ -192,7 +188,7 @@ impl Fleet {
 
     /// Publish `services` if the store holds the policy `followed` (or none), marked as
     /// restored from version `restored_from` (0: an ordinary change).
-    async fn publish_over(
+    pub async fn publish_over(
         &self,
         services: &[ServiceConfig],
         reason: &str,
@@ -277,7 +273,7 @@ impl Fleet {
     /// document wins, whatever its version: a newer one, or one published into a store that
     /// was reset (restarted empty, or restored to an older state) — the store's document is
     /// the fleet's.
-    async fn stored_policy(&self) -> Result<Option<(PolicyId, Option<PolicyDoc>)>, StoreError> {
+    pub async fn stored_policy(&self) -> Result<Option<(PolicyId, Option<PolicyDoc>)>, StoreError> {
         let (version_key, doc_key, generation_key) = self.policy_keys();
         let (version, doc, generation): (Option<u64>, Option<String>, Option<u64>) = self
             .redis
@@ -318,7 +314,7 @@ impl Fleet {
     }
 
     /// Take or renew the autoscale lease; whether this replica leads now.
-    async fn lead(&self) -> Result<bool, StoreError> {
+    pub async fn lead(&self) -> Result<bool, StoreError> {
         let mut invocation = self.scripts.lead.key(self.redis.key("leader"));
         invocation
             .key(self.redis.key("leader:epoch"))
@@ -405,164 +401,50 @@ fn hashed_keys(service: &ServiceConfig) -> ServiceConfig {
     service
 }
 
-/// One heartbeat: stamp this replica, update its share of every cap, renew or take the lease.
-async fn beat(fleet: &Fleet, control: &Control) -> Result<(), StoreError> {
-    let ttl = fleet.member_ttl();
-    let grace = fleet.config.heartbeat * 2;
-    let members = fleet
-        .heartbeat
-        .beat(&fleet.redis, &fleet.id, ttl, grace)
-        .await?;
-    let replicas = u32::try_from(members.ids.len()).unwrap_or(u32::MAX);
-    let before = fleet.replicas.swap(replicas, Ordering::AcqRel);
-    if before != replicas {
-        tracing::info!(target: "sluice::store", replicas, "fleet size changed");
+impl Fleet {
+    /// Stamp this replica in the live set; its share of every cap as the set now stands.
+    pub async fn stamp(&self) -> Result<Share, StoreError> {
+        let ttl = self.member_ttl();
+        let grace = self.config.heartbeat * 2;
+        let members = self
+            .heartbeat
+            .beat(&self.redis, &self.id, ttl, grace)
+            .await?;
+        let replicas = u32::try_from(members.ids.len()).unwrap_or(u32::MAX);
+        let before = self.replicas.swap(replicas, Ordering::AcqRel);
+        if before != replicas {
+            tracing::info!(target: "sluice::store", replicas, "fleet size changed");
+        }
+        Ok(members.share)
     }
-    apply_share(fleet, control, members.share);
-    fleet.lead().await?;
-    Ok(())
-}
 
-fn apply_share(fleet: &Fleet, control: &Control, share: Share) {
-    if fleet.share() != share {
-        fleet.set_share(share);
-        for service in &control.proxy().policy().services {
-            service.pool.set_share(share);
-        }
-    }
-}
-
-/// A heartbeat that did not reach the store. Nobody leads then. A replica that never reached
-/// the store does not know its share: rather than take no slots at all it enforces whole caps
-/// until the store answers. A replica cut off from the store (the others count it gone 3
-/// heartbeats after its last stamp and take its share) keeps its share with `on_error` local
-/// or allow (availability; the cap can be exceeded while only some replicas are cut off, see
-/// README), and with `deny` gives it up after 2 heartbeats, before the others can take it (the
-/// cap holds; this replica takes no slots until it joins again).
-fn missed(fleet: &Fleet, control: &Control) {
-    fleet.leader_token.store(0, Ordering::Release);
-    let ttl = fleet.member_ttl();
-    match fleet.heartbeat.missed(ttl) {
-        None if fleet.share() == Share::NONE => {
-            tracing::warn!(target: "sluice::store", "store unreachable before this replica joined: enforcing whole caps alone until it answers");
-            apply_share(fleet, control, Share::WHOLE);
-        }
-        // Before the others can count it gone (3 heartbeats after its last stamp).
-        Some(cut_off)
-            if cut_off >= fleet.config.heartbeat * 2
-                && fleet.on_error() == OnError::Deny
-                && fleet.share() != Share::NONE =>
-        {
-            tracing::warn!(target: "sluice::store", "cut off from the store for 2 heartbeats: giving up this replica's share of every cap (on_error = \"deny\")");
-            fleet.heartbeat.leave();
-            apply_share(fleet, control, Share::NONE);
-        }
-        _ => {}
-    }
-}
-
-/// Adopt the fleet's policy if it is another than the one in force here. If the store lost
-/// the policy this replica follows (Redis restarted empty), publish the one in force here
-/// again: the fleet keeps the policy it ran (the first replica to notice wins; the others
-/// adopt its document, the same policy).
-async fn follow_policy(fleet: &Fleet, control: &Control) -> Result<(), StoreError> {
-    let followed = fleet.policy_id();
-    let (id, doc) = match fleet.stored_policy().await? {
-        Some((_, None)) => return Ok(()),
-        // Republished from an older version than this replica followed (it had not seen the
-        // last change before the store lost it): the later policy goes back over it.
-        Some((id, Some(doc))) if doc.restored_from > 0 && doc.restored_from < followed.version => {
-            republish(fleet, control, id).await?;
-            return Ok(());
-        }
-        Some((id, Some(doc))) => (id, doc),
-        None if followed.version == 0 => return Ok(()),
-        None => {
-            republish(fleet, control, PolicyId::default()).await?;
-            return Ok(());
-        }
-    };
-    let version = id.version;
-    match control
-        .adopt(doc.services, id, &doc.origin, &doc.reason)
-        .await
-    {
-        Ok(()) => {
-            tracing::info!(target: "sluice::store", version, origin = %doc.origin, "fleet policy adopted");
-        }
-        Err(e) => {
-            // Followed anyway: retrying an invalid document every poll would only repeat this.
-            tracing::error!(target: "sluice::store", version, origin = %doc.origin, "fleet policy refused here, the old one stays: {e}");
-            fleet.follow_refused(id, e.to_string());
-        }
-    }
-    Ok(())
-}
-
-/// Publish the policy in force here again, over `stored` (none: the store lost the policy;
-/// else a copy republished from an older version than this replica followed).
-async fn republish(fleet: &Fleet, control: &Control, stored: PolicyId) -> Result<(), StoreError> {
-    // Not from a replica that refused the policy it follows: it runs an older one than the
-    // fleet did, and the replicas that ran the fleet's republish it.
-    if fleet.refused_policy().is_some() {
-        return Ok(());
-    }
-    let services = control.proxy().policy().config.services.clone();
-    let from = fleet.policy_version();
-    let reason = "republished: the store had lost the fleet policy";
-    if let Some(version) = fleet.publish_over(&services, reason, stored, from).await? {
-        tracing::warn!(target: "sluice::store", version, from, "the store had lost the fleet policy: republished the one in force here");
-    }
-    Ok(())
-}
-
-/// Join the fleet at start: the first heartbeat, then the policy — the fleet's if it has one,
-/// else this replica's, published as version 1. Bounded by the store timeout per call; with
-/// the store down, sluice starts on its own config and the loop catches up.
-pub async fn join(fleet: &Fleet, control: &Control) {
-    let joined = async {
-        beat(fleet, control).await?;
-        follow_policy(fleet, control).await?;
-        if fleet.policy_version() == 0 {
-            let services = control.proxy().policy().config.services.clone();
-            if let Some(version) = fleet
-                .publish_policy(&services, "first replica's config")
-                .await?
+    /// A heartbeat did not reach the store; the share this replica must take now, if it
+    /// changes. Nobody leads then. A replica that never reached the store does not know its
+    /// share: rather than take no slots at all it enforces whole caps until the store
+    /// answers. A replica cut off from the store (the others count it gone 3 heartbeats after
+    /// its last stamp and take its share) keeps its share with `on_error` local or allow
+    /// (availability; the cap can be exceeded while only some replicas are cut off, see
+    /// README), and with `deny` gives it up after 2 heartbeats, before the others can take it
+    /// (the cap holds; this replica takes no slots until it joins again).
+    pub fn missed_heartbeat(&self) -> Option<Share> {
+        self.leader_token.store(0, Ordering::Release);
+        let ttl = self.member_ttl();
+        match self.heartbeat.missed(ttl) {
+            None if self.share() == Share::NONE => {
+                tracing::warn!(target: "sluice::store", "store unreachable before this replica joined: enforcing whole caps alone until it answers");
+                Some(Share::WHOLE)
+            }
+            // Before the others can count it gone (3 heartbeats after its last stamp).
+            Some(cut_off)
+                if cut_off >= self.config.heartbeat * 2
+                    && self.on_error() == OnError::Deny
+                    && self.share() != Share::NONE =>
             {
-                tracing::info!(target: "sluice::store", version, "fleet policy published from this replica's config");
-            } else {
-                follow_policy(fleet, control).await?;
+                tracing::warn!(target: "sluice::store", "cut off from the store for 2 heartbeats: giving up this replica's share of every cap (on_error = \"deny\")");
+                self.heartbeat.leave();
+                Some(Share::NONE)
             }
-        }
-        Ok::<_, StoreError>(())
-    };
-    if let Err(e) = joined.await {
-        tracing::warn!(target: "sluice::store", error = %e, "store unreachable at start: on_error applies until it answers");
-        missed(fleet, control);
-    }
-}
-
-/// Keep this replica in step with the fleet until aborted: a heartbeat every
-/// `store.heartbeat` (which also probes a store that was unreachable) and a policy poll every
-/// [`POLICY_POLL`].
-pub async fn run(fleet: Arc<Fleet>, control: Arc<Control>) {
-    let mut beats = tokio::time::interval(fleet.config.heartbeat);
-    let mut polls = tokio::time::interval(POLICY_POLL);
-    beats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    polls.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = beats.tick() => {
-                // Errors are logged once by the connection when health changes.
-                if beat(&fleet, &control).await.is_err() {
-                    missed(&fleet, &control);
-                }
-            }
-            _ = polls.tick() => {
-                if fleet.is_up() {
-                    let _ = follow_policy(&fleet, &control).await;
-                }
-            }
+            _ => None,
         }
     }
 }

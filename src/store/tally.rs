@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::redis::StoreError;
 use super::Fleet;
-use crate::policy::Service;
 
 /// How long a second's hash lives: the leader reads it a second later.
 const KEEP_SECS: i64 = 60;
@@ -26,6 +25,18 @@ pub struct Others {
     pub queue: f64,
 }
 
+/// What this replica counted for one service: totals since start per resource, and its
+/// gauges now.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// (name, admitted, throttled) per resource.
+    pub resources: Vec<(String, u64, u64)>,
+    /// Requests in flight at the service's endpoints.
+    pub in_flight: u32,
+    /// Requests waiting in its queue.
+    pub queue: usize,
+}
+
 /// One replica's bookkeeping for one service.
 #[derive(Debug, Default)]
 pub struct Tally {
@@ -38,32 +49,35 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Add this tick's counts of `service` to the fleet's hash for `now_sec`; as `leader`,
-    /// also read the completed seconds since the last read and return the others' part.
+    /// Add this tick's part of `counts` (of service `service`) to the fleet's hash for
+    /// `now_sec`; as `leader`, also read the completed seconds since the last read and return
+    /// the others' part.
     pub async fn exchange(
         &mut self,
         fleet: &Fleet,
-        service: &Service,
+        service: &str,
+        counts: Counts,
         now_sec: u64,
         leader: bool,
     ) -> Result<Option<Others>, StoreError> {
         let mut fields: HashMap<String, i64> = HashMap::new();
-        if let Some(limits) = &service.limits {
-            for r in limits.all_resources() {
-                let now = (r.counters.admitted.total(), r.counters.throttled.total());
-                let before = self.last.insert(r.name.to_string(), now).unwrap_or(now);
-                let (a, t) = (now.0 - before.0.min(now.0), now.1 - before.1.min(now.1));
-                if a > 0 {
-                    fields.insert(format!("a:{}", r.name), a as i64);
-                }
-                if t > 0 {
-                    fields.insert(format!("t:{}", r.name), t as i64);
-                }
+        for (name, admitted, throttled) in counts.resources {
+            let now = (admitted, throttled);
+            let (a, t) = {
+                let before = self.last.get(&name).copied().unwrap_or(now);
+                (now.0 - before.0.min(now.0), now.1 - before.1.min(now.1))
+            };
+            if a > 0 {
+                fields.insert(format!("a:{name}"), a as i64);
             }
+            if t > 0 {
+                fields.insert(format!("t:{name}"), t as i64);
+            }
+            self.last.insert(name, now);
         }
-        fields.insert("g:in_flight".into(), i64::from(service.pool.in_flight()));
-        fields.insert("g:queue".into(), service.pool.queue_len() as i64);
-        let key = |sec: u64| fleet.redis.key(&format!("tally:{}:{sec}", service.name));
+        fields.insert("g:in_flight".into(), i64::from(counts.in_flight));
+        fields.insert("g:queue".into(), counts.queue as i64);
+        let key = |sec: u64| fleet.redis.key(&format!("tally:{service}:{sec}"));
         let mut pipe = redis::pipe();
         for (field, n) in &fields {
             pipe.hincr(key(now_sec), field, *n).ignore();
