@@ -11,7 +11,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::admin;
-use crate::autoscale;
 use crate::balance::InvalidEndpointUrl;
 use crate::config::{Backend, CaFileError, Config};
 use crate::control::{self, Control};
@@ -179,11 +178,11 @@ impl App {
             .map_or_else(|| "off".to_owned(), |a| a.to_string());
         tracing::info!(proxy = %self.proxy_addr(), admin, "sluice listening");
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(autoscale::run(
+        tasks.spawn(control::autoscale::run(
             Arc::clone(&self.proxy),
             Arc::clone(self.proxy.events()),
             // Webhooks trust what endpoints do (system roots and `[upstream] ca_file`).
-            autoscale::Notifier::new(self.connect.with_timeout(autoscale::NOTIFY_TIMEOUT)),
+            control::notify::Notifier::new(self.connect.with_timeout(control::notify::TIMEOUT)),
             chrono::Utc::now,
         ));
         tasks.spawn(reload_on_hangup(Arc::clone(&self.control)));

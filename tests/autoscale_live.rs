@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderMap;
-use sluice::autoscale::{self, EventKind, EventQuery, Notifier};
+use sluice::autoscale::{self, EventKind, EventQuery};
 use sluice::config::Config;
+use sluice::control::notify::Notifier;
 use sluice::limit::Admission;
 use sluice::policy::Policy;
 use sluice::proxy::Proxy;
@@ -93,7 +94,7 @@ fn start_autoscaling(
         None,
     );
     let history = Arc::clone(proxy.events());
-    let looping = tokio::spawn(autoscale::run(
+    let looping = tokio::spawn(sluice::control::autoscale::run(
         Arc::clone(&proxy),
         Arc::clone(&history),
         Notifier::default(),

@@ -35,13 +35,6 @@ const LAYERS: &[(u8, &[&str])] = &[
 
 /// Imports (from, to) that still point up, with the redesign step that removes them.
 const NOT_YET_DOWNWARD: &[(&str, &str)] = &[
-    // The autoscale runner and its control live in autoscale/ (to move to the control plane).
-    ("autoscale", "balance"),
-    ("autoscale", "config"),
-    ("autoscale", "limit"),
-    ("autoscale", "policy"),
-    ("autoscale", "proxy"),
-    ("autoscale", "store"),
     // balance uses proxy's idle pool (to move to an upstream layer).
     ("balance", "proxy"),
     // limit uses the store's lease directly (to become a trait limit owns).

@@ -9,7 +9,6 @@ use chrono_tz::Tz;
 
 use super::evaluate::CONCURRENCY_BOUNDS;
 use super::settings::{AutoscaleSettings, ChangeType, Direction, Profile, Rule, Target};
-use crate::config::ConfigError;
 
 /// Most storage grains a metric window may hold (per resource: 24 bytes each).
 pub const MAX_WINDOW_GRAINS: u64 = 20_000;
@@ -20,11 +19,27 @@ pub const MAX_TIME_GRAIN: Duration = Duration::from_secs(12 * 3600);
 /// Longest `time_window`.
 pub const MAX_TIME_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
+/// One problem in autoscale settings: the dotted key it concerns and what is wrong with it (the
+/// config validator reports it as its own).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `service[0].autoscale.interval`.
+    pub key: String,
+    /// What is wrong and what is allowed.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
 /// Check `settings` (found at `key`, e.g. `service[0].autoscale`) for a service whose
 /// resources may autoscale up to `max_tps`. Returns every problem, each naming its key.
-pub fn validate(settings: &AutoscaleSettings, key: &str, max_tps: u32) -> Vec<ConfigError> {
+pub fn validate(settings: &AutoscaleSettings, key: &str, max_tps: u32) -> Vec<Problem> {
     let mut p = Vec::new();
-    let mut add = |k: String, m: String| p.push(ConfigError::new(k, m));
+    let mut add = |key: String, message: String| p.push(Problem { key, message });
 
     at_least(
         &mut add,

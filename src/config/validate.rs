@@ -200,11 +200,12 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
         super::rate_limit::validate(&mut p, &format!("service[{i}]"), &rate_limit, &s.resources);
         if let Some(settings) = &s.autoscale {
             let key = format!("service[{i}].autoscale");
-            p.0.extend(crate::autoscale::validate(
-                settings,
-                &key,
-                rate_limit.max_tps,
-            ));
+            let found = crate::autoscale::validate(settings, &key, rate_limit.max_tps);
+            p.0.extend(
+                found
+                    .into_iter()
+                    .map(|a| ConfigError::new(a.key, a.message)),
+            );
         }
     }
 

@@ -16,7 +16,9 @@ use crate::policy::Policy;
 use crate::proxy::Proxy;
 use crate::recorders::ReloadStats;
 
+pub mod autoscale;
 pub mod fleet;
+pub mod notify;
 
 /// Why a change changed nothing.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
-use super::Event;
+use crate::autoscale::Event;
 use crate::proxy::connector::{self, Connect};
 
 /// Deliveries allowed in flight at once; more are dropped with a warning.

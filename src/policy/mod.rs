@@ -5,12 +5,15 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use crate::autoscale::{Event, ServiceAutoscaler};
+use crate::autoscale::Event;
 use crate::balance::{InvalidEndpointUrl, Pool, Shape, Share};
 use crate::config::{Config, Timeouts};
 use crate::limit::RateLimiter;
 use crate::recorders::{ServiceStats, UnroutedStats};
 use crate::store::Fleet;
+pub use autoscaler::ServiceAutoscaler;
+
+pub mod autoscaler;
 
 /// One service as the request path sees it.
 #[derive(Debug)]
