@@ -15,9 +15,9 @@ use crate::balance::InvalidEndpointUrl;
 use crate::config::{Backend, CaFileError, Config};
 use crate::control::{self, Control};
 use crate::policy::Policy;
-use crate::proxy::connector::Connect;
 use crate::proxy::{self, Proxy};
 use crate::store::Fleet;
+use crate::upstream::Connect;
 
 /// Why sluice could not start.
 #[derive(Debug, thiserror::Error)]

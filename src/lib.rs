@@ -18,5 +18,6 @@ pub mod recorders;
 pub mod stats;
 pub mod store;
 pub mod telemetry;
+pub mod upstream;
 
 pub use app::App;

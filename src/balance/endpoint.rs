@@ -9,9 +9,9 @@ use http::uri::PathAndQuery;
 use http::Uri;
 use tokio::time::Instant;
 
-use crate::proxy::upstream::IdleConnections;
 use crate::recorders::EndpointStats;
 use crate::stats::LatencyWindow;
+use crate::upstream::IdleConnections;
 
 /// First back-off after a connect failure; doubles per consecutive failure.
 const BACKOFF_BASE: Duration = Duration::from_millis(500);

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::Semaphore;
 
 use crate::autoscale::Event;
-use crate::proxy::connector::{self, Connect};
+use crate::upstream::connector::{self, Connect};
 
 /// Deliveries allowed in flight at once; more are dropped with a warning.
 const MAX_IN_FLIGHT: usize = 64;

@@ -2,13 +2,11 @@
 //! Answers sluice gives itself are built in [`reject`].
 
 pub mod body;
-pub mod connector;
 mod framing;
 pub mod headers;
 mod inbound;
 pub mod reject;
 mod server;
-pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,10 +23,11 @@ use crate::policy::{Policy, Service};
 use crate::reason::Reason;
 use crate::recorders::UnroutedStats;
 use crate::store::Fleet;
-use body::{BodyWatch, ResponseBody, UpstreamBody};
+use crate::upstream::body::{self as upload, BodyWatch, UpstreamBody};
+use crate::upstream::{connector, error_chain, Connection, SendError, Upstream};
+use body::{ResponseBody, Reuse};
 use reject::Rejection;
 pub use server::serve;
-use upstream::{Connection, Reuse, SendError, Upstream};
 
 /// How long a client is asked to wait after a 429 for full endpoints.
 const FULL_RETRY_AFTER_MS: u64 = 1000;
@@ -114,8 +113,8 @@ impl Proxy {
             },
         };
         if let Some(body) = body.filter(|_| !unread_body_closes) {
-            // HTTP/2 (HTTP/1 closes the connection instead, above): see `body::drain`.
-            body::drain(body, policy.config.limits.lingering_close);
+            // HTTP/2 (HTTP/1 closes the connection instead, above): see `upstream::body::drain`.
+            upload::drain(body, policy.config.limits.lingering_close);
         }
         if unread_body_closes && !outcome.upload.as_ref().is_some_and(BodyWatch::finished) {
             // hyper closes an HTTP/1 connection whose request body was not read to its end,
@@ -243,7 +242,11 @@ impl Proxy {
     async fn connect(&self, slot: &Slot, outcome: &mut Outcome<'_>) -> Option<Connection> {
         let endpoint = slot.endpoint();
         outcome.endpoint = Some(Arc::clone(endpoint));
-        match self.upstream.connection(endpoint).await {
+        match self
+            .upstream
+            .connection(&endpoint.idle, endpoint.base_uri())
+            .await
+        {
             Ok(connection) => Some(connection),
             Err(e) => {
                 endpoint.mark_unreachable();
@@ -284,7 +287,7 @@ impl Proxy {
         outcome.endpoint = Some(Arc::clone(&endpoint));
         let body = body.take().expect("a request's body is taken once, here");
         let (body, watch) =
-            body::track(body, connection.abort_handle(), policy.timeouts.client_body);
+            upload::track(body, connection.abort_handle(), policy.timeouts.client_body);
         outcome.upload = Some(watch.clone());
         let Ok(request) = upstream_request(head, &endpoint, body) else {
             return outcome.reject(Reason::UpstreamError, Some(service));
@@ -294,7 +297,7 @@ impl Proxy {
         // whole request (or has stopped reading it), not a client's slow upload.
         let response_deadline = watch.idle_for(policy.timeouts.response);
         let exchange = tokio::select! {
-            result = self.upstream.send(&endpoint, connection, request) => result,
+            result = self.upstream.send(endpoint.base_uri(), connection, request) => result,
             () = response_deadline => return outcome.reject(Reason::UpstreamTimeout, Some(service)),
         };
         match exchange {
@@ -488,16 +491,4 @@ fn upstream_request(
         .headers_mut()
         .insert(http::header::HOST, endpoint.host_header().clone());
     Ok(request)
-}
-
-/// An error with its causes, for logs ("client error (Connect): tcp connect error: ...").
-pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -7,7 +7,7 @@
 //! copy of every request head for the retry, and its pool bookkeeping was the largest single
 //! cost in the request path's profile (BENCHMARKS.md).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::body::UpstreamBody;
-use crate::balance::Endpoint;
+use super::error_chain;
 
 /// Idle connections kept past this are closed rather than reused (endpoints commonly close
 /// theirs after 60–75 s; reusing one at that moment races with its close).
@@ -110,29 +110,34 @@ impl Upstream {
         Self { connector }
     }
 
-    /// A ready connection to `endpoint`: an idle one if any, else a new one.
-    pub async fn connection(&self, endpoint: &Endpoint) -> Result<Connection, ConnectError> {
-        while let Some(mut connection) = endpoint.idle.take() {
+    /// A ready connection to the endpoint at `base_uri`: one of its `idle` ones if any, else a
+    /// new one.
+    pub async fn connection(
+        &self,
+        idle: &IdleConnections,
+        base_uri: &Uri,
+    ) -> Result<Connection, ConnectError> {
+        while let Some(mut connection) = idle.take() {
             // Idle connections are ready at once unless they just closed.
             if connection.sender.ready().await.is_ok() {
                 return Ok(connection);
             }
         }
-        self.connect(endpoint).await
+        self.connect(base_uri).await
     }
 
-    async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, ConnectError> {
-        let uri: Uri = endpoint.base_uri().clone();
+    async fn connect(&self, base_uri: &Uri) -> Result<Connection, ConnectError> {
+        let uri: Uri = base_uri.clone();
         let io = self
             .connector
             .clone()
             .call(uri)
             .await
-            .map_err(|e| ConnectError(super::error_chain(&*e)))?;
+            .map_err(|e| ConnectError(error_chain(&*e)))?;
         let (sender, connection) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|e| ConnectError(super::error_chain(&e)))?;
+            .map_err(|e| ConnectError(error_chain(&e)))?;
         let task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "endpoint connection ended with an error");
@@ -146,7 +151,7 @@ impl Upstream {
     /// (a pooled connection the endpoint had just dropped), send it on a fresh one instead.
     pub async fn send(
         &self,
-        endpoint: &Endpoint,
+        base_uri: &Uri,
         mut connection: Connection,
         request: Request<UpstreamBody>,
     ) -> Result<(Response<Incoming>, Connection), SendError> {
@@ -154,7 +159,7 @@ impl Upstream {
             Ok(response) => Ok((response, connection)),
             Err(mut failed) => match failed.take_message() {
                 Some(request) => {
-                    let mut fresh = self.connect(endpoint).await?;
+                    let mut fresh = self.connect(base_uri).await?;
                     let response = fresh
                         .sender
                         .send_request(request)
@@ -164,34 +169,6 @@ impl Upstream {
                 }
                 None => Err(SendError::Exchange(failed.into_error())),
             },
-        }
-    }
-}
-
-/// Gives a connection back to its endpoint's pool when the response body it carried was read
-/// to its end; an exchange cut short closes it instead.
-pub struct Reuse {
-    connection: Option<Connection>,
-    endpoint: Arc<Endpoint>,
-    /// Set when the body's last frame has been read.
-    pub finished: bool,
-}
-
-impl Reuse {
-    /// Track `connection` of `endpoint`.
-    pub fn new(connection: Connection, endpoint: Arc<Endpoint>) -> Self {
-        Self {
-            connection: Some(connection),
-            endpoint,
-            finished: false,
-        }
-    }
-}
-
-impl Drop for Reuse {
-    fn drop(&mut self) {
-        if let (true, Some(connection)) = (self.finished, self.connection.take()) {
-            self.endpoint.idle.put(connection);
         }
     }
 }
