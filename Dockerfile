@@ -37,5 +37,5 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
   CMD ["sluice", "healthcheck", "--timeout", "3s"]
 ENTRYPOINT ["sluice"]
 # The demo out of the box: three demo endpoints inside the container, the proxy on [::]:8080.
-# `run` serves $SLUICE_CONFIG's real endpoints (README, "Docker").
+# `run` serves $SLUICE_CONFIG's real endpoints (docs/operations.md, "Docker").
 CMD ["demo"]

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Build the image from the repository's Dockerfile and run README.md's "Docker" commands
-# against it: the demo answers from the host, `check` and `healthcheck` work in the image, a
-# request in flight survives `docker stop` (SIGTERM, default 10 s timeout), SIGHUP reloads the
-# mounted config, and the container runs with --read-only. Not part of `cargo test` (building
-# the image takes minutes). Exits non-zero at the first check that fails.
+# Build the image from the repository's Dockerfile and run the commands of docs/operations.md,
+# "Docker", against it: the demo answers from the host, `check` and `healthcheck` work in the
+# image, a request in flight survives `docker stop` (SIGTERM, default 10 s timeout), SIGHUP
+# reloads the mounted config, and the container runs with --read-only. Not part of `cargo test`
+# (building the image takes minutes). Exits non-zero at the first check that fails.
 #
 #   deploy/container-test.sh              # podman if installed, else docker
 #   ENGINE=docker deploy/container-test.sh
