@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sluice::limit::{Lease, Local, SharedBuckets};
 use sluice::limit::{Quota, Verdict};
-use sluice::store::{Fleet, Lease, Local};
+use sluice::store::Fleet;
 use support::redis::{lease_clock as clock, quota, store_fleet as fleet, RedisServer};
 
 /// The bucket's theoretical arrival time as Redis stores it (µs on Redis's clock).
@@ -56,7 +57,7 @@ fn a_background_refill_racing_requests_hands_out_only_cells_redis_granted() {
     let now = clock(Instant::now());
     // The first grant (one cell, taken at once) creates the bucket; count from there.
     let first = runtime
-        .block_on(a.refill(&lease, &key, q, now.clone()))
+        .block_on(lease.refill(&*a, &key, q, now.clone()))
         .unwrap();
     assert!(matches!(first, Verdict::Admit { .. }));
     let before = tat(&redis, &key);
@@ -115,7 +116,10 @@ fn a_background_refill_racing_requests_hands_out_only_cells_redis_granted() {
         let (mut spent, mut refills) = (0u64, 0u64);
         while started.elapsed() < Duration::from_secs(2) {
             allowance.store(8, Ordering::Release);
-            a.prefetch(&lease, &key, q, slow_now.clone()).await.unwrap();
+            lease
+                .prefetch(&*a, &key, q, slow_now.clone())
+                .await
+                .unwrap();
             allowance.store(0, Ordering::Release);
             refills += 1;
             // Spend about half a batch, so the next refill finds the lease half full.
@@ -124,7 +128,7 @@ fn a_background_refill_racing_requests_hands_out_only_cells_redis_granted() {
                     Local::Admit(_) => true,
                     Local::Refuse(v) => panic!("a bucket of a million cells refused: {v:?}"),
                     Local::Empty => matches!(
-                        a.refill(&lease, &key, q, now.clone()).await.unwrap(),
+                        lease.refill(&*a, &key, q, now.clone()).await.unwrap(),
                         Verdict::Admit { .. }
                     ),
                 };
@@ -164,7 +168,7 @@ fn a_background_refill_racing_requests_hands_out_only_cells_redis_granted() {
 async fn spend_one(fleet: &Fleet, key: &str, q: Quota, now: impl Fn() -> u64 + Clone) -> bool {
     let lease = Lease::new(q);
     matches!(
-        fleet.refill(&lease, key, q, now.clone()).await,
+        lease.refill(fleet, key, q, now.clone()).await,
         Ok(Verdict::Admit { .. })
     )
 }
@@ -493,7 +497,7 @@ async fn ask(
 ) -> bool {
     let verdict = match lease.take(now()) {
         Local::Admit(v) | Local::Refuse(v) => Ok(v),
-        Local::Empty => fleet.refill(lease, key, q, now.clone()).await,
+        Local::Empty => lease.refill(fleet, key, q, now.clone()).await,
     };
     if let Ok(verdict) = &verdict {
         lease.fallback.mirror(verdict, now());
@@ -563,7 +567,7 @@ async fn an_outage_longer_than_a_window_adds_nothing_above_the_limit() {
     let (busy, quiet) = (fleet(&redis, "busy"), fleet(&redis, "quiet"));
     let (tps, burst) = (100u32, 50u32);
     let q = quota(tps, burst);
-    let share = sluice::store::share_of(q, 2);
+    let share = sluice::limit::share_of(q, 2);
     let key = busy.rate_key("svc", "team");
     let now = clock(Instant::now());
     let (busy_lease, quiet_lease) = (Lease::new(q), Lease::new(q));

@@ -1,11 +1,7 @@
-//! sluice's modules form layers, each importing only the ones below it (README,
-//! "Architecture"): the request path (layers 0–7) never reaches up into the control plane, and
-//! no top-level module is in an import cycle. This test reads src/ and fails on an import
-//! that points up or closes a cycle, naming the files that make it.
-//!
-//! The redesign that brings the code to these layers (issue 15) goes in steps; the imports it
-//! has not removed yet are listed in [`NOT_YET_DOWNWARD`]. The list can only shrink: an edge
-//! listed but gone fails the test too, so each step removes its entries.
+//! sluice's modules form layers, each importing only the ones below it (docs/architecture.md):
+//! the request path (layers 0–7) never reaches up into the control plane, and no top-level
+//! module is in an import cycle. This test reads src/ and fails on an import that points up or
+//! closes a cycle, naming the files that make it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -33,12 +29,6 @@ const LAYERS: &[(u8, &[&str])] = &[
     (8, &["control", "admin", "metrics"]),
     // The process: wiring, commands, the demo, the container's health check.
     (9, &["app", "main", "lib", "demo", "healthcheck"]),
-];
-
-/// Imports (from, to) that still point up, with the redesign step that removes them.
-const NOT_YET_DOWNWARD: &[(&str, &str)] = &[
-    // limit uses the store's lease directly (to become a trait limit owns).
-    ("limit", "store"),
 ];
 
 /// Each top-level module's files: src/NAME.rs, or everything under src/NAME/.
@@ -70,29 +60,47 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// The top-level modules `code` names as `crate::NAME` (comments left out: a doc link is not
-/// an import). `lib.rs` and `main.rs` name them as `sluice::NAME` or declare them, so their
-/// module paths count too.
+/// The top-level modules `code` names as `crate::NAME`, or inside a group
+/// (`crate::{NAME::…, NAME}`, over several lines too). Comments are left out: a doc link is not
+/// an import. `lib.rs` and `main.rs` name them as `sluice::NAME`, so those paths count too.
 fn imported(code: &str, modules: &BTreeSet<String>) -> BTreeSet<String> {
+    let code: String = code
+        .lines()
+        .map(|line| line.find("//").map_or(line, |at| &line[..at]))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
     let mut names = BTreeSet::new();
-    for line in code.lines() {
-        let code = match line.find("//") {
-            Some(at) => &line[..at],
-            None => line,
-        };
-        for prefix in ["crate::", "sluice::"] {
-            let mut rest = code;
-            while let Some(at) = rest.find(prefix) {
-                let after = &rest[at + prefix.len()..];
-                let name: String = after
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                    .collect();
-                if modules.contains(&name) {
-                    names.insert(name);
+    for prefix in ["crate::", "sluice::"] {
+        let mut rest = code.as_str();
+        while let Some(at) = rest.find(prefix) {
+            let after = &rest[at + prefix.len()..];
+            let mut found = vec![ident(after)];
+            if let Some(group) = after.strip_prefix('{') {
+                // Each item at the group's own depth starts with a module name.
+                let mut depth = 0;
+                let mut item_start = true;
+                for (i, c) in group.char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' if depth == 0 => break,
+                        '}' => depth -= 1,
+                        ',' if depth == 0 => item_start = true,
+                        c if c.is_whitespace() => {}
+                        _ if item_start => {
+                            found.push(ident(&group[i..]));
+                            item_start = false;
+                        }
+                        _ => {}
+                    }
                 }
-                rest = after;
             }
+            names.extend(found.into_iter().filter(|n| modules.contains(n)));
+            rest = after;
         }
     }
     names
@@ -140,29 +148,52 @@ fn every_module_of_src_has_a_layer() {
     );
 }
 
-#[test]
-fn no_import_points_up_but_those_the_redesign_has_yet_to_remove() {
-    let edges = imports(&src());
-    let mut upward = Vec::new();
-    let mut still_listed: BTreeSet<(&str, &str)> = NOT_YET_DOWNWARD.iter().copied().collect();
-    for ((from, to), files) in &edges {
+/// The imports of `edges` that point up a layer, described.
+fn upward(edges: &BTreeMap<(String, String), BTreeSet<String>>) -> Vec<String> {
+    let mut found = Vec::new();
+    for ((from, to), files) in edges {
         let (Some(a), Some(b)) = (layer_of(from), layer_of(to)) else {
             continue;
         };
-        if b > a && !still_listed.remove(&(from.as_str(), to.as_str())) {
-            upward.push(format!(
+        if b > a {
+            found.push(format!(
                 "{from} (layer {a}) → {to} (layer {b}) in {files:?}"
             ));
         }
     }
+    found
+}
+
+#[test]
+fn no_import_points_up() {
+    let found = upward(&imports(&src()));
     assert!(
-        upward.is_empty(),
+        found.is_empty(),
         "imports that point up a layer:\n{}",
-        upward.join("\n")
+        found.join("\n")
     );
+}
+
+/// The checks above see what they must: an import written any of the ways src/ writes them,
+/// and one that points up.
+#[test]
+fn the_check_sees_an_upward_import() {
+    let names: BTreeSet<String> = ["proxy", "limit", "control"].map(String::from).into();
+    let code =
+        "use crate::proxy::Proxy;\n// crate::control in a comment\nfn f() { crate::limit::x() }";
+    let found = imported(code, &names);
+    assert_eq!(found, ["limit", "proxy"].map(String::from).into());
+    let mut edges = BTreeMap::new();
+    edges.insert(
+        ("limit".to_owned(), "proxy".to_owned()),
+        BTreeSet::from(["limit/mod.rs".to_owned()]),
+    );
+    assert_eq!(upward(&edges).len(), 1, "limit (4) → proxy (7) points up");
+    edges.clear();
+    edges.insert(("proxy".to_owned(), "limit".to_owned()), BTreeSet::new());
     assert!(
-        still_listed.is_empty(),
-        "these imports are gone: remove them from NOT_YET_DOWNWARD: {still_listed:?}"
+        upward(&edges).is_empty(),
+        "proxy (7) → limit (4) points down"
     );
 }
 
@@ -171,9 +202,6 @@ fn no_top_level_module_is_in_an_import_cycle() {
     let edges = imports(&src());
     let mut next: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (from, to) in edges.keys() {
-        if NOT_YET_DOWNWARD.contains(&(from.as_str(), to.as_str())) {
-            continue;
-        }
         next.entry(from).or_default().push(to);
     }
     // A depth-first walk; a module met again on the current path closes a cycle.

@@ -8,15 +8,16 @@ mod support;
 use std::time::{Duration, Instant};
 
 use sluice::config::{Backend, StoreConfig};
+use sluice::limit::Lease;
 use sluice::limit::{Quota, Verdict};
-use sluice::store::{Fleet, Lease};
+use sluice::store::Fleet;
 use support::redis::{lease_clock as clock, quota, store_fleet as fleet, RedisServer};
 
 /// Take from the lease, asking the store when it is empty.
 async fn admit(fleet: &Fleet, lease: &Lease, key: &str, q: Quota, now: &impl Fn() -> u64) -> bool {
     let verdict = match lease.take(now()) {
-        sluice::store::Local::Admit(v) | sluice::store::Local::Refuse(v) => v,
-        sluice::store::Local::Empty => fleet.refill(lease, key, q, now).await.unwrap(),
+        sluice::limit::Local::Admit(v) | sluice::limit::Local::Refuse(v) => v,
+        sluice::limit::Local::Empty => lease.refill(fleet, key, q, now).await.unwrap(),
     };
     matches!(verdict, Verdict::Admit { .. })
 }
@@ -72,7 +73,7 @@ async fn refusal_says_exactly_when_the_next_cell_is_due() {
     let key = a.rate_key("svc", "slow");
     let now = clock(Instant::now());
     assert!(admit(&a, &lease, &key, q, &now).await);
-    let Verdict::Refuse { retry_after_ns } = a.refill(&lease, &key, q, &now).await.unwrap() else {
+    let Verdict::Refuse { retry_after_ns } = lease.refill(&*a, &key, q, &now).await.unwrap() else {
         panic!("a second request within 100 ms of a 1-burst bucket must be refused");
     };
     // 10 TPS: one cell per 100 ms, minus the time the first call took.
@@ -107,8 +108,8 @@ async fn a_bucket_lost_with_a_restart_starts_from_the_usage_counted_meanwhile() 
     for _ in 0..100 {
         // The first calls may meet the reconnect; they count as not admitted.
         let verdict = match lease.take(now()) {
-            sluice::store::Local::Admit(v) | sluice::store::Local::Refuse(v) => Ok(v),
-            sluice::store::Local::Empty => a.refill(&lease, &key, q, &now).await,
+            sluice::limit::Local::Admit(v) | sluice::limit::Local::Refuse(v) => Ok(v),
+            sluice::limit::Local::Empty => lease.refill(&*a, &key, q, &now).await,
         };
         admitted += u32::from(matches!(verdict, Ok(Verdict::Admit { .. })));
     }
@@ -168,7 +169,7 @@ async fn no_call_waits_longer_than_the_store_timeout() {
     let mut healthy = Duration::ZERO;
     for _ in 0..5 {
         let started = Instant::now();
-        a.refill(&Lease::new(q), &key, q, &now).await.unwrap();
+        Lease::new(q).refill(&*a, &key, q, &now).await.unwrap();
         healthy = healthy.max(started.elapsed());
     }
     // A server that stops answering (SIGSTOP keeps the socket open, so only a timeout helps).
@@ -179,7 +180,7 @@ async fn no_call_waits_longer_than_the_store_timeout() {
         .unwrap();
     let lease = Lease::new(q);
     let started = Instant::now();
-    let outcome = a.refill(&lease, &key, q, &now).await;
+    let outcome = lease.refill(&*a, &key, q, &now).await;
     let waited = started.elapsed();
     std::process::Command::new("kill")
         .args(["-CONT", &pid])

@@ -5,11 +5,12 @@
 //! change (autoscale, admin, reload) would replace the limiter and reset the caller's usage,
 //! and its keyed store has no bound on keys. GCRA itself is a few lines (`gcra.rs`).
 
+mod admit;
 mod gcra;
 mod headers;
 mod index;
 mod keys;
-mod shared;
+mod lease;
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -22,13 +23,17 @@ use http::header::{HeaderMap, HeaderName};
 use tokio::time::Instant;
 
 use crate::autoscale::ResourceMetrics;
-use crate::config::{MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys};
+use crate::config::{RateLimitConfig, ResourceConfig};
 use crate::stats::{self, RecentCount};
-use crate::store::{self, Fleet, Lease};
+pub use admit::{Admission, Cell, KeyProblem};
 pub use gcra::{Bucket, Quota, Verdict};
 pub use headers::Status;
 use index::ResourceIndex;
 pub use keys::{DigestMemo, KeySource, KeyTable};
+pub use lease::{
+    share_of, Ask, Grant, Lease, Local, Reservation, SharedBuckets, SharedError, StoreFailure,
+    LEASE_TTL,
+};
 
 /// Name under which requests with unknown keys are counted (keys themselves are never shown);
 /// config validation reserves it.
@@ -162,70 +167,6 @@ impl Resource {
     }
 }
 
-/// Why a request was refused before any rate was checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyProblem {
-    /// No key and `missing_key = "reject"`.
-    Missing,
-    /// A key that matches no resource and `unknown_keys = "reject"`.
-    Unknown,
-}
-
-/// Where an admitted request's cell was taken from, so that it can be given back when the
-/// request never reaches an endpoint: a request refused for capacity costs its caller nothing
-/// (no cell, not counted as admitted, so not as autoscale utilisation either).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cell {
-    /// The resource's own bucket.
-    Own,
-    /// The replica's lease on the fleet's bucket.
-    Leased,
-    /// The replica's share while the store is unreachable (`on_error = "local"`).
-    Fallback,
-    /// The unknown-key table's bucket of the key with this digest.
-    Unknown([u8; 32]),
-    /// Nothing was spent (`on_error = "allow"`).
-    Free,
-}
-
-/// The outcome of a rate check.
-#[derive(Debug)]
-pub enum Admission<'a> {
-    /// The resource's lease from the shared store is empty: the caller must
-    /// [`RateLimiter::ask`] the store (bounded by `store.timeout`).
-    Ask {
-        /// Whose bucket to ask.
-        resource: &'a Arc<Resource>,
-    },
-    /// The store is unreachable and `on_error = "deny"`: 503 `store_unavailable`.
-    Unavailable {
-        /// Whose limit could not be checked.
-        resource: &'a Arc<Resource>,
-    },
-    /// Passed; one cell of `resource`'s limit is spent. The caller then either
-    /// [`RateLimiter::confirm`]s it (the request goes on to an endpoint) or
-    /// [`RateLimiter::give_back`]s it (refused for capacity before it reached one).
-    Admitted {
-        /// Whose limit it counted against.
-        resource: &'a Arc<Resource>,
-        /// What to tell the client.
-        status: Status,
-        /// Where the spent cell came from.
-        cell: Cell,
-    },
-    /// Over the limit.
-    Limited {
-        /// Whose limit.
-        resource: &'a Arc<Resource>,
-        /// What to tell the client (`remaining` 0).
-        status: Status,
-        /// Exact time until the next request would pass, in ms (rounded up).
-        retry_after_ms: u64,
-    },
-    /// No usable key.
-    Refused(KeyProblem),
-}
-
 /// Hashes SHA-256 digests by taking 8 of their bytes: they are uniform already, so a second
 /// hash (SipHash) would only cost time. An attacker cannot aim at a bucket without breaking
 /// SHA-256.
@@ -274,14 +215,7 @@ pub struct RateLimiter {
     /// Digests of the keys seen lately; kept across reloads (a digest never changes).
     memo: Arc<DigestMemo>,
     epoch: Instant,
-    fleet: Option<Arc<Fleet>>,
-}
-
-/// How one resource's request was judged before any response is built.
-enum Judged {
-    Verdict(Quota, Verdict, Cell),
-    Ask,
-    Unavailable,
+    fleet: Option<Arc<dyn SharedBuckets>>,
 }
 
 /// Nanoseconds from `epoch` to `at` (a limiter's clock).
@@ -305,7 +239,7 @@ impl RateLimiter {
         settings: &RateLimitConfig,
         resources: &[ResourceConfig],
         previous: Option<&RateLimiter>,
-        fleet: Option<(&Arc<Fleet>, &str)>,
+        fleet: Option<(&Arc<dyn SharedBuckets>, &str)>,
     ) -> Self {
         let reuse = |name: &str, base: Quota, autoscale: bool| {
             let old = previous.and_then(|p| p.find(name));
@@ -315,7 +249,7 @@ impl RateLimiter {
                     Arc::clone(old)
                 }
                 None => {
-                    let key = fleet.map(|(f, service)| f.rate_key(service, name));
+                    let key = fleet.map(|(f, service)| f.bucket_key(service, name));
                     Arc::new(Resource::new(name, base, autoscale, key))
                 }
             }
@@ -392,79 +326,6 @@ impl RateLimiter {
         nanos_since(self.epoch, at)
     }
 
-    /// Judge a request by its headers, as arrived at `at` (the proxy reads the clock once per
-    /// request, for its latency figures too).
-    pub fn check(&self, headers: &HeaderMap, at: Instant) -> Admission<'_> {
-        let now = self.nanos(at);
-        let resource = match self.keys.extract(headers) {
-            None => match self.settings.missing_key {
-                MissingKey::Reject => return Admission::Refused(KeyProblem::Missing),
-                MissingKey::Anonymous => &self.anonymous,
-            },
-            Some(key) => match self.configured(key) {
-                Ok(resource) => resource,
-                Err(digest) => match self.settings.unknown_keys {
-                    UnknownKeys::Reject => return Admission::Refused(KeyProblem::Unknown),
-                    UnknownKeys::Default => {
-                        // Unknown keys are too many to share through the store: each
-                        // replica enforces its share of the default limit per key.
-                        let quota = self.unknown_quota();
-                        let verdict = self.table.check(&digest, now, quota);
-                        return self.admission(
-                            &self.unknown,
-                            quota,
-                            verdict,
-                            at,
-                            Cell::Unknown(digest),
-                        );
-                    }
-                },
-            },
-        };
-        match self.judge(resource, now) {
-            Judged::Verdict(quota, verdict, cell) => {
-                if matches!(verdict, Verdict::Admit { .. }) {
-                    self.prefetch_if_low(resource);
-                }
-                self.admission(resource, quota, verdict, at, cell)
-            }
-            Judged::Ask => Admission::Ask { resource },
-            Judged::Unavailable => Admission::Unavailable { resource },
-        }
-    }
-
-    /// The limit of each unknown key: the default, or this replica's share of it in a fleet
-    /// (unknown keys are too many to share through the store).
-    fn unknown_quota(&self) -> Quota {
-        let quota = self.unknown.limit();
-        match &self.fleet {
-            Some(fleet) => store::share_of(quota, fleet.replicas()),
-            None => quota,
-        }
-    }
-
-    /// Count an admitted request that goes on to an endpoint (it took a slot).
-    pub fn confirm(&self, resource: &Resource, at: Instant) {
-        resource.count(true, at);
-    }
-
-    /// Give back the cell of an admitted request that never reached an endpoint (no slot was
-    /// free, or its client left while it waited for one): its caller is not billed for it, and
-    /// it is not counted as admitted. False when nothing was spent to give back.
-    pub fn give_back(&self, resource: &Resource, cell: Cell) -> bool {
-        match cell {
-            Cell::Own => resource.bucket.give_back(),
-            Cell::Leased | Cell::Fallback => {
-                if let Some((_, lease)) = resource.shared.as_deref() {
-                    lease.give_back(cell == Cell::Fallback);
-                }
-            }
-            Cell::Unknown(digest) => self.table.give_back(&digest, self.unknown_quota()),
-            Cell::Free => return false,
-        }
-        true
-    }
-
     /// The configured resource of `key`, or the key's digest when it is nobody's.
     fn configured(&self, key: &[u8]) -> Result<&Arc<Resource>, [u8; 32]> {
         let tag = self.memo.tag(key);
@@ -475,55 +336,6 @@ impl RateLimiter {
         let position = *self.by_digest.get(&digest).ok_or(digest)?;
         self.index.learn(tag, position, &self.resources);
         Ok(&self.resources[position])
-    }
-
-    /// Judge a request against `resource`'s own bucket.
-    fn check_resource<'a>(&'a self, resource: &'a Arc<Resource>) -> Admission<'a> {
-        let at = Instant::now();
-        let (quota, verdict) = resource.check(self.nanos(at));
-        self.admission(resource, quota, verdict, at, Cell::Own)
-    }
-
-    /// Say what to answer; a refusal is counted now, an admission once it is confirmed.
-    fn admission<'a>(
-        &self,
-        resource: &'a Arc<Resource>,
-        quota: Quota,
-        verdict: Verdict,
-        at: Instant,
-        cell: Cell,
-    ) -> Admission<'a> {
-        match verdict {
-            Verdict::Admit {
-                remaining,
-                reset_ns,
-            } => {
-                let status = Status {
-                    quota,
-                    remaining,
-                    reset_secs: reset_ns.div_ceil(1_000_000_000),
-                };
-                Admission::Admitted {
-                    resource,
-                    status,
-                    cell,
-                }
-            }
-            Verdict::Refuse { retry_after_ns } => {
-                resource.count(false, at);
-                let retry_after_ms = retry_after_ns.div_ceil(1_000_000);
-                let status = Status {
-                    quota,
-                    remaining: 0,
-                    reset_secs: crate::reason::retry_after_secs(retry_after_ms),
-                };
-                Admission::Limited {
-                    resource,
-                    status,
-                    retry_after_ms,
-                }
-            }
-        }
     }
 
     /// The `WWW-Authenticate` challenge of a 401: `Bearer`, or the header that carries keys.

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use crate::autoscale::Event;
 use crate::balance::{InvalidEndpointUrl, Pool, Shape, Share};
 use crate::config::{Config, Timeouts};
-use crate::limit::RateLimiter;
+use crate::limit::{RateLimiter, SharedBuckets};
 use crate::recorders::{ServiceStats, UnroutedStats};
 use crate::store::Fleet;
 pub use autoscaler::ServiceAutoscaler;
@@ -80,6 +80,8 @@ impl Policy {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut events = Vec::new();
+        // The limiters reach the fleet's buckets through limit's interface.
+        let buckets = fleet.map(|f| Arc::clone(f) as Arc<dyn SharedBuckets>);
         let services: Vec<Arc<Service>> = config
             .services
             .iter()
@@ -94,7 +96,7 @@ impl Policy {
                 };
                 let old_limits = find_previous(&s.name).and_then(|o| o.limits.as_ref());
                 let limits = s.rate_limit().map(|settings| {
-                    let fleet = fleet.map(|f| (f, s.name.as_str()));
+                    let fleet = buckets.as_ref().map(|f| (f, s.name.as_str()));
                     RateLimiter::from_config(&settings, &s.resources, old_limits, fleet)
                 });
                 let old_autoscale = find_previous(&s.name).and_then(|o| o.autoscale.as_deref());

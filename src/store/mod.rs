@@ -26,8 +26,6 @@ use std::time::Duration;
 
 use crate::balance::Share;
 use crate::config::{OnError, StoreConfig};
-use crate::limit::Quota;
-pub use rate::{Lease, Local, LEASE_TTL};
 pub use redis::{Redis, StoreError, StoreStats, PASSWORD_ENV};
 pub use sync::{PolicyDoc, PolicyId, ScaleDoc};
 pub use tally::{Counts, Others, Tally};
@@ -137,43 +135,6 @@ impl Fleet {
             .key(&format!("rate:{}:{}", escape(service), escape(resource)))
     }
 
-    /// Reserve cells for `lease` and take one, within `store.timeout` all told (waiting for
-    /// another request's refill included: past the limit that is [`StoreError::Busy`]).
-    pub async fn refill(
-        &self,
-        lease: &Lease,
-        key: &str,
-        quota: Quota,
-        now: impl Fn() -> u64,
-    ) -> Result<crate::limit::Verdict, StoreError> {
-        lease
-            .refill_and_take(&self.redis, &self.reserve, key, quota, self.replicas(), now)
-            .await
-    }
-
-    /// Reserve `lease`'s next batch in the background while it still has cells.
-    pub async fn prefetch(
-        &self,
-        lease: &Lease,
-        key: &str,
-        quota: Quota,
-        now: impl Fn() -> u64,
-    ) -> Result<(), StoreError> {
-        lease
-            .prefetch(&self.redis, &self.reserve, key, quota, self.replicas(), now)
-            .await
-    }
-
-    /// The store's current (or last) outage number (see [`StoreStats::outages`]).
-    pub fn outage(&self) -> u64 {
-        self.redis.stats.outages.load(Ordering::Acquire)
-    }
-
-    /// Count a request decided by `on_error`.
-    pub fn count_fallback(&self) {
-        self.redis.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// How long a replica may miss heartbeats before the others count it gone.
     pub fn member_ttl(&self) -> Duration {
         self.config.heartbeat * 3
@@ -233,17 +194,6 @@ impl Fleet {
             errors_total: stats.errors.load(Ordering::Relaxed),
             fallbacks_total: stats.fallbacks.load(Ordering::Relaxed),
         }
-    }
-}
-
-/// This replica's part of `quota` while it enforces limits alone (`on_error = "local"`).
-pub fn share_of(quota: Quota, replicas: u32) -> Quota {
-    let part = |v: std::num::NonZeroU32| {
-        std::num::NonZeroU32::new(v.get() / replicas.max(1)).unwrap_or(std::num::NonZeroU32::MIN)
-    };
-    Quota {
-        tps: part(quota.tps),
-        burst: part(quota.burst),
     }
 }
 

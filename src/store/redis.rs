@@ -29,10 +29,6 @@ pub enum StoreError {
     /// Redis answered something sluice did not write.
     #[error("unexpected data in the store: {0}")]
     Data(String),
-    /// Another request's store call for the same resource took the whole time limit; the
-    /// store itself did not fail (yet), so this is not a store error.
-    #[error("waited {0:?} for another request's store call")]
-    Busy(Duration),
     /// A write whose answer did not come, and whose outcome could not be read back: Redis
     /// may have applied it.
     #[error("{0}, and whether the store applied it could not be read back")]
