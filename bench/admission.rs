@@ -101,9 +101,9 @@ impl Setup {
         Self { policy }
     }
 
-    fn limits(&self) -> &RateLimiter {
+    fn rate(&self) -> &RateLimiter {
         self.policy.services[0]
-            .limits
+            .rate
             .as_ref()
             .expect("the bench service has rate limits")
     }
@@ -201,7 +201,7 @@ fn admission(c: &mut Criterion) {
     let mut admit = c.benchmark_group("admit");
     for n in SIZES {
         let s = Setup::new(n, 1_000_000_000);
-        let (limits, pool) = (s.limits(), s.pool());
+        let (limits, pool) = (s.rate(), s.pool());
         let mut requests = Requests::of_resources(n);
         admit.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter(|| match requests.check(limits) {
@@ -223,7 +223,7 @@ fn admission(c: &mut Criterion) {
     let mut check = c.benchmark_group("check_only");
     for n in SIZES {
         let s = Setup::new(n, 1_000_000_000);
-        let limits = s.limits();
+        let limits = s.rate();
         let mut requests = Requests::of_resources(n);
         check.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter(|| match requests.check(limits) {
@@ -240,7 +240,7 @@ fn admission(c: &mut Criterion) {
     // One resource at 1 TPS: after the first request every check is a refusal (but one a
     // second, as the bucket refills).
     let s = Setup::new(1, 1);
-    let limits = s.limits();
+    let limits = s.rate();
     let mut requests = Requests::of_resources(1);
     let _ = requests.check(limits);
     c.bench_function("refuse", |b| {
@@ -252,7 +252,7 @@ fn admission(c: &mut Criterion) {
 
     // 100k distinct unknown keys against a table of 100k: every key stays tracked.
     let s = Setup::new(0, 1000);
-    let limits = s.limits();
+    let limits = s.rate();
     let mut unknown = Requests::new((0..100_000).map(|i| format!("unknown-{i}")));
     c.bench_function("unknown_key/100000", |b| {
         b.iter(|| black_box(matches!(unknown.check(limits), Admission::Admitted { .. })))
@@ -297,7 +297,7 @@ fn responses(c: &mut Criterion) {
 
     // The status of a real admission (built by the limiter, whatever fields `Status` has).
     let s = Setup::new(1, 1000);
-    let limits = s.limits();
+    let limits = s.rate();
     let Admission::Admitted { status, .. } = Requests::of_resources(1).check(limits) else {
         panic!("the first request of a full bucket is admitted")
     };

@@ -507,8 +507,8 @@ async fn admin_async(data: &[u8]) {
                 let _ = endpoint;
                 assert!((1..=200).contains(cap), "cap {cap} outside 1..=200");
             }
-            if let Some(limits) = &service.limits {
-                for r in limits.all_resources() {
+            if let Some(rate) = &service.rate {
+                for r in rate.all_resources() {
                     assert!(r.limit().tps >= NonZeroU32::MIN);
                 }
             }

@@ -315,7 +315,7 @@ pub fn render(control: &Control, format: Format) -> String {
         Kind::Counter,
     );
     for s in services {
-        for r in s.limits.iter().flat_map(|l| l.all_resources()) {
+        for r in s.rate.iter().flat_map(|l| l.all_resources()) {
             let c = &r.counters;
             for (outcome, n) in [
                 ("admitted", &c.admitted),
@@ -338,7 +338,7 @@ pub fn render(control: &Control, format: Format) -> String {
         Kind::Gauge,
     );
     for s in services {
-        for r in s.limits.iter().flat_map(|l| l.all_resources()) {
+        for r in s.rate.iter().flat_map(|l| l.all_resources()) {
             let l = [("service", &*s.name), ("resource", &r.name)];
             e.gauge(&l, i64::from(r.limit().tps.get()));
         }

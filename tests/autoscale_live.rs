@@ -43,7 +43,7 @@ async fn overload(proxy: &Proxy, minutes: u64, b_stops_at: u64) -> (Vec<(u64, u3
     let mut last = 10;
     for second in 0..minutes * 60 {
         let policy = proxy.policy();
-        let limits = policy.services[0].limits.as_ref().unwrap();
+        let limits = policy.services[0].rate.as_ref().unwrap();
         for key in ["key-a", "key-b"] {
             if key == "key-b" && second >= b_stops_at {
                 continue;
@@ -68,7 +68,7 @@ async fn overload(proxy: &Proxy, minutes: u64, b_stops_at: u64) -> (Vec<(u64, u3
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let team_b = proxy.policy().services[0]
-        .limits
+        .rate
         .as_ref()
         .unwrap()
         .find("team-b")
@@ -328,7 +328,7 @@ async fn turning_autoscale_off_returns_the_limit_to_base_at_once() {
     let sluice = start_sluice_with(&toml, Some("tok"), None).await;
     let limit = || {
         sluice.proxy.policy().services[0]
-            .limits
+            .rate
             .as_ref()
             .unwrap()
             .find("team-a")

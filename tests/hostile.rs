@@ -865,7 +865,7 @@ fn million_key_flood_child() {
     let config = sluice::config::Config::parse(toml).unwrap();
     sluice::config::validate(&config).unwrap();
     let policy = sluice::policy::Policy::from_config(&config, None).unwrap();
-    let limits = policy.services[0].limits.as_ref().unwrap();
+    let limits = policy.services[0].rate.as_ref().unwrap();
     let flood = |range: std::ops::Range<u32>| {
         // Two threads: the table is sharded and shared, as under real traffic.
         std::thread::scope(|s| {

@@ -280,7 +280,7 @@ async fn unknown_key_flood_child() {
     let toml = limited_service("http://127.0.0.1:1", "max_tracked_keys = 5000", TEAM_A);
     let config = sluice::config::Config::parse(&toml).unwrap();
     let policy = sluice::policy::Policy::from_config(&config, None).unwrap();
-    let limits = policy.services[0].limits.as_ref().unwrap();
+    let limits = policy.services[0].rate.as_ref().unwrap();
     let mut headers = HeaderMap::new();
     let mut flood = |range: std::ops::Range<u32>| {
         for i in range {

@@ -137,9 +137,9 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
         })
         .collect();
     let resources: Vec<ResourceView> = service
-        .limits
+        .rate
         .iter()
-        .flat_map(|limits| limits.all_resources())
+        .flat_map(|rate| rate.all_resources())
         .map(|r| {
             let (base, limit) = (r.base(), r.limit());
             let query = EventQuery {

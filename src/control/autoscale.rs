@@ -65,7 +65,7 @@ pub async fn run(
             let events = match proxy.fleet() {
                 None if due => {
                     *last = at;
-                    autoscaler.step(&live.pool, live.limits.as_ref(), at, wall())
+                    autoscaler.step(&live.pool, live.rate.as_ref(), at, wall())
                 }
                 None => continue,
                 Some(fleet) => fleet_turn(fleet, live, autoscaler, last, due, at, wall()).await,
@@ -114,7 +114,7 @@ async fn fleet_turn(
     // Every replica takes the published values first, the leader too: a replica that has just
     // become leader continues from the last step, whoever took it.
     let mut events = match &published {
-        Some(doc) => autoscaler.follow(doc, &live.pool, live.limits.as_ref(), at, wall),
+        Some(doc) => autoscaler.follow(doc, &live.pool, live.rate.as_ref(), at, wall),
         None => Vec::new(),
     };
     if !fleet.is_leader() {
@@ -139,7 +139,7 @@ async fn fleet_turn(
         return events;
     }
     *last = at;
-    let stepped = autoscaler.step(&live.pool, live.limits.as_ref(), at, wall);
+    let stepped = autoscaler.step(&live.pool, live.rate.as_ref(), at, wall);
     let doc = autoscaler.scale_doc(redis_now);
     // Fenced off (another replica leads now): its values arrive at the next tick.
     if let Ok(true) = fleet.publish_scale(&live.name, &doc).await {
@@ -150,9 +150,8 @@ async fn fleet_turn(
 
 /// What this replica counted for `service`, for the fleet's tally.
 fn counts(service: &Service) -> Counts {
-    let resources = service.limits.as_ref().map_or_else(Vec::new, |limits| {
-        limits
-            .all_resources()
+    let resources = service.rate.as_ref().map_or_else(Vec::new, |rate| {
+        rate.all_resources()
             .map(|r| {
                 let c = &r.counters;
                 (r.name.to_string(), c.admitted.total(), c.throttled.total())

@@ -23,7 +23,7 @@ static LEGACY_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remai
 static LEGACY_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 /// The live state of a caller's bucket, as told to the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Status {
     /// The quota in force.
     pub quota: Quota,

@@ -24,8 +24,8 @@ pub struct Service {
     pub path_prefix: String,
     /// Its endpoints and slots; kept across policy changes for a service that keeps its name.
     pub pool: Arc<Pool>,
-    /// Per-resource rate limits, when the service has them.
-    pub limits: Option<RateLimiter>,
+    /// Per-resource (API key) rate limits, when the service has them.
+    pub rate: Option<RateLimiter>,
     /// The autoscaler, when anything in the service autoscales.
     pub autoscale: Option<Arc<ServiceAutoscaler>>,
     /// Counts for /metrics; kept across policy changes for a service that keeps its name.
@@ -94,10 +94,10 @@ impl Policy {
                     }
                     None => Pool::new(shape),
                 };
-                let old_limits = find_previous(&s.name).and_then(|o| o.limits.as_ref());
-                let limits = s.rate_limit().map(|settings| {
+                let old_rate = find_previous(&s.name).and_then(|o| o.rate.as_ref());
+                let rate = s.rate_limit().map(|settings| {
                     let fleet = buckets.as_ref().map(|f| (f, s.name.as_str()));
-                    RateLimiter::from_config(&settings, &s.resources, old_limits, fleet)
+                    RateLimiter::from_config(&settings, &s.resources, old_rate, fleet)
                 });
                 let old_autoscale = find_previous(&s.name).and_then(|o| o.autoscale.as_deref());
                 let autoscale = s.autoscale().map(|settings| {
@@ -105,7 +105,7 @@ impl Policy {
                     let (autoscaler, changed) = ServiceAutoscaler::build(
                         s,
                         settings,
-                        limits.as_ref(),
+                        rate.as_ref(),
                         old_autoscale,
                         now,
                         wall,
@@ -123,7 +123,7 @@ impl Policy {
                     name: s.name.as_str().into(),
                     path_prefix: s.path_prefix.clone(),
                     pool,
-                    limits,
+                    rate,
                     autoscale,
                 })
             })

@@ -1,10 +1,26 @@
-//! The request path: route → slot → forward → stream the response back → release the slot.
+//! The request path: fixed phases over one per-request context, the `Outcome` (when the
+//! request arrived, its service, resource and endpoint, why sluice answered itself):
+//!
+//! 1. **route** ([`Proxy::handle`]): what a request must be before it is routed (`inbound`),
+//!    then the service whose path prefix matches;
+//! 2. **admit rate** (`Proxy::admit_rate`): the caller's key against its resource's limit
+//!    (`limit`: its own bucket, or its lease on the fleet's bucket); a refusal is the answer
+//!    (401, 429 with `Retry-After`, 503) and takes no slot;
+//! 3. **take a slot** (`Proxy::take_slot`): a slot at one of the service's endpoints
+//!    (`balance`), waiting in its queue if it has one; none free is a 429, and the rate cell
+//!    goes back, so it costs the caller nothing;
+//! 4. **forward** (`Proxy::forward`): a connection (`upstream`; refused → once elsewhere),
+//!    the request, the response head; the response body streams back holding the slot;
+//! 5. **finish** (`Outcome::finish`): counted and logged once — also when the client left
+//!    before the answer (499).
+//!
 //! Answers sluice gives itself are built in [`reject`].
 
 pub mod body;
 mod framing;
 pub mod headers;
 mod inbound;
+mod outcome;
 pub mod reject;
 mod server;
 
@@ -18,19 +34,16 @@ use tokio::time::Instant;
 
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot, Slot};
-use crate::limit::{Admission, Cell, KeyProblem, RateLimiter, Resource};
+use crate::limit::{Admission, Cell, KeyProblem, RateLimiter, Resource, Status};
 use crate::policy::{Policy, Service};
 use crate::reason::Reason;
-use crate::recorders::UnroutedStats;
 use crate::store::Fleet;
 use crate::upstream::body::{self as upload, BodyWatch, UpstreamBody};
 use crate::upstream::{connector, error_chain, Connection, SendError, Upstream};
 use body::{ResponseBody, Reuse};
+use outcome::Outcome;
 use reject::Rejection;
 pub use server::serve;
-
-/// How long a client is asked to wait after a 429 for full endpoints.
-const FULL_RETRY_AFTER_MS: u64 = 1000;
 
 /// The proxy: the live policy and the upstream connection pools.
 pub struct Proxy {
@@ -129,9 +142,8 @@ impl Proxy {
         response
     }
 
-    /// Rate check (when the service has limits), then a slot, then forward. The rate check
-    /// comes first, so a request refused for rate never takes a slot; a request that finds no
-    /// slot gives its rate cell back, so it costs its caller nothing.
+    /// Phases 2–4 for a routed request: admit rate, take a slot, forward. The rate comes
+    /// first, so a request refused for rate never takes a slot.
     async fn serve(
         &self,
         policy: &Policy,
@@ -140,24 +152,52 @@ impl Proxy {
         body: &mut Option<Incoming>,
         outcome: &mut Outcome<'_>,
     ) -> Response<ResponseBody> {
-        let Some(limits) = &service.limits else {
-            return match self.take_slot(service, outcome).await {
-                Ok(slot) => {
-                    self.forward(policy, service, slot, head, body, outcome)
-                        .await
-                }
-                Err(refused) => refused,
-            };
+        let mut admitted = match self.admit_rate(service, &head, outcome).await {
+            Ok(admitted) => admitted,
+            Err(refused) => return refused,
         };
-        let admission = match limits.check(&head.headers, outcome.arrived) {
-            Admission::Ask { resource } => limits.ask(resource).await,
+        let mut response = match self.take_slot(service, outcome).await {
+            Ok(slot) => {
+                if let Some(admitted) = &mut admitted {
+                    admitted.keep(outcome.arrived);
+                }
+                self.forward(policy, service, slot, head, body, outcome)
+                    .await
+            }
+            Err(refused) => {
+                if let Some(admitted) = &mut admitted {
+                    admitted.give_back();
+                }
+                refused
+            }
+        };
+        if let Some(admitted) = admitted {
+            admitted.tell(&mut response, outcome.reason.is_none());
+        }
+        response
+    }
+
+    /// Phase 2, admit rate: when the service has rate limits, the request's key decides, from
+    /// the resource's bucket or (when its lease is empty) from the fleet's store. A refusal is
+    /// the answer. `Ok(None)`: the service has no rate limits.
+    async fn admit_rate<'s>(
+        &self,
+        service: &'s Service,
+        head: &request::Parts,
+        outcome: &mut Outcome<'_>,
+    ) -> Result<Option<RateAdmitted<'s>>, Response<ResponseBody>> {
+        let Some(rate) = &service.rate else {
+            return Ok(None);
+        };
+        let admission = match rate.check(&head.headers, outcome.arrived) {
+            Admission::Ask { resource } => rate.ask(resource).await,
             decided => decided,
         };
         match admission {
             // `ask` never answers `Ask`; a store that cannot be asked is unavailable.
             Admission::Ask { resource } | Admission::Unavailable { resource } => {
                 outcome.note_resource(resource);
-                outcome.reject(Reason::StoreUnavailable, Some(service))
+                Err(outcome.reject(Reason::StoreUnavailable, Some(service)))
             }
             Admission::Refused(problem) => {
                 let reason = match problem {
@@ -168,8 +208,8 @@ impl Proxy {
                 // RFC 9110 §11.6.1: a 401 names how to authenticate.
                 response
                     .headers_mut()
-                    .insert(http::header::WWW_AUTHENTICATE, limits.challenge());
-                response
+                    .insert(http::header::WWW_AUTHENTICATE, rate.challenge());
+                Err(response)
             }
             Admission::Limited {
                 resource,
@@ -182,47 +222,27 @@ impl Proxy {
                     .resource(&resource.name, status.quota.tps.get())
                     .retry_after(retry_after_ms)
                     .into_response();
-                limits.insert_headers(response.headers_mut(), &status);
-                response
+                rate.insert_headers(response.headers_mut(), &status);
+                Err(response)
             }
             Admission::Admitted {
                 resource,
-                mut status,
+                status,
                 cell,
             } => {
                 outcome.note_resource(resource);
-                // Until a slot is taken the cell is only lent: a 429 for capacity, or a client
-                // that leaves while it waits in the queue, gives it back.
-                let mut lent = LentCell {
-                    limits,
+                Ok(Some(RateAdmitted {
+                    rate,
                     resource,
                     cell: Some(cell),
-                };
-                let mut response = match self.take_slot(service, outcome).await {
-                    Ok(slot) => {
-                        lent.cell = None;
-                        limits.confirm(resource, outcome.arrived);
-                        self.forward(policy, service, slot, head, body, outcome)
-                            .await
-                    }
-                    Err(refused) => {
-                        if lent.give_back() {
-                            status = status.with_cell_back();
-                        }
-                        refused
-                    }
-                };
-                limits.insert_headers(response.headers_mut(), &status);
-                if outcome.reason.is_none() && response.status().is_success() {
-                    resource.counters.succeeded.add();
-                }
-                response
+                    status,
+                }))
             }
         }
     }
 
-    /// A slot on one of the service's endpoints (waiting in its queue if it has one), or the
-    /// 429 that says none is free.
+    /// Phase 3, take a slot: a slot on one of the service's endpoints (waiting in its queue if
+    /// it has one), or the 429 that says none is free.
     async fn take_slot(
         &self,
         service: &Service,
@@ -256,8 +276,8 @@ impl Proxy {
         }
     }
 
-    /// Forward the request to the slot's endpoint, retrying once elsewhere if the connection
-    /// is refused. `body` is taken once the request is on its way.
+    /// Phase 4, forward: the request to the slot's endpoint, retrying once elsewhere if the
+    /// connection is refused. `body` is taken once the request is on its way.
     async fn forward(
         &self,
         policy: &Policy,
@@ -346,132 +366,50 @@ impl Proxy {
     }
 }
 
-/// A rate cell spent on a request that has no slot yet; given back when dropped unconfirmed.
-struct LentCell<'a> {
-    limits: &'a RateLimiter,
+/// A request admitted for rate. Until it has a slot, its cell is only lent: a 429 for
+/// capacity, or a client that leaves while it waits in the queue (dropping this), gives it back.
+struct RateAdmitted<'a> {
+    rate: &'a RateLimiter,
     resource: &'a Resource,
-    /// `None` once the request took a slot (the cell is its for good).
+    /// `None` once the request took a slot (the cell is its for good) or gave it back.
     cell: Option<Cell>,
+    /// What the RateLimit headers say.
+    status: Status,
 }
 
-impl LentCell<'_> {
-    /// Give the cell back now; true when one was spent.
-    fn give_back(&mut self) -> bool {
+impl RateAdmitted<'_> {
+    /// The request took a slot: the cell is spent, and the request counts as admitted.
+    fn keep(&mut self, at: Instant) {
+        self.cell = None;
+        self.rate.confirm(self.resource, at);
+    }
+
+    /// The request took no slot: give the cell back now (the headers then show it).
+    fn give_back(&mut self) {
+        if self.give_back_cell() {
+            self.status = self.status.with_cell_back();
+        }
+    }
+
+    fn give_back_cell(&mut self) -> bool {
         self.cell
             .take()
-            .is_some_and(|cell| self.limits.give_back(self.resource, cell))
+            .is_some_and(|cell| self.rate.give_back(self.resource, cell))
+    }
+
+    /// Add the RateLimit headers to the answer; an endpoint's success counts as the caller's.
+    fn tell(self, response: &mut Response<ResponseBody>, from_endpoint: bool) {
+        self.rate
+            .insert_headers(response.headers_mut(), &self.status);
+        if from_endpoint && response.status().is_success() {
+            self.resource.counters.succeeded.add();
+        }
     }
 }
 
-impl Drop for LentCell<'_> {
+impl Drop for RateAdmitted<'_> {
     fn drop(&mut self) {
-        self.give_back();
-    }
-}
-
-/// One exchange as it goes: when it arrived, where it was routed, and what the access log
-/// and the counters tell about it besides its status. Finished once with the answer's status;
-/// dropped unfinished (the client left before the answer, so hyper dropped the request's
-/// future), it finishes as nginx's 499 `client_gone`, so an abandoned request is still logged
-/// and counted.
-struct Outcome<'p> {
-    arrived: Instant,
-    client: SocketAddr,
-    /// Method and path for the access line, when it will be written (else `resource` stays
-    /// unset).
-    logged: Option<(http::Method, String)>,
-    service: Option<&'p Service>,
-    /// Where an answer given before there was a service is counted.
-    unrouted: &'p UnroutedStats,
-    resource: Option<Arc<str>>,
-    endpoint: Option<Arc<Endpoint>>,
-    reason: Option<Reason>,
-    /// The request body on its way to the endpoint, once forwarded.
-    upload: Option<BodyWatch>,
-    finished: bool,
-}
-
-impl<'p> Outcome<'p> {
-    fn new(
-        arrived: Instant,
-        client: SocketAddr,
-        logged: Option<(http::Method, String)>,
-        unrouted: &'p UnroutedStats,
-    ) -> Self {
-        Self {
-            arrived,
-            client,
-            logged,
-            service: None,
-            unrouted,
-            resource: None,
-            endpoint: None,
-            reason: None,
-            upload: None,
-            finished: false,
-        }
-    }
-
-    /// Remember whose limit the request counted against, for the access line. Only then: with
-    /// many resources, the name's reference count is one more far memory write per request.
-    fn note_resource(&mut self, resource: &Resource) {
-        if self.logged.is_some() {
-            self.resource = Some(Arc::clone(&resource.name));
-        }
-    }
-
-    /// Answer on sluice's behalf and remember why.
-    fn reject(&mut self, reason: Reason, service: Option<&Service>) -> Response<ResponseBody> {
-        self.reason = Some(reason);
-        let rejection = Rejection::new(reason, service.map(|s| &*s.name));
-        let rejection = match reason {
-            Reason::EndpointsFull | Reason::QueueTimeout => {
-                rejection.retry_after(FULL_RETRY_AFTER_MS)
-            }
-            _ => rejection,
-        };
-        rejection.into_response()
-    }
-
-    /// Count the exchange and write its access line, once.
-    fn finish(&mut self, status: u16) {
-        if std::mem::replace(&mut self.finished, true) {
-            return;
-        }
-        let elapsed = self.arrived.elapsed();
-        if let Some(service) = self.service {
-            service.stats.duration.observe(elapsed);
-            match (self.reason, &self.endpoint) {
-                (Some(reason), _) => service.stats.count_own(reason),
-                (None, Some(endpoint)) => endpoint.stats.count_answer(status),
-                (None, None) => {}
-            }
-        } else if let Some(reason) = self.reason {
-            self.unrouted.count_own(reason);
-        }
-        let Some((method, path)) = &self.logged else {
-            return;
-        };
-        tracing::info!(
-            target: "sluice::access",
-            method = %method,
-            path = %path,
-            service = self.service.map(|s| &*s.name),
-            resource = self.resource.as_deref(),
-            endpoint = self.endpoint.as_ref().map(|e| e.url()),
-            status,
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            reason = self.reason.map(Reason::as_str),
-        );
-    }
-}
-
-impl Drop for Outcome<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.reason = Some(Reason::ClientGone);
-            self.finish(Reason::ClientGone.status().as_u16());
-        }
+        self.give_back_cell();
     }
 }
 
