@@ -440,7 +440,7 @@ async fn admin_async(data: &[u8]) {
     let policy = sluice::policy::Policy::from_config(&config, None).expect("builds");
     let proxy = sluice::proxy::Proxy::new(policy, Duration::from_secs(1), None);
     let control = Arc::new(sluice::control::Control::new(
-        Arc::clone(&proxy),
+        Arc::clone(proxy.live()),
         config,
         None,
     ));

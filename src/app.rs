@@ -14,7 +14,7 @@ use crate::admin;
 use crate::balance::InvalidEndpointUrl;
 use crate::config::{Backend, CaFileError, Config};
 use crate::control::{self, Control};
-use crate::policy::Policy;
+use crate::policy::{Live, Policy};
 use crate::proxy::{self, Proxy};
 use crate::store::Fleet;
 use crate::upstream::Connect;
@@ -113,13 +113,14 @@ impl App {
         };
         let policy = Policy::from_config(config, fleet.as_ref())?;
         let connect = Connect::new(config.timeouts.connect, config.upstream.ca_file.as_deref())?;
-        let proxy = Proxy::new(policy, connect.clone(), fleet.clone());
+        let live = Live::new(policy, fleet.clone());
+        let proxy = Proxy::serving(Arc::clone(&live), connect.clone());
         let proxy_listener = bind(&config.listen.proxy)?;
         let admin_listener = match config.listen.admin.as_str() {
             "" => None,
             addr => Some(bind(addr)?),
         };
-        let control = Arc::new(Control::new(Arc::clone(&proxy), config.clone(), None));
+        let control = Arc::new(Control::new(live, config.clone(), None));
         if let Some(fleet) = &fleet {
             control::fleet::join(fleet, &control).await;
         }
@@ -149,7 +150,11 @@ impl App {
 
     /// Reload from `path` on SIGHUP and `POST /admin/reload`; `config` is what it holds now.
     pub fn reload_from(mut self, path: PathBuf, config: Config) -> Self {
-        self.control = Arc::new(Control::new(Arc::clone(&self.proxy), config, Some(path)));
+        self.control = Arc::new(Control::new(
+            Arc::clone(self.proxy.live()),
+            config,
+            Some(path),
+        ));
         self
     }
 
@@ -179,14 +184,13 @@ impl App {
         tracing::info!(proxy = %self.proxy_addr(), admin, "sluice listening");
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(control::autoscale::run(
-            Arc::clone(&self.proxy),
-            Arc::clone(self.proxy.events()),
+            Arc::clone(self.proxy.live()),
             // Webhooks trust what endpoints do (system roots and `[upstream] ca_file`).
             control::notify::Notifier::new(self.connect.with_timeout(control::notify::TIMEOUT)),
             chrono::Utc::now,
         ));
         tasks.spawn(reload_on_hangup(Arc::clone(&self.control)));
-        if let Some(fleet) = self.proxy.fleet() {
+        if let Some(fleet) = self.proxy.live().fleet() {
             tasks.spawn(control::fleet::run(
                 Arc::clone(fleet),
                 Arc::clone(&self.control),

@@ -194,7 +194,7 @@ impl Exposition {
 
 /// Render every metric in `format`.
 pub fn render(control: &Control, format: Format) -> String {
-    let proxy = control.proxy();
+    let proxy = control.live();
     let policy = proxy.policy();
     let services = &policy.services;
     let mut e = Exposition::new(format);

@@ -93,10 +93,9 @@ fn start_autoscaling(
         Duration::from_secs(1),
         None,
     );
-    let history = Arc::clone(proxy.events());
+    let history = Arc::clone(proxy.live().events());
     let looping = tokio::spawn(sluice::control::autoscale::run(
-        Arc::clone(&proxy),
-        Arc::clone(&history),
+        Arc::clone(proxy.live()),
         Notifier::default(),
         chrono::Utc::now,
     ));
@@ -306,7 +305,7 @@ target = "endpoint_concurrency"
         "the endpoint saw the raised cap: peak {}",
         backend.peak()
     );
-    let events = sluice.proxy.events().query(&EventQuery::default());
+    let events = sluice.proxy.live().events().query(&EventQuery::default());
     assert!(events
         .iter()
         .all(|e| e.target == autoscale::ScaleTarget::EndpointConcurrency
@@ -360,6 +359,7 @@ async fn turning_autoscale_off_returns_the_limit_to_base_at_once() {
     assert_eq!(limit(), 5, "back to base at once");
     let kinds: Vec<EventKind> = sluice
         .proxy
+        .live()
         .events()
         .query(&EventQuery::default())
         .iter()

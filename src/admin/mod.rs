@@ -173,7 +173,7 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     if admin.shutting_down.load(Ordering::Acquire) {
         return not_ready("shutting down".into());
     }
-    let proxy = admin.control.proxy();
+    let proxy = admin.control.live();
     let mut degraded = None;
     if let Some(fleet) = proxy.fleet() {
         let view = fleet.view();
@@ -234,7 +234,7 @@ async fn capacity(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     admin.access.check(peer, &headers, false)?;
-    let proxy = admin.control.proxy();
+    let proxy = admin.control.live();
     let fleet = proxy.fleet().map(|f| &**f);
     Ok(Json(views::capacity(&proxy.policy(), proxy.events(), fleet)).into_response())
 }
@@ -245,7 +245,7 @@ async fn policy(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     admin.access.check(peer, &headers, false)?;
-    Ok(Json(views::policy(&admin.control.proxy().policy())).into_response())
+    Ok(Json(views::policy(&admin.control.live().policy())).into_response())
 }
 
 async fn events(
@@ -256,7 +256,7 @@ async fn events(
 ) -> Result<Response, ApiError> {
     admin.access.check(peer, &headers, false)?;
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let events = admin.control.proxy().events().query(&query);
+    let events = admin.control.live().events().query(&query);
     Ok(Json(json!({ "events": events })).into_response())
 }
 

@@ -10,10 +10,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use super::notify::Notifier;
-use crate::autoscale::{Event, EventHistory};
+use crate::autoscale::Event;
 use crate::policy::autoscaler::now;
-use crate::policy::{Service, ServiceAutoscaler};
-use crate::proxy::Proxy;
+use crate::policy::{Live, Service, ServiceAutoscaler};
 use crate::store::{Counts, Fleet, Tally};
 
 /// How often gauges (in flight, queue, headroom) are sampled into the metric windows.
@@ -25,12 +24,7 @@ pub type WallClock = fn() -> DateTime<Utc>;
 /// Run the autoscale loop of every service in the live policy (services added by a reload
 /// included) until aborted. In a fleet, only the leader steps (when the fleet's last step is an
 /// interval old) and publishes the values; the other replicas follow them.
-pub async fn run(
-    proxy: Arc<Proxy>,
-    history: Arc<EventHistory>,
-    notifier: Notifier,
-    wall: WallClock,
-) {
+pub async fn run(state: Arc<Live>, notifier: Notifier, wall: WallClock) {
     let mut ticker = tokio::time::interval(SAMPLE_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = now();
@@ -40,13 +34,13 @@ pub async fn run(
     let mut tallies: BTreeMap<Arc<str>, Tally> = BTreeMap::new();
     loop {
         ticker.tick().await;
-        let policy = proxy.policy();
+        let policy = state.policy();
         for live in &policy.services {
             let Some(autoscaler) = &live.autoscale else {
                 continue;
             };
             let at = now();
-            let others = match proxy.fleet() {
+            let others = match state.fleet() {
                 Some(fleet) if fleet.is_up() => {
                     let tally = tallies.entry(Arc::clone(&live.name)).or_default();
                     let sec = u64::try_from(wall().timestamp()).unwrap_or(0);
@@ -62,7 +56,7 @@ pub async fn run(
             autoscaler.sample(&live.pool, at, others.as_ref());
             let last = last_step.entry(Arc::clone(&live.name)).or_insert(started);
             let due = at.duration_since(*last) >= autoscaler.settings().interval;
-            let events = match proxy.fleet() {
+            let events = match state.fleet() {
                 None if due => {
                     *last = at;
                     autoscaler.step(&live.pool, live.rate.as_ref(), at, wall())
@@ -71,7 +65,7 @@ pub async fn run(
                 Some(fleet) => fleet_turn(fleet, live, autoscaler, last, due, at, wall()).await,
             };
             for event in events {
-                let id = history.push(event.clone());
+                let id = state.events().push(event.clone());
                 tracing::info!(
                     target: "sluice::autoscale",
                     id,

@@ -26,7 +26,7 @@ async fn beat(fleet: &Fleet, control: &Control) -> Result<(), StoreError> {
 fn apply_share(fleet: &Fleet, control: &Control, share: Share) {
     if fleet.share() != share {
         fleet.set_share(share);
-        for service in &control.proxy().policy().services {
+        for service in &control.live().policy().services {
             service.pool.set_share(share);
         }
     }
@@ -86,7 +86,7 @@ async fn republish(fleet: &Fleet, control: &Control, stored: PolicyId) -> Result
     if fleet.refused_policy().is_some() {
         return Ok(());
     }
-    let services = control.proxy().policy().config.services.clone();
+    let services = control.live().policy().config.services.clone();
     let from = fleet.policy_version();
     let reason = "republished: the store had lost the fleet policy";
     if let Some(version) = fleet.publish_over(&services, reason, stored, from).await? {
@@ -103,7 +103,7 @@ pub async fn join(fleet: &Fleet, control: &Control) {
         beat(fleet, control).await?;
         follow_policy(fleet, control).await?;
         if fleet.policy_version() == 0 {
-            let services = control.proxy().policy().config.services.clone();
+            let services = control.live().policy().config.services.clone();
             if let Some(version) = fleet
                 .publish_policy(&services, "first replica's config")
                 .await?

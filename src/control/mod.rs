@@ -12,8 +12,7 @@ use tokio::sync::Mutex;
 use crate::autoscale::{Event, EventKind, ScaleTarget};
 use crate::balance::InvalidEndpointUrl;
 use crate::config::{validate, Config, ConfigError, LoadError};
-use crate::policy::Policy;
-use crate::proxy::Proxy;
+use crate::policy::{Live, Policy};
 use crate::recorders::ReloadStats;
 
 pub mod autoscale;
@@ -66,7 +65,7 @@ pub struct Reloaded {
 
 /// The single writer of the live policy.
 pub struct Control {
-    proxy: Arc<Proxy>,
+    live: Arc<Live>,
     path: Option<PathBuf>,
     /// The config sluice started with: listeners and client settings come from it.
     started: Config,
@@ -75,10 +74,10 @@ pub struct Control {
 }
 
 impl Control {
-    /// Control of `proxy`, started from `config`, reloadable from `path` when given.
-    pub fn new(proxy: Arc<Proxy>, config: Config, path: Option<PathBuf>) -> Self {
+    /// Control of the `live` state, started from `config`, reloadable from `path` when given.
+    pub fn new(live: Arc<Live>, config: Config, path: Option<PathBuf>) -> Self {
         Self {
-            proxy,
+            live,
             path,
             started: config,
             serial: Mutex::new(()),
@@ -91,9 +90,9 @@ impl Control {
         &self.reloads
     }
 
-    /// The proxy it controls.
-    pub fn proxy(&self) -> &Arc<Proxy> {
-        &self.proxy
+    /// The live state it changes.
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
     }
 
     /// Re-read the config file. An invalid file is refused with every problem and the old
@@ -162,7 +161,7 @@ impl Control {
     ) -> Result<Vec<Event>, ChangeError> {
         let _one_at_a_time = self.serial.lock().await;
         self.check_runs_fleet_policy()?;
-        let mut config = self.proxy.policy().config.clone();
+        let mut config = self.live.policy().config.clone();
         edit(&mut config)?;
         self.publish(&config, &reason).await?;
         self.install(config, service, target, reason)
@@ -171,7 +170,7 @@ impl Control {
     /// With a shared store, make a valid `config`'s services the fleet's next policy version
     /// before this replica applies it, so a change is made everywhere or nowhere.
     async fn publish(&self, config: &Config, reason: &str) -> Result<(), ChangeError> {
-        let Some(fleet) = self.proxy.fleet() else {
+        let Some(fleet) = self.live.fleet() else {
             return Ok(());
         };
         validate(config).map_err(ChangeError::Invalid)?;
@@ -190,7 +189,7 @@ impl Control {
     /// fleet's policy those are older than the fleet's, and publishing them would undo that
     /// policy on every replica. (A reload publishes the file instead: an operator's way out.)
     fn check_runs_fleet_policy(&self) -> Result<(), ChangeError> {
-        let Some((version, why)) = self.proxy.fleet().and_then(|f| f.refused_policy()) else {
+        let Some((version, why)) = self.live.fleet().and_then(|f| f.refused_policy()) else {
             return Ok(());
         };
         Err(ChangeError::Conflict(format!(
@@ -210,9 +209,9 @@ impl Control {
         reason: &str,
     ) -> Result<(), ChangeError> {
         let _one_at_a_time = self.serial.lock().await;
-        let mut config = self.proxy.policy().config.clone();
+        let mut config = self.live.policy().config.clone();
         if config.services == services {
-            if let Some(fleet) = self.proxy.fleet() {
+            if let Some(fleet) = self.live.fleet() {
                 fleet.follow(id);
             }
             return Ok(());
@@ -224,7 +223,7 @@ impl Control {
         };
         let reason = format!("fleet policy version {version} from replica {origin}: {reason}");
         self.install(config, "*", target, reason)?;
-        if let Some(fleet) = self.proxy.fleet() {
+        if let Some(fleet) = self.live.fleet() {
             fleet.follow(id);
         }
         Ok(())
@@ -239,11 +238,11 @@ impl Control {
         reason: String,
     ) -> Result<Vec<Event>, ChangeError> {
         validate(&config).map_err(ChangeError::Invalid)?;
-        let previous = self.proxy.policy();
+        let previous = self.live.policy();
         let now = Utc::now();
         let (policy, mut events) =
-            Policy::reload(&config, Some(&previous), now, self.proxy.fleet())?;
-        self.proxy.set_policy(policy);
+            Policy::reload(&config, Some(&previous), now, self.live.fleet())?;
+        self.live.set_policy(policy);
         let kind = match (service, &target) {
             ("*", _) => EventKind::Reload,
             _ => EventKind::Manual,
@@ -267,7 +266,7 @@ impl Control {
             },
         );
         for event in &mut events {
-            event.id = self.proxy.events().push(event.clone());
+            event.id = self.live.events().push(event.clone());
             tracing::info!(target: "sluice::autoscale", id = event.id, service = %event.service, kind = ?event.kind, reason = %event.reason, "policy changed");
         }
         Ok(events)

@@ -12,8 +12,10 @@ use crate::limit::{RateLimiter, SharedBuckets};
 use crate::recorders::{ServiceStats, UnroutedStats};
 use crate::store::Fleet;
 pub use autoscaler::ServiceAutoscaler;
+pub use live::Live;
 
 pub mod autoscaler;
+mod live;
 
 /// One service as the request path sees it.
 #[derive(Debug)]

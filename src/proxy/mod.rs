@@ -27,15 +27,13 @@ mod server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use http::{request, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
 use crate::balance::{Endpoint, NoSlot, Slot};
 use crate::limit::{Admission, Cell, KeyProblem, RateLimiter, Resource, Status};
-use crate::policy::{Policy, Service};
+use crate::policy::{Live, Policy, Service};
 use crate::reason::Reason;
 use crate::store::Fleet;
 use crate::upstream::body::{self as upload, BodyWatch, UpstreamBody};
@@ -45,12 +43,10 @@ use outcome::Outcome;
 use reject::Rejection;
 pub use server::serve;
 
-/// The proxy: the live policy and the upstream connection pools.
+/// The proxy: the live state it reads and the connections it makes.
 pub struct Proxy {
-    policy: ArcSwap<Policy>,
+    live: Arc<Live>,
     upstream: Upstream,
-    events: Arc<EventHistory>,
-    fleet: Option<Arc<Fleet>>,
 }
 
 impl Proxy {
@@ -62,32 +58,25 @@ impl Proxy {
         connect: impl Into<connector::Connect>,
         fleet: Option<Arc<Fleet>>,
     ) -> Arc<Self> {
+        Self::serving(Live::new(policy, fleet), connect)
+    }
+
+    /// A proxy serving `live`, which the control plane changes.
+    pub fn serving(live: Arc<Live>, connect: impl Into<connector::Connect>) -> Arc<Self> {
         Arc::new(Self {
-            policy: ArcSwap::from_pointee(policy),
+            live,
             upstream: Upstream::new(connector::build(connect)),
-            events: Arc::new(EventHistory::new(DEFAULT_HISTORY)),
-            fleet,
         })
     }
 
-    /// The shared store, when replicas share limits.
-    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
-        self.fleet.as_ref()
+    /// The live state it serves.
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
     }
 
-    /// The autoscale event history.
-    pub fn events(&self) -> &Arc<EventHistory> {
-        &self.events
-    }
-
-    /// The live policy.
+    /// The policy in force.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.load_full()
-    }
-
-    /// Replace the live policy; requests already admitted finish under the one they saw.
-    pub fn set_policy(&self, policy: Policy) {
-        self.policy.store(Arc::new(policy));
+        self.live.policy()
     }
 
     /// Serve one client request.
@@ -97,7 +86,7 @@ impl Proxy {
         client: SocketAddr,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
-        let policy = self.policy.load_full();
+        let policy = self.live.policy();
         let unread_body_closes =
             !http_body::Body::is_end_stream(req.body()) && req.version() <= http::Version::HTTP_11;
         let (mut head, body) = req.into_parts();
