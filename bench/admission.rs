@@ -97,6 +97,7 @@ impl Setup {
     fn new(n: usize, tps: u64) -> Self {
         let config =
             Config::parse(&config_text(n, tps, tps.max(1000))).expect("bench config parses");
+        let config = config.validated().expect("bench config is valid");
         let policy = Policy::from_config(&config, None).expect("bench config builds");
         Self { policy }
     }

@@ -88,8 +88,8 @@ pub fn config(data: &[u8]) {
     let Ok(config) = Config::parse(text) else {
         return;
     };
-    match validate(&config) {
-        Ok(()) => {
+    match config.clone().validated() {
+        Ok(config) => {
             if let Err(e) = sluice::policy::Policy::from_config(&config, None) {
                 panic!("validated config does not build: {e}\n{text}");
             }
@@ -436,7 +436,7 @@ async fn admin_async(data: &[u8]) {
     use tower::ServiceExt;
 
     let config = Config::parse(FUZZ_CONFIG).expect("the fuzz config parses");
-    validate(&config).expect("the fuzz config is valid");
+    let config = config.validated().expect("the fuzz config is valid");
     let policy = sluice::policy::Policy::from_config(&config, None).expect("builds");
     let proxy = sluice::proxy::Proxy::new(policy, Duration::from_secs(1), None);
     let control = Arc::new(sluice::control::Control::new(

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::admin;
 use crate::balance::InvalidEndpointUrl;
-use crate::config::{Backend, CaFileError, Config};
+use crate::config::{Backend, CaFileError, ValidConfig};
 use crate::control::{self, Control};
 use crate::policy::{Live, Policy};
 use crate::proxy::{self, Proxy};
@@ -104,7 +104,7 @@ fn listen(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
 impl App {
     /// Build the proxy from a validated `config` and bind its listeners. The admin token
     /// comes from env `SLUICE_ADMIN_TOKEN` (see [`App::admin_token`]).
-    pub async fn bind(config: &Config) -> Result<Self, StartError> {
+    pub async fn bind(config: &ValidConfig) -> Result<Self, StartError> {
         // Start the uptime clock the admin views report.
         let _ = crate::stats::uptime();
         let fleet = match config.store.backend {
@@ -149,7 +149,7 @@ impl App {
     }
 
     /// Reload from `path` on SIGHUP and `POST /admin/reload`; `config` is what it holds now.
-    pub fn reload_from(mut self, path: PathBuf, config: Config) -> Self {
+    pub fn reload_from(mut self, path: PathBuf, config: ValidConfig) -> Self {
         self.control = Arc::new(Control::new(
             Arc::clone(self.proxy.live()),
             config,

@@ -195,12 +195,17 @@ async fn run(path: &Path, demo: Option<(usize, Duration)>) -> anyhow::Result<()>
             demo_endpoints.push(endpoint);
         }
         // The demo serves the shipped config with its endpoints replaced by the demo ones.
-        for service in &mut config.services {
+        let mut edited = config.into_config();
+        for service in &mut edited.services {
             service.endpoints = demo_endpoints
                 .iter()
                 .map(|e| EndpointConfig::Url(e.url()))
                 .collect();
         }
+        config = edited.validated().map_err(|errors| {
+            let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("the demo config is invalid: {}", lines.join("; "))
+        })?;
     }
     let mut app = App::bind(&config).await?;
     if demo_endpoints.is_empty() {

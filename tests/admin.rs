@@ -684,6 +684,70 @@ async fn reload_applies_a_valid_file_and_refuses_an_invalid_one_without_failing_
     sluice.stop().await;
 }
 
+/// A reload's answer says which top-level settings the new file changed at once, and which
+/// wait for a restart: those compared with what sluice started with, so a file that puts
+/// them back needs none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_says_what_it_changed_and_what_waits_for_a_restart() {
+    let backend = mock().start().await;
+    let first = limited(&backend.url(), "max_concurrent = 9");
+    let path = process::write_config("reload-changes", &first);
+    let sluice = start_sluice_with(&first, Some(TOKEN), Some(path.clone())).await;
+    let keys = |answer: &serde_json::Value, field: &str| -> Vec<String> {
+        answer[field]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {field} in {answer}"))
+            .iter()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let cases = [
+        ("the same file", first.clone(), vec![], vec![]),
+        (
+            "a cap and a [limits] bound",
+            first
+                .replace("max_concurrent = 9", "max_concurrent = 10")
+                .replace(
+                    "[[service]]",
+                    "[limits]\nmax_connections = 5000\n\n[[service]]",
+                ),
+            vec!["limits", "service"],
+            vec![],
+        ),
+        (
+            "the response timeout and the connect timeout",
+            first.replace(
+                "[[service]]",
+                "[timeouts]\nconnect = \"3s\"\nresponse = \"20s\"\n\n[[service]]",
+            ),
+            vec!["timeouts", "limits", "service"],
+            vec!["timeouts.connect"],
+        ),
+        (
+            "the connect timeout as sluice started",
+            first.replace(
+                "[[service]]",
+                "[timeouts]\nresponse = \"20s\"\n\n[[service]]",
+            ),
+            vec![],
+            vec![],
+        ),
+    ];
+    for (what, text, changed, needs_restart) in cases {
+        std::fs::write(&path, &text).unwrap();
+        let answer = call(&sluice, "POST", "/admin/reload", "").await;
+        assert_eq!(answer.status, 200, "{what}: {}", answer.text());
+        let answer = answer.json();
+        assert_eq!(keys(&answer, "changed"), changed, "{what}: {answer}");
+        assert_eq!(
+            keys(&answer, "needs_restart"),
+            needs_restart,
+            "{what}: {answer}"
+        );
+    }
+    sluice.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_file() {
     let backend = mock().start().await;

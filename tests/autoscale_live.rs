@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use sluice::autoscale::{self, EventKind, EventQuery};
-use sluice::config::Config;
+use sluice::config::{Config, ValidConfig};
 use sluice::control::notify::Notifier;
 use sluice::limit::Admission;
 use sluice::policy::Policy;
@@ -82,7 +82,7 @@ async fn overload(proxy: &Proxy, minutes: u64, b_stops_at: u64) -> (Vec<(u64, u3
 /// A proxy for `config` (no listener: the tests call its limiter directly) with the autoscale
 /// loop running.
 fn start_autoscaling(
-    config: &Config,
+    config: &ValidConfig,
 ) -> (
     Arc<Proxy>,
     Arc<autoscale::EventHistory>,
@@ -105,7 +105,7 @@ fn start_autoscaling(
 #[tokio::test(start_paused = true)]
 async fn sustained_overload_doubles_the_limit_every_five_minutes_up_to_1000() {
     let config = Config::parse(OVERLOADED).unwrap();
-    sluice::config::validate(&config).unwrap();
+    let config = config.validated().unwrap();
     let (proxy, history, looping) = start_autoscaling(&config);
 
     let (changes, team_b) = overload(&proxy, 40, u64::MAX).await;
@@ -144,7 +144,7 @@ async fn a_busy_backend_defers_the_raise_and_looks_again_next_interval() {
         )
         .replace("key = \"key-b\"\ntps = 10", "key = \"key-b\"\ntps = 385");
     let config = Config::parse(&toml).unwrap();
-    sluice::config::validate(&config).unwrap();
+    let config = config.validated().unwrap();
     let (proxy, history, looping) = start_autoscaling(&config);
     // team-b goes quiet after 17 minutes.
     let (changes, _) = overload(&proxy, 26, 17 * 60).await;

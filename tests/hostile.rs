@@ -863,7 +863,7 @@ fn million_key_flood_child() {
         [service.rate_limit]\nunknown_keys = \"default\"\nmax_tracked_keys = 50000\n\
         [[service.resource]]\nname = \"team-a\"\nkey = \"secret-a\"\ntps = 10\nburst = 10\n";
     let config = sluice::config::Config::parse(toml).unwrap();
-    sluice::config::validate(&config).unwrap();
+    let config = config.validated().unwrap();
     let policy = sluice::policy::Policy::from_config(&config, None).unwrap();
     let limits = policy.services[0].rate.as_ref().unwrap();
     let flood = |range: std::ops::Range<u32>| {

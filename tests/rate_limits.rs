@@ -279,6 +279,7 @@ fn a_flood_of_unknown_keys_stays_within_max_tracked_keys() {
 async fn unknown_key_flood_child() {
     let toml = limited_service("http://127.0.0.1:1", "max_tracked_keys = 5000", TEAM_A);
     let config = sluice::config::Config::parse(&toml).unwrap();
+    let config = config.validated().unwrap();
     let policy = sluice::policy::Policy::from_config(&config, None).unwrap();
     let limits = policy.services[0].rate.as_ref().unwrap();
     let mut headers = HeaderMap::new();

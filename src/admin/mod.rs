@@ -264,6 +264,7 @@ async fn events(
 struct ReloadAnswer {
     reloaded: bool,
     summary: String,
+    changed: Vec<&'static str>,
     needs_restart: Vec<&'static str>,
     events: Vec<crate::autoscale::Event>,
 }
@@ -278,6 +279,7 @@ async fn reload(
     Ok(Json(ReloadAnswer {
         reloaded: true,
         summary: done.summary,
+        changed: done.changed,
         needs_restart: done.needs_restart,
         events: done.events,
     })

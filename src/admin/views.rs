@@ -201,7 +201,7 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
 
 /// `GET /admin/policy`: the live config as JSON, without key material.
 pub fn policy(policy: &Policy) -> Value {
-    let mut value = serde_json::to_value(&policy.config).unwrap_or(Value::Null);
+    let mut value = serde_json::to_value(&*policy.config).unwrap_or(Value::Null);
     if let Some(services) = value.get_mut("service").and_then(Value::as_array_mut) {
         for service in services {
             if let Some(resources) = service.get_mut("resource").and_then(Value::as_array_mut) {

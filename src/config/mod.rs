@@ -1,6 +1,7 @@
 //! The configuration file: raw serde structs (unknown keys are errors, durations as "250ms"),
 //! loading, and validation that gathers every problem with its key path before answering.
 
+mod changes;
 mod limits;
 mod rate_limit;
 mod store;
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autoscale::AutoscaleSettings;
 
+pub use changes::{Changes, ValidConfig};
 pub use limits::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 pub use rate_limit::{
     key_digest, parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys,
@@ -285,7 +287,7 @@ impl Config {
     }
 
     /// Read, parse and validate a config file.
-    pub fn load(path: &Path) -> Result<Self, LoadError> {
+    pub fn load(path: &Path) -> Result<ValidConfig, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
             path: path.to_owned(),
             source,
@@ -294,11 +296,10 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string().trim_end().replace('\n', "\n    "),
         })?;
-        validate(&config).map_err(|errors| LoadError::Invalid {
+        config.validated().map_err(|errors| LoadError::Invalid {
             path: path.to_owned(),
             errors,
-        })?;
-        Ok(config)
+        })
     }
 
     /// One-line summary for `sluice check` and the startup log.

@@ -1,7 +1,7 @@
 //! Every change to the live policy goes through here, one at a time: reloads of the config file
-//! (SIGHUP, `POST /admin/reload`) and live changes from the admin API. A live change edits a
-//! copy of the live config, which is validated exactly like the file and built into a new
-//! policy: it is applied whole, atomically, or not at all.
+//! (SIGHUP, `POST /admin/reload`), live changes from the admin API, and the fleet's policy. A
+//! live change edits a copy of the live config, which is validated once, exactly like the
+//! file, and built into a new policy: it is applied whole, atomically, or not at all.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 
 use crate::autoscale::{Event, EventKind, ScaleTarget};
 use crate::balance::InvalidEndpointUrl;
-use crate::config::{validate, Config, ConfigError, LoadError};
+use crate::config::{Config, ConfigError, LoadError, ValidConfig};
 use crate::policy::{Live, Policy};
 use crate::recorders::ReloadStats;
 
@@ -59,6 +59,8 @@ pub struct Reloaded {
     pub summary: String,
     /// Autoscale values the reload changed.
     pub events: Vec<Event>,
+    /// Changed settings applied at once, by top-level key (`timeouts`, `limits`, `service`).
+    pub changed: Vec<&'static str>,
     /// Changed settings that only take effect after a restart.
     pub needs_restart: Vec<&'static str>,
 }
@@ -68,14 +70,14 @@ pub struct Control {
     live: Arc<Live>,
     path: Option<PathBuf>,
     /// The config sluice started with: listeners and client settings come from it.
-    started: Config,
+    started: ValidConfig,
     serial: Mutex<()>,
     reloads: ReloadStats,
 }
 
 impl Control {
     /// Control of the `live` state, started from `config`, reloadable from `path` when given.
-    pub fn new(live: Arc<Live>, config: Config, path: Option<PathBuf>) -> Self {
+    pub fn new(live: Arc<Live>, config: ValidConfig, path: Option<PathBuf>) -> Self {
         Self {
             live,
             path,
@@ -106,27 +108,15 @@ impl Control {
         let target = ScaleTarget::Setting {
             key: "config".into(),
         };
+        let changes = self.live.policy().config.changes(&config, &self.started);
         self.publish(&config, &reason).await?;
-        let mut events = self.install(config.clone(), "*", target, reason)?;
+        let mut events = self.install(config, "*", target, reason)?;
         events.retain(|e| e.kind != EventKind::Reload || e.service != "*");
-        let mut needs_restart = Vec::new();
-        let (old, new) = (&self.started, &config);
-        if old.listen != new.listen {
-            needs_restart.push("listen");
-        }
-        if old.timeouts.connect != new.timeouts.connect {
-            needs_restart.push("timeouts.connect");
-        }
-        if old.store != new.store {
-            needs_restart.push("store");
-        }
-        if old.upstream != new.upstream {
-            needs_restart.push("upstream.ca_file");
-        }
         Ok(Reloaded {
             summary,
             events,
-            needs_restart,
+            changed: changes.live,
+            needs_restart: changes.needs_restart,
         })
     }
 
@@ -140,7 +130,7 @@ impl Control {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match &outcome {
             Ok(done) => {
-                tracing::info!(summary = %done.summary, "config reloaded");
+                tracing::info!(summary = %done.summary, changed = ?done.changed, "config reloaded");
                 if !done.needs_restart.is_empty() {
                     tracing::warn!(keys = ?done.needs_restart, "changed settings take effect after a restart");
                 }
@@ -161,19 +151,19 @@ impl Control {
     ) -> Result<Vec<Event>, ChangeError> {
         let _one_at_a_time = self.serial.lock().await;
         self.check_runs_fleet_policy()?;
-        let mut config = self.live.policy().config.clone();
+        let mut config = self.live.policy().config.to_config();
         edit(&mut config)?;
+        let config = config.validated().map_err(ChangeError::Invalid)?;
         self.publish(&config, &reason).await?;
         self.install(config, service, target, reason)
     }
 
-    /// With a shared store, make a valid `config`'s services the fleet's next policy version
-    /// before this replica applies it, so a change is made everywhere or nowhere.
-    async fn publish(&self, config: &Config, reason: &str) -> Result<(), ChangeError> {
+    /// With a shared store, make `config`'s services the fleet's next policy version before
+    /// this replica applies it, so a change is made everywhere or nowhere.
+    async fn publish(&self, config: &ValidConfig, reason: &str) -> Result<(), ChangeError> {
         let Some(fleet) = self.live.fleet() else {
             return Ok(());
         };
-        validate(config).map_err(ChangeError::Invalid)?;
         match fleet.publish_policy(&config.services, reason).await {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(ChangeError::Conflict(
@@ -209,7 +199,7 @@ impl Control {
         reason: &str,
     ) -> Result<(), ChangeError> {
         let _one_at_a_time = self.serial.lock().await;
-        let mut config = self.live.policy().config.clone();
+        let mut config = self.live.policy().config.to_config();
         if config.services == services {
             if let Some(fleet) = self.live.fleet() {
                 fleet.follow(id);
@@ -222,6 +212,7 @@ impl Control {
             key: "fleet_policy".into(),
         };
         let reason = format!("fleet policy version {version} from replica {origin}: {reason}");
+        let config = config.validated().map_err(ChangeError::Invalid)?;
         self.install(config, "*", target, reason)?;
         if let Some(fleet) = self.live.fleet() {
             fleet.follow(id);
@@ -229,15 +220,14 @@ impl Control {
         Ok(())
     }
 
-    /// Validate, build and swap in `config`; record the change and what it caused.
+    /// Build and swap in `config`; record the change and what it caused.
     fn install(
         &self,
-        config: Config,
+        config: ValidConfig,
         service: &str,
         target: ScaleTarget,
         reason: String,
     ) -> Result<Vec<Event>, ChangeError> {
-        validate(&config).map_err(ChangeError::Invalid)?;
         let previous = self.live.policy();
         let now = Utc::now();
         let (policy, mut events) =

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 
 use crate::autoscale::Event;
 use crate::balance::{InvalidEndpointUrl, Pool, Shape, Share};
-use crate::config::{Config, Timeouts};
+use crate::config::{Timeouts, ValidConfig};
 use crate::limit::{RateLimiter, SharedBuckets};
 use crate::recorders::{ServiceStats, UnroutedStats};
 use crate::store::Fleet;
@@ -44,7 +44,7 @@ pub struct Policy {
     /// Time limits.
     pub timeouts: Timeouts,
     /// The config this policy was built from (with live changes): what admin changes edit.
-    pub config: Config,
+    pub config: ValidConfig,
     /// Counts of requests that matched no service; kept across policy changes.
     pub unrouted: Arc<UnroutedStats>,
 }
@@ -52,7 +52,7 @@ pub struct Policy {
 impl Policy {
     /// Build from a validated config; with `fleet`, limits are shared with its replicas.
     pub fn from_config(
-        config: &Config,
+        config: &ValidConfig,
         fleet: Option<&Arc<Fleet>>,
     ) -> Result<Self, InvalidEndpointUrl> {
         Self::reload(config, None, Utc::now(), fleet).map(|(policy, _)| policy)
@@ -63,7 +63,7 @@ impl Policy {
     /// requests carry over; resources keep their usage; autoscaled limits and cooldowns carry
     /// over. Returns the autoscale events the change caused.
     pub fn reload(
-        config: &Config,
+        config: &ValidConfig,
         previous: Option<&Policy>,
         wall: DateTime<Utc>,
         fleet: Option<&Arc<Fleet>>,
@@ -167,6 +167,7 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
 
     #[test]
     fn longest_prefix_on_segment_boundary() {
@@ -185,6 +186,8 @@ mod tests {
             endpoints = ["http://127.0.0.1:3"]
             "#,
         )
+        .unwrap()
+        .validated()
         .unwrap();
         let policy = Policy::from_config(&config, None).unwrap();
         let route = |p: &str| policy.route(p).map(|s| s.name.to_string());

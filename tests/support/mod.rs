@@ -152,9 +152,9 @@ pub async fn start_sluice_with(
     file: Option<std::path::PathBuf>,
 ) -> Sluice {
     let config = Config::parse(toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
-    if let Err(errors) = validate(&config) {
-        panic!("test config is invalid: {errors:?}\n{toml}");
-    }
+    let config = config
+        .validated()
+        .unwrap_or_else(|errors| panic!("test config is invalid: {errors:?}\n{toml}"));
     let mut app = App::bind(&config)
         .await
         .expect("sluice binds")
