@@ -499,7 +499,7 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
         "no data without the token"
     );
 
-    // A screenshot as a test artefact (the README's docs/dashboard.png is one of these), in
+    // A screenshot as a test artefact (docs/dashboard.png, shown in docs/admin-and-metrics.md, is one of these), in
     // real time: under a virtual-time budget the page's clock races ahead of the traffic, so
     // its rates (answers between polls / time between polls) would read near zero. Headless
     // Chromium shoots at the load event, so a frame holds the dashboard and an image that
