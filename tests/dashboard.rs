@@ -499,10 +499,10 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
         "no data without the token"
     );
 
-    // A screenshot as a test artefact (the README's docs/dashboard.png is one of these), in
-    // real time: under a virtual-time budget the page's clock races ahead of the traffic, so
-    // its rates (answers between polls / time between polls) would read near zero. Headless
-    // Chromium shoots at the load event, so a frame holds the dashboard and an image that
+    // A screenshot as a test artefact (docs/dashboard.png, shown in docs/admin-and-metrics.md, is
+    // one of these), in real time: under a virtual-time budget the page's clock races ahead of the
+    // traffic, so its rates (answers between polls / time between polls) would read near zero.
+    // Headless Chromium shoots at the load event, so a frame holds the dashboard and an image that
     // loads for a few seconds holds the load event while the page polls for real.
     let load_holder = mock().hold(Duration::from_secs(5)).start().await;
     let frame = artifacts_dir().join("dashboard-frame.html");

@@ -1452,7 +1452,7 @@ async fn with_on_error_deny_a_replica_cut_off_from_redis_gives_up_its_share_in_t
         "max_concurrent = 20\nqueue_size = 100\nqueue_timeout = \"10s\"",
     );
     // c reaches Redis through a gate; a and b directly. With on_error = "deny" the cap holds
-    // through a partition (with "local" a cut-off replica keeps serving its share: README).
+    // through a partition (with "local" a cut-off replica keeps serving its share: docs/fleet.md).
     let gate = Gate::start(redis.addr()).await;
     let mut replicas = Vec::new();
     for (id, url) in [("a", redis.url()), ("b", redis.url()), ("c", gate.url())] {

@@ -1,5 +1,5 @@
-//! The fleet keeps its word (issue 19), against a real redis-server: what the README's fleet
-//! section promises holds through the races, resets and losses that used to break it.
+//! The fleet keeps its word (issue 19), against a real redis-server: what docs/fleet.md
+//! promises holds through the races, resets and losses that used to break it.
 //! - a background refill racing requests hands out only cells Redis granted, a bucket Redis
 //!   lost comes back empty whoever asks first, and an outage of any length with
 //!   `on_error = "local"` adds nothing above `tps × time + burst`;

@@ -136,8 +136,8 @@ async fn methods_paths_and_queries_are_preserved_byte_for_byte() {
     let backend = mock().start().await;
     let sluice = start_sluice(&config(&service(&[backend.url()], ""))).await;
 
-    // Byte for byte but for dot-segments, which are removed before routing (README, HTTP
-    // behaviour; tests/by_the_book.rs): empty segments, encodings and the query stay.
+    // Byte for byte but for dot-segments, which are removed before routing (docs/http.md,
+    // "HTTP behaviour"; tests/by_the_book.rs): empty segments, encodings and the query stay.
     let targets = [
         ("/score", "/score"),
         ("/score/", "/score/"),

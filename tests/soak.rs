@@ -1019,8 +1019,9 @@ fn judge(soak: &Soak, plan: &Plan, outcome: &Outcome, started: Instant) -> Strin
         }
         Outcome::Failed(e) if aborting => return format!("aborting client: {e}"),
         // An endpoint killed right after its response head: its body breaks before sluice
-        // wrote the head out, and resetting the stream drops the unsent head (see README,
-        // "an answer that breaks"). The client still learns the answer failed.
+        // wrote the head out, and resetting the stream drops the unsent head (see
+        // docs/limits-and-threat-model.md, "an answer that breaks"). The client still learns
+        // the answer failed.
         Outcome::Failed(e)
             if e.starts_with("HTTP/2 request") && e.contains("stream error") && killed() =>
         {

@@ -1,6 +1,7 @@
 //! `[limits]`: bounds on what one client connection may make the proxy hold (request heads,
 //! HTTP/2 streams and resets, open connections, idle time). Every value has a safe default,
-//! so a config without the table is already hardened; see README "Limits".
+//! so a config without the table is already hardened; see docs/limits-and-threat-model.md,
+//! "Limits".
 
 use std::ops::RangeInclusive;
 use std::time::Duration;

@@ -19,7 +19,8 @@ use crate::upstream::Connection;
 /// yet (the head) reaches the client first. A yield to the runtime was not enough: an HTTP/2
 /// connection task on the other worker of a busy machine still lost the race now and then.
 /// It stays best effort: hyper does not say when an HTTP/2 head has left, and on a machine
-/// busy enough the reset still overtakes it (the README says what the client sees then).
+/// busy enough the reset still overtakes it (docs/limits-and-threat-model.md says what the
+/// client sees then).
 const HOLD_ERROR: Duration = Duration::from_millis(10);
 
 /// The body of a response to a client.

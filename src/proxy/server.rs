@@ -2,13 +2,13 @@
 //! every client connection is held to (head size, header count, HTTP/2 streams and resets,
 //! open connections, idle time), a header timeout, and a graceful drain on shutdown.
 //!
-//! What hyper enforces for us (see README "Limits" for the answers a client gets): the
-//! request head size and header count (431), the URI length (414), invalid request framing
-//! (differing or malformed `Content-Length`, a `Transfer-Encoding` other than chunked: 400
-//! and close), the header timeout (connection closed), HTTP/2 stream and reset bounds
+//! What hyper enforces for us (see docs/limits-and-threat-model.md, "Limits", for the answers a
+//! client gets): the request head size and header count (431), the URI length (414), invalid
+//! request framing (differing or malformed `Content-Length`, a `Transfer-Encoding` other than
+//! chunked: 400 and close), the header timeout (connection closed), HTTP/2 stream and reset bounds
 //! (REFUSED_STREAM, GOAWAY). What this module adds: the bound on open connections, the idle
-//! timeout, and a 400 for a head with both `Content-Length` and `Transfer-Encoding`, which
-//! hyper would forward framed by chunked (see [`super::framing`]).
+//! timeout, and a 400 for a head with both `Content-Length` and `Transfer-Encoding`, which hyper
+//! would forward framed by chunked (see [`super::framing`]).
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -424,8 +424,8 @@ impl Fleet {
     /// answers. A replica cut off from the store (the others count it gone 3 heartbeats after
     /// its last stamp and take its share) keeps its share with `on_error` local or allow
     /// (availability; the cap can be exceeded while only some replicas are cut off, see
-    /// README), and with `deny` gives it up after 2 heartbeats, before the others can take it
-    /// (the cap holds; this replica takes no slots until it joins again).
+    /// docs/fleet.md), and with `deny` gives it up after 2 heartbeats, before the others can
+    /// take it (the cap holds; this replica takes no slots until it joins again).
     pub fn missed_heartbeat(&self) -> Option<Share> {
         self.leader_token.store(0, Ordering::Release);
         let ttl = self.member_ttl();
