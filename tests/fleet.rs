@@ -422,6 +422,59 @@ async fn until(
     }
 }
 
+/// An endpoint added through one replica's admin API (issue 16) is the whole fleet's: every
+/// replica sends it requests, their shares of its cap add up to its cap, and each records it
+/// joining as an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_added_on_one_replica_is_used_by_every_replica_with_its_cap_shared() {
+    let _serial = one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let (first, added) = (mock().start().await, mock().start().await);
+    let services = rated_service(&first.url(), "max_concurrent = 20", 1000, 1000);
+    let replicas = start_fleet(&redis.url(), &IDS, "local", &services).await;
+    let body = format!(r#"{{"url": "{}", "max_concurrent": 10}}"#, added.url());
+    let answer = replicas[1]
+        .call("POST", "/admin/services/scoring/endpoints", &body)
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    for replica in &replicas {
+        until(replica, Duration::from_secs(1), "the added endpoint", |cap| {
+            cap["services"][0]["endpoints"][1]["url"] == added.url()
+        })
+        .await;
+    }
+    let client = pool();
+    for replica in &replicas {
+        let before = added.requests();
+        // 30 in a row all to the first of two equal endpoints: 2^-30.
+        for _ in 0..30 {
+            let mut req = get(replica.addr, "/score");
+            req.headers_mut()
+                .insert("x-api-key", "key-a".parse().unwrap());
+            assert_eq!(send(&client, req).await.status, 200);
+        }
+        assert!(added.requests() > before, "replica {} never used it", replica.id);
+    }
+    let mut shares = Vec::new();
+    for replica in &replicas {
+        let capacity = replica.capacity().await;
+        let endpoint = &capacity["services"][0]["endpoints"][1];
+        assert_eq!(endpoint["max_concurrent"], 10, "{}", replica.id);
+        shares.push(endpoint["local_max_concurrent"].as_u64().unwrap());
+        let events = replica.call("GET", "/admin/autoscale/events", "").await.json();
+        let joined = events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "endpoint_added" && e["endpoint"] == added.url())
+            .count();
+        assert_eq!(joined, 1, "replica {}: {events}", replica.id);
+    }
+    assert_eq!(shares.iter().sum::<u64>(), 10, "shares {shares:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() {
     let _serial = one_at_a_time().await;

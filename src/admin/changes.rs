@@ -1,8 +1,8 @@
-//! Live changes: a service's concurrency settings and a resource's limits. Each one edits a
-//! copy of the live config and goes through [`Control::change`], so it is validated exactly
-//! like the file and applied whole or not at all.
+//! Live changes: a service's concurrency settings, its endpoints, and a resource's limits.
+//! Each one edits a copy of the live config and goes through [`Control::change`], so it is
+//! validated exactly like the file and applied whole or not at all.
 
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::{parse_body, Admin, ApiError, Peer};
 use crate::autoscale::ScaleTarget;
-use crate::config::{Config, ResourceConfig, ServiceConfig};
+use crate::config::{Config, EndpointConfig, EndpointTable, ResourceConfig, ServiceConfig};
 use crate::control::ChangeError;
 
 /// `PATCH /admin/services/{service}` body: the fields to change.
@@ -71,6 +71,29 @@ impl ResourcePut {
             set.push("a new key".to_owned());
         }
         set.join(", ")
+    }
+}
+
+/// `POST /admin/services/{service}/endpoints` body: the endpoint to add.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointPost {
+    url: String,
+    /// Its own cap; without it, the service's `max_concurrent`.
+    max_concurrent: Option<u32>,
+}
+
+/// `DELETE /admin/services/{service}/endpoints?url=...`: the endpoint to remove.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EndpointUrl {
+    url: String,
+}
+
+/// The event target of a change to a service's endpoint list.
+fn endpoints_target() -> ScaleTarget {
+    ScaleTarget::Setting {
+        key: "endpoints".into(),
     }
 }
 
@@ -212,6 +235,69 @@ pub(super) async fn delete_resource(
             if s.resources.len() == before {
                 return Err(ChangeError::NotFound(format!(
                     "no resource named {name:?} in service {service:?}"
+                )));
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(applied(events))
+}
+
+pub(super) async fn add_endpoint(
+    State(admin): State<Admin>,
+    ConnectInfo(peer): Peer,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    admin.access.check(peer, &headers, true)?;
+    let post: EndpointPost = parse_body(&body)?;
+    let cap = post
+        .max_concurrent
+        .map_or_else(String::new, |c| format!(" (max_concurrent = {c})"));
+    let reason = format!("operator added endpoint {}{cap}", post.url);
+    let events = admin
+        .control
+        .change(&service, endpoints_target(), reason, |config| {
+            let s = service_mut(config, &service)?;
+            if s.endpoints.iter().any(|e| e.url() == post.url) {
+                return Err(ChangeError::Conflict(format!(
+                    "endpoint {:?} is already in service {service:?}; nothing changed",
+                    post.url
+                )));
+            }
+            s.endpoints.push(match post.max_concurrent {
+                Some(cap) => EndpointConfig::Table(EndpointTable {
+                    url: post.url,
+                    max_concurrent: Some(cap),
+                }),
+                None => EndpointConfig::Url(post.url),
+            });
+            Ok(())
+        })
+        .await?;
+    Ok(applied(events))
+}
+
+pub(super) async fn remove_endpoint(
+    State(admin): State<Admin>,
+    ConnectInfo(peer): Peer,
+    Path(service): Path<String>,
+    query: Result<Query<EndpointUrl>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    admin.access.check(peer, &headers, true)?;
+    let Query(EndpointUrl { url }) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let reason = format!("operator removed endpoint {url}");
+    let events = admin
+        .control
+        .change(&service, endpoints_target(), reason, |config| {
+            let s = service_mut(config, &service)?;
+            let before = s.endpoints.len();
+            s.endpoints.retain(|e| e.url() != url);
+            if s.endpoints.len() == before {
+                return Err(ChangeError::NotFound(format!(
+                    "no endpoint {url:?} in service {service:?}"
                 )));
             }
             Ok(())

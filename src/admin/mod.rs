@@ -58,6 +58,10 @@ impl Admin {
             .route("/admin/reload", post(reload))
             .route("/admin/services/{service}", patch(changes::patch_service))
             .route(
+                "/admin/services/{service}/endpoints",
+                post(changes::add_endpoint).delete(changes::remove_endpoint),
+            )
+            .route(
                 "/admin/services/{service}/resources/{name}",
                 put(changes::put_resource).delete(changes::delete_resource),
             )

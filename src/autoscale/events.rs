@@ -26,6 +26,11 @@ pub enum EventKind {
     Reload,
     /// Autoscale was turned off for the resource: back to its base limit.
     AutoscaleOff,
+    /// An endpoint joined the service (`from` 0, `to` its cap).
+    EndpointAdded,
+    /// An endpoint left the service (`from` its cap, `to` 0): it takes no new request, and
+    /// those in flight finish.
+    EndpointRemoved,
 }
 
 /// What an event is about.
@@ -44,6 +49,11 @@ pub enum ScaleTarget {
     Setting {
         /// The setting's key.
         key: String,
+    },
+    /// One endpoint of the service.
+    Endpoint {
+        /// Its URL.
+        endpoint: String,
     },
 }
 
@@ -81,7 +91,9 @@ impl Event {
     pub fn resource(&self) -> Option<&str> {
         match &self.target {
             ScaleTarget::Resource { resource } => Some(resource),
-            ScaleTarget::EndpointConcurrency | ScaleTarget::Setting { .. } => None,
+            ScaleTarget::EndpointConcurrency
+            | ScaleTarget::Setting { .. }
+            | ScaleTarget::Endpoint { .. } => None,
         }
     }
 }
@@ -122,6 +134,8 @@ impl EventKind {
             Self::Manual => "manual",
             Self::Reload => "reload",
             Self::AutoscaleOff => "autoscale_off",
+            Self::EndpointAdded => "endpoint_added",
+            Self::EndpointRemoved => "endpoint_removed",
         }
     }
 }

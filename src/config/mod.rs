@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autoscale::AutoscaleSettings;
 
-pub use changes::{Changes, ValidConfig};
+pub use changes::{Changes, Membership, ValidConfig};
 pub use limits::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 pub use rate_limit::{
     key_digest, parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys,

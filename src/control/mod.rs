@@ -239,22 +239,43 @@ impl Control {
         };
         let from = setting_value(&previous.config, service, &target);
         let to = setting_value(&config, service, &target);
-        // The change itself first, then what it caused.
-        events.insert(
-            0,
+        // The change itself first, then what it caused: endpoints that joined or left, then
+        // autoscale values.
+        let membership: Vec<Event> = previous.config.membership(&config).into_iter().map(|m| {
+            let (kind, from, to, verb) = match m.joined {
+                true => (EventKind::EndpointAdded, 0, m.cap, "joined"),
+                false => (EventKind::EndpointRemoved, m.cap, 0, "left"),
+            };
             Event {
                 id: 0,
                 at: now,
-                service: service.to_owned(),
-                target,
+                reason: format!("endpoint {} {verb} service {:?} ({reason})", m.url, m.service),
+                service: m.service,
+                target: ScaleTarget::Endpoint { endpoint: m.url },
                 kind,
                 from,
                 to,
                 profile: None,
                 rule: None,
-                reason,
-            },
-        );
+            }
+        }).collect();
+        let change = Event {
+            id: 0,
+            at: now,
+            service: service.to_owned(),
+            target,
+            kind,
+            from,
+            to,
+            profile: None,
+            rule: None,
+            reason,
+        };
+        let caused = std::mem::take(&mut events);
+        events = std::iter::once(change)
+            .chain(membership)
+            .chain(caused)
+            .collect();
         for event in &mut events {
             event.id = self.live.events().push(event.clone());
             tracing::info!(target: "sluice::autoscale", id = event.id, service = %event.service, kind = ?event.kind, reason = %event.reason, "policy changed");
@@ -279,5 +300,10 @@ fn setting_value(config: &Config, service: &str, target: &ScaleTarget) -> u32 {
         }
         ScaleTarget::EndpointConcurrency => s.max_concurrent,
         ScaleTarget::Setting { .. } => 0,
+        ScaleTarget::Endpoint { endpoint } => s
+            .endpoints
+            .iter()
+            .position(|e| e.url() == endpoint)
+            .map_or(0, |i| s.endpoint_cap(i)),
     }
 }

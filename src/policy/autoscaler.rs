@@ -243,7 +243,7 @@ impl ServiceAutoscaler {
             }
             ScaleTarget::EndpointConcurrency => pool.set_default_cap(to.get()),
             // The engine never decides other settings.
-            ScaleTarget::Setting { .. } => {}
+            ScaleTarget::Setting { .. } | ScaleTarget::Endpoint { .. } => {}
         }
     }
 }

@@ -155,6 +155,7 @@ impl MockBuilder {
             reply: self.reply,
             requests: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            open: AtomicUsize::new(0),
             current: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
             arrivals: Mutex::new(Vec::new()),
@@ -178,6 +179,8 @@ struct State {
     reply: ReplyFn,
     requests: AtomicUsize,
     connections: AtomicUsize,
+    /// Connections accepted and not yet closed.
+    open: AtomicUsize,
     current: AtomicUsize,
     peak: AtomicUsize,
     arrivals: Mutex<Vec<String>>,
@@ -214,6 +217,11 @@ impl Mock {
     /// TCP connections accepted.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections open now (accepted, not yet closed by either side).
+    pub fn open_connections(&self) -> usize {
+        self.state.open.load(Ordering::SeqCst)
     }
 
     /// Requests being served now (arrived, not yet answered).
@@ -307,7 +315,9 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         state.connections.fetch_add(1, Ordering::SeqCst);
         let _ = stream.set_nodelay(true);
         let connection_state = Arc::clone(&state);
+        let open = OpenConnection::new(Arc::clone(&state));
         let task = tokio::spawn(async move {
+            let _open = open;
             let service = service_fn(move |req| serve(req, Arc::clone(&connection_state)));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -318,6 +328,22 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         let mut tasks = state.tasks.lock().unwrap();
         tasks.retain(|t| !t.is_finished());
         tasks.push(task.abort_handle());
+    }
+}
+
+/// Counts a connection as open until it ends, however it ends (closed, or the mock killed).
+struct OpenConnection(Arc<State>);
+
+impl OpenConnection {
+    fn new(state: Arc<State>) -> Self {
+        state.open.fetch_add(1, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -1,0 +1,175 @@
+//! Endpoints that come and go (issue 16), through the admin API: an endpoint added takes
+//! traffic at once and counts in the service's capacity; an endpoint removed takes no new
+//! request, finishes those it holds and closes its connections; each is an event; a refused
+//! change changes nothing. Over real sockets, as an operator and the endpoints see it.
+
+mod support;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use support::*;
+
+const TOKEN: &str = "membership-t0ken";
+
+fn admin_request(method: &str, admin: SocketAddr, path: &str, body: &str) -> http::Request<Full<Bytes>> {
+    let mut req = request(method, admin, path, body.to_owned());
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    if !body.is_empty() {
+        req.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+    }
+    req
+}
+
+async fn call(sluice: &Sluice, method: &str, path: &str, body: &str) -> Answer {
+    let admin = sluice.admin.expect("admin enabled");
+    once(admin, admin_request(method, admin, path, body)).await
+}
+
+/// The service's endpoints as `/admin/policy` shows them.
+async fn endpoints(sluice: &Sluice) -> serde_json::Value {
+    call(sluice, "GET", "/admin/policy", "").await.json()["service"][0]["endpoints"].clone()
+}
+
+/// The kinds of the events in the history, oldest first.
+async fn event_kinds(sluice: &Sluice) -> Vec<String> {
+    let events = call(sluice, "GET", "/admin/autoscale/events", "").await.json();
+    events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_added_through_the_admin_api_takes_traffic_and_counts_in_capacity() {
+    let (a, b) = (mock().start().await, mock().start().await);
+    let toml = config(&service(&[a.url()], "max_concurrent = 4"));
+    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+
+    let body = format!(r#"{{"url": "{}", "max_concurrent": 7}}"#, b.url());
+    let added = call(&sluice, "POST", "/admin/services/scoring/endpoints", &body).await;
+    assert_eq!(added.status, 200, "{}", added.text());
+    let events = added.json()["events"].clone();
+    assert_eq!(events[0]["kind"], "manual", "{events}");
+    assert_eq!(events[0]["key"], "endpoints", "{events}");
+    assert_eq!(events[1]["kind"], "endpoint_added", "{events}");
+    assert_eq!(events[1]["target"], "endpoint", "{events}");
+    assert_eq!(events[1]["endpoint"], b.url(), "{events}");
+    assert_eq!((events[1]["from"].as_u64(), events[1]["to"].as_u64()), (Some(0), Some(7)));
+
+    let capacity = call(&sluice, "GET", "/admin/capacity", "").await.json();
+    assert_eq!(capacity["services"][0]["capacity"], 11, "{capacity}");
+    assert_eq!(
+        endpoints(&sluice).await,
+        serde_json::json!([a.url(), {"url": b.url(), "max_concurrent": 7}])
+    );
+
+    // The next requests go to both (40 in a row all to one of two equal endpoints: 2^-39).
+    let client = pool();
+    for _ in 0..40 {
+        assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
+    }
+    assert!(b.requests() > 0 && a.requests() > 0, "a {} b {}", a.requests(), b.requests());
+    assert_eq!(a.requests() + b.requests(), 40);
+
+    let admin = sluice.admin.unwrap();
+    let metrics = once(admin, get(admin, "/metrics")).await.text();
+    assert!(
+        metrics.contains("sluice_autoscale_events_total{kind=\"endpoint_added\"} 1"),
+        "{metrics}"
+    );
+    sluice.assert_idle().await;
+    sluice.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_removed_finishes_its_requests_takes_no_new_one_and_closes_its_connections() {
+    let kept = mock().start().await;
+    let leaving = mock().gated().start().await;
+    let toml = config(&service(&[kept.url(), leaving.url()], "max_concurrent = 4"));
+    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+
+    // Requests until the leaving endpoint holds two of them (the gate keeps them there).
+    let mut held = Vec::new();
+    while leaving.current() < 2 {
+        let addr = sluice.addr;
+        held.push(tokio::spawn(async move { once(addr, get(addr, "/score")).await }));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert!(held.len() < 200, "the leaving endpoint never got two requests");
+    }
+    let before = leaving.requests();
+
+    let path = format!("/admin/services/scoring/endpoints?url={}", leaving.url());
+    let removed = call(&sluice, "DELETE", &path, "").await;
+    assert_eq!(removed.status, 200, "{}", removed.text());
+    let events = removed.json()["events"].clone();
+    assert_eq!(events[1]["kind"], "endpoint_removed", "{events}");
+    assert_eq!(events[1]["endpoint"], leaving.url(), "{events}");
+    assert_eq!((events[1]["from"].as_u64(), events[1]["to"].as_u64()), (Some(4), Some(0)));
+    assert_eq!(endpoints(&sluice).await, serde_json::json!([kept.url()]));
+
+    // New requests all go to the endpoint that stays.
+    let client = pool();
+    for _ in 0..20 {
+        assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
+    }
+    assert_eq!(leaving.requests(), before, "a removed endpoint got a new request");
+
+    // What it held finishes as the endpoint answers it.
+    leaving.open_gate();
+    for request in held {
+        let answer = request.await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    // Then nothing of sluice's stays open at the endpoint that left (the one that stays
+    // keeps its idle connections).
+    eventually("the removed endpoint's connections closed", || {
+        leaving.open_connections() == 0
+    })
+    .await;
+    assert!(kept.open_connections() > 0, "the kept endpoint's idle connection closed");
+    sluice.assert_idle().await;
+    sluice.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_endpoint_change_says_why_and_changes_nothing() {
+    let a = mock().start().await;
+    let toml = config(&service(&[a.url()], "max_concurrent = 4"));
+    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+    let add = "/admin/services/scoring/endpoints";
+    let cases = [
+        ("POST", add.to_owned(), format!(r#"{{"url": "{}"}}"#, a.url()), 409, "already in service"),
+        ("POST", add.to_owned(), r#"{"url": "ftp://127.0.0.1:1"}"#.to_owned(), 400, "service[0].endpoints[1].url"),
+        (
+            "POST",
+            add.to_owned(),
+            r#"{"url": "http://127.0.0.2:1", "max_concurrent": 0}"#.to_owned(),
+            400,
+            "service[0].endpoints[1].max_concurrent",
+        ),
+        ("POST", add.to_owned(), r#"{"url": "http://127.0.0.2:1", "cap": 3}"#.to_owned(), 400, "unknown field"),
+        ("POST", "/admin/services/nope/endpoints".to_owned(), r#"{"url": "http://127.0.0.2:1"}"#.to_owned(), 404, "no service named"),
+        ("DELETE", format!("{add}?url=http://127.0.0.9:1"), String::new(), 404, "no endpoint"),
+        ("DELETE", add.to_owned(), String::new(), 400, "url"),
+        ("DELETE", format!("{add}?url={}", a.url()), String::new(), 400, "service[0].endpoints"),
+    ];
+    for (method, path, body, status, says) in cases {
+        let answer = call(&sluice, method, &path, &body).await;
+        assert_eq!(answer.status, status, "{method} {path} {body}: {}", answer.text());
+        let detail = answer.json()["detail"].as_str().unwrap_or_default().to_owned();
+        assert!(detail.contains(says), "{method} {path} {body}: {detail}");
+        assert_eq!(endpoints(&sluice).await, serde_json::json!([a.url()]), "{method} {path} {body}");
+    }
+    assert!(
+        !event_kinds(&sluice).await.iter().any(|k| k.starts_with("endpoint")),
+        "a refused change left an event"
+    );
+    assert_eq!(send(&pool(), get(sluice.addr, "/score")).await.status, 200);
+    sluice.stop().await;
+}
