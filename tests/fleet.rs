@@ -440,9 +440,12 @@ async fn an_endpoint_added_on_one_replica_is_used_by_every_replica_with_its_cap_
         .await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     for replica in &replicas {
-        until(replica, Duration::from_secs(1), "the added endpoint", |cap| {
-            cap["services"][0]["endpoints"][1]["url"] == added.url()
-        })
+        until(
+            replica,
+            Duration::from_secs(1),
+            "the added endpoint",
+            |cap| cap["services"][0]["endpoints"][1]["url"] == added.url(),
+        )
         .await;
     }
     let client = pool();
@@ -455,7 +458,11 @@ async fn an_endpoint_added_on_one_replica_is_used_by_every_replica_with_its_cap_
                 .insert("x-api-key", "key-a".parse().unwrap());
             assert_eq!(send(&client, req).await.status, 200);
         }
-        assert!(added.requests() > before, "replica {} never used it", replica.id);
+        assert!(
+            added.requests() > before,
+            "replica {} never used it",
+            replica.id
+        );
     }
     let mut shares = Vec::new();
     for replica in &replicas {
@@ -463,7 +470,10 @@ async fn an_endpoint_added_on_one_replica_is_used_by_every_replica_with_its_cap_
         let endpoint = &capacity["services"][0]["endpoints"][1];
         assert_eq!(endpoint["max_concurrent"], 10, "{}", replica.id);
         shares.push(endpoint["local_max_concurrent"].as_u64().unwrap());
-        let events = replica.call("GET", "/admin/autoscale/events", "").await.json();
+        let events = replica
+            .call("GET", "/admin/autoscale/events", "")
+            .await
+            .json();
         let joined = events["events"]
             .as_array()
             .unwrap()

@@ -13,7 +13,12 @@ use support::*;
 
 const TOKEN: &str = "membership-t0ken";
 
-fn admin_request(method: &str, admin: SocketAddr, path: &str, body: &str) -> http::Request<Full<Bytes>> {
+fn admin_request(
+    method: &str,
+    admin: SocketAddr,
+    path: &str,
+    body: &str,
+) -> http::Request<Full<Bytes>> {
     let mut req = request(method, admin, path, body.to_owned());
     req.headers_mut()
         .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
@@ -36,7 +41,9 @@ async fn endpoints(sluice: &Sluice) -> serde_json::Value {
 
 /// The kinds of the events in the history, oldest first.
 async fn event_kinds(sluice: &Sluice) -> Vec<String> {
-    let events = call(sluice, "GET", "/admin/autoscale/events", "").await.json();
+    let events = call(sluice, "GET", "/admin/autoscale/events", "")
+        .await
+        .json();
     events["events"]
         .as_array()
         .unwrap()
@@ -60,7 +67,10 @@ async fn an_endpoint_added_through_the_admin_api_takes_traffic_and_counts_in_cap
     assert_eq!(events[1]["kind"], "endpoint_added", "{events}");
     assert_eq!(events[1]["target"], "endpoint", "{events}");
     assert_eq!(events[1]["endpoint"], b.url(), "{events}");
-    assert_eq!((events[1]["from"].as_u64(), events[1]["to"].as_u64()), (Some(0), Some(7)));
+    assert_eq!(
+        (events[1]["from"].as_u64(), events[1]["to"].as_u64()),
+        (Some(0), Some(7))
+    );
 
     let capacity = call(&sluice, "GET", "/admin/capacity", "").await.json();
     assert_eq!(capacity["services"][0]["capacity"], 11, "{capacity}");
@@ -74,7 +84,12 @@ async fn an_endpoint_added_through_the_admin_api_takes_traffic_and_counts_in_cap
     for _ in 0..40 {
         assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
     }
-    assert!(b.requests() > 0 && a.requests() > 0, "a {} b {}", a.requests(), b.requests());
+    assert!(
+        b.requests() > 0 && a.requests() > 0,
+        "a {} b {}",
+        a.requests(),
+        b.requests()
+    );
     assert_eq!(a.requests() + b.requests(), 40);
 
     let admin = sluice.admin.unwrap();
@@ -98,9 +113,14 @@ async fn an_endpoint_removed_finishes_its_requests_takes_no_new_one_and_closes_i
     let mut held = Vec::new();
     while leaving.current() < 2 {
         let addr = sluice.addr;
-        held.push(tokio::spawn(async move { once(addr, get(addr, "/score")).await }));
+        held.push(tokio::spawn(async move {
+            once(addr, get(addr, "/score")).await
+        }));
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        assert!(held.len() < 200, "the leaving endpoint never got two requests");
+        assert!(
+            held.len() < 200,
+            "the leaving endpoint never got two requests"
+        );
     }
     let before = leaving.requests();
 
@@ -110,7 +130,10 @@ async fn an_endpoint_removed_finishes_its_requests_takes_no_new_one_and_closes_i
     let events = removed.json()["events"].clone();
     assert_eq!(events[1]["kind"], "endpoint_removed", "{events}");
     assert_eq!(events[1]["endpoint"], leaving.url(), "{events}");
-    assert_eq!((events[1]["from"].as_u64(), events[1]["to"].as_u64()), (Some(4), Some(0)));
+    assert_eq!(
+        (events[1]["from"].as_u64(), events[1]["to"].as_u64()),
+        (Some(4), Some(0))
+    );
     assert_eq!(endpoints(&sluice).await, serde_json::json!([kept.url()]));
 
     // New requests all go to the endpoint that stays.
@@ -118,7 +141,11 @@ async fn an_endpoint_removed_finishes_its_requests_takes_no_new_one_and_closes_i
     for _ in 0..20 {
         assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
     }
-    assert_eq!(leaving.requests(), before, "a removed endpoint got a new request");
+    assert_eq!(
+        leaving.requests(),
+        before,
+        "a removed endpoint got a new request"
+    );
 
     // What it held finishes as the endpoint answers it.
     leaving.open_gate();
@@ -132,7 +159,10 @@ async fn an_endpoint_removed_finishes_its_requests_takes_no_new_one_and_closes_i
         leaving.open_connections() == 0
     })
     .await;
-    assert!(kept.open_connections() > 0, "the kept endpoint's idle connection closed");
+    assert!(
+        kept.open_connections() > 0,
+        "the kept endpoint's idle connection closed"
+    );
     sluice.assert_idle().await;
     sluice.stop().await;
 }
@@ -144,8 +174,20 @@ async fn a_refused_endpoint_change_says_why_and_changes_nothing() {
     let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
     let add = "/admin/services/scoring/endpoints";
     let cases = [
-        ("POST", add.to_owned(), format!(r#"{{"url": "{}"}}"#, a.url()), 409, "already in service"),
-        ("POST", add.to_owned(), r#"{"url": "ftp://127.0.0.1:1"}"#.to_owned(), 400, "service[0].endpoints[1].url"),
+        (
+            "POST",
+            add.to_owned(),
+            format!(r#"{{"url": "{}"}}"#, a.url()),
+            409,
+            "already in service",
+        ),
+        (
+            "POST",
+            add.to_owned(),
+            r#"{"url": "ftp://127.0.0.1:1"}"#.to_owned(),
+            400,
+            "service[0].endpoints[1].url",
+        ),
         (
             "POST",
             add.to_owned(),
@@ -153,21 +195,60 @@ async fn a_refused_endpoint_change_says_why_and_changes_nothing() {
             400,
             "service[0].endpoints[1].max_concurrent",
         ),
-        ("POST", add.to_owned(), r#"{"url": "http://127.0.0.2:1", "cap": 3}"#.to_owned(), 400, "unknown field"),
-        ("POST", "/admin/services/nope/endpoints".to_owned(), r#"{"url": "http://127.0.0.2:1"}"#.to_owned(), 404, "no service named"),
-        ("DELETE", format!("{add}?url=http://127.0.0.9:1"), String::new(), 404, "no endpoint"),
+        (
+            "POST",
+            add.to_owned(),
+            r#"{"url": "http://127.0.0.2:1", "cap": 3}"#.to_owned(),
+            400,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/admin/services/nope/endpoints".to_owned(),
+            r#"{"url": "http://127.0.0.2:1"}"#.to_owned(),
+            404,
+            "no service named",
+        ),
+        (
+            "DELETE",
+            format!("{add}?url=http://127.0.0.9:1"),
+            String::new(),
+            404,
+            "no endpoint",
+        ),
         ("DELETE", add.to_owned(), String::new(), 400, "url"),
-        ("DELETE", format!("{add}?url={}", a.url()), String::new(), 400, "service[0].endpoints"),
+        (
+            "DELETE",
+            format!("{add}?url={}", a.url()),
+            String::new(),
+            400,
+            "service[0].endpoints",
+        ),
     ];
     for (method, path, body, status, says) in cases {
         let answer = call(&sluice, method, &path, &body).await;
-        assert_eq!(answer.status, status, "{method} {path} {body}: {}", answer.text());
-        let detail = answer.json()["detail"].as_str().unwrap_or_default().to_owned();
+        assert_eq!(
+            answer.status,
+            status,
+            "{method} {path} {body}: {}",
+            answer.text()
+        );
+        let detail = answer.json()["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         assert!(detail.contains(says), "{method} {path} {body}: {detail}");
-        assert_eq!(endpoints(&sluice).await, serde_json::json!([a.url()]), "{method} {path} {body}");
+        assert_eq!(
+            endpoints(&sluice).await,
+            serde_json::json!([a.url()]),
+            "{method} {path} {body}"
+        );
     }
     assert!(
-        !event_kinds(&sluice).await.iter().any(|k| k.starts_with("endpoint")),
+        !event_kinds(&sluice)
+            .await
+            .iter()
+            .any(|k| k.starts_with("endpoint")),
         "a refused change left an event"
     );
     assert_eq!(send(&pool(), get(sluice.addr, "/score")).await.status, 200);

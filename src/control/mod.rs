@@ -241,24 +241,32 @@ impl Control {
         let to = setting_value(&config, service, &target);
         // The change itself first, then what it caused: endpoints that joined or left, then
         // autoscale values.
-        let membership: Vec<Event> = previous.config.membership(&config).into_iter().map(|m| {
-            let (kind, from, to, verb) = match m.joined {
-                true => (EventKind::EndpointAdded, 0, m.cap, "joined"),
-                false => (EventKind::EndpointRemoved, m.cap, 0, "left"),
-            };
-            Event {
-                id: 0,
-                at: now,
-                reason: format!("endpoint {} {verb} service {:?} ({reason})", m.url, m.service),
-                service: m.service,
-                target: ScaleTarget::Endpoint { endpoint: m.url },
-                kind,
-                from,
-                to,
-                profile: None,
-                rule: None,
-            }
-        }).collect();
+        let membership: Vec<Event> = previous
+            .config
+            .membership(&config)
+            .into_iter()
+            .map(|m| {
+                let (kind, from, to, verb) = match m.joined {
+                    true => (EventKind::EndpointAdded, 0, m.cap, "joined"),
+                    false => (EventKind::EndpointRemoved, m.cap, 0, "left"),
+                };
+                Event {
+                    id: 0,
+                    at: now,
+                    reason: format!(
+                        "endpoint {} {verb} service {:?} ({reason})",
+                        m.url, m.service
+                    ),
+                    service: m.service,
+                    target: ScaleTarget::Endpoint { endpoint: m.url },
+                    kind,
+                    from,
+                    to,
+                    profile: None,
+                    rule: None,
+                }
+            })
+            .collect();
         let change = Event {
             id: 0,
             at: now,
