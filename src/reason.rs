@@ -21,6 +21,9 @@ pub enum Reason {
     EndpointsFull,
     /// The request waited `queue_timeout` for a slot.
     QueueTimeout,
+    /// The service has no endpoint at all (scaled to zero, or none added yet), and none came
+    /// while the request waited in the queue (if it has one).
+    NoEndpoints,
     /// No endpoint accepted the connection.
     UpstreamUnreachable,
     /// The endpoint sent no response headers within `timeouts.response`.
@@ -51,13 +54,14 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Self::NoRoute,
         Self::MissingKey,
         Self::UnknownKey,
         Self::RateLimited,
         Self::EndpointsFull,
         Self::QueueTimeout,
+        Self::NoEndpoints,
         Self::UpstreamUnreachable,
         Self::UpstreamTimeout,
         Self::UpstreamError,
@@ -84,6 +88,7 @@ impl Reason {
             Self::RateLimited => "rate_limited",
             Self::EndpointsFull => "endpoints_full",
             Self::QueueTimeout => "queue_timeout",
+            Self::NoEndpoints => "no_endpoints",
             Self::UpstreamUnreachable => "upstream_unreachable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamError => "upstream_error",
@@ -107,7 +112,7 @@ impl Reason {
             }
             Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
             Self::ClientBodyError | Self::ConflictingFraming | Self::InvalidHost => {
                 StatusCode::BAD_REQUEST
             }

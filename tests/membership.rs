@@ -1,7 +1,9 @@
 //! Endpoints that come and go (issue 16), through the admin API: an endpoint added takes
 //! traffic at once and counts in the service's capacity; an endpoint removed takes no new
 //! request, finishes those it holds and closes its connections; each is an event; a refused
-//! change changes nothing. Over real sockets, as an operator and the endpoints see it.
+//! change changes nothing; a service with no endpoint queues requests for the first one to
+//! join, and answers 503 `no_endpoints` past its queue. Over real sockets, as an operator and
+//! the endpoints see it.
 
 mod support;
 
@@ -217,13 +219,6 @@ async fn a_refused_endpoint_change_says_why_and_changes_nothing() {
             "no endpoint",
         ),
         ("DELETE", add.to_owned(), String::new(), 400, "url"),
-        (
-            "DELETE",
-            format!("{add}?url={}", a.url()),
-            String::new(),
-            400,
-            "service[0].endpoints",
-        ),
     ];
     for (method, path, body, status, says) in cases {
         let answer = call(&sluice, method, &path, &body).await;
@@ -252,5 +247,87 @@ async fn a_refused_endpoint_change_says_why_and_changes_nothing() {
         "a refused change left an event"
     );
     assert_eq!(send(&pool(), get(sluice.addr, "/score")).await.status, 200);
+    sluice.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_without_endpoints_queues_requests_until_the_first_one_joins() {
+    let a = mock().start().await;
+    let toml = config(&service(&[], "queue_size = 8\nqueue_timeout = \"30s\""));
+    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+    let admin = sluice.admin.unwrap();
+    let ready = once(admin, get(admin, "/readyz")).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.text().contains("no endpoints"), "{}", ready.text());
+
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = sluice.addr;
+            tokio::spawn(async move { once(addr, get(addr, "/score")).await })
+        })
+        .collect();
+    eventually("three requests queued", || {
+        sluice.proxy.policy().services[0].pool.queue_len() == 3
+    })
+    .await;
+    let body = format!(r#"{{"url": "{}"}}"#, a.url());
+    let added = call(&sluice, "POST", "/admin/services/scoring/endpoints", &body).await;
+    assert_eq!(added.status, 200, "{}", added.text());
+    for request in waiting {
+        let answer = request.await.unwrap();
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    assert_eq!(a.requests(), 3);
+    assert_eq!(once(admin, get(admin, "/readyz")).await.status, 200);
+    sluice.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_endpoints_a_request_gets_503_no_endpoints_past_the_queue() {
+    let a = mock().start().await;
+    let queue_timeout = std::time::Duration::from_millis(300);
+    let toml = config(&service(
+        &[a.url()],
+        "queue_size = 4\nqueue_timeout = \"300ms\"",
+    ));
+    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+
+    // The last endpoint can be removed: the service then has none.
+    let path = format!("/admin/services/scoring/endpoints?url={}", a.url());
+    let removed = call(&sluice, "DELETE", &path, "").await;
+    assert_eq!(removed.status, 200, "{}", removed.text());
+    assert_eq!(endpoints(&sluice).await, serde_json::json!([]));
+
+    let started = std::time::Instant::now();
+    let answer = once(sluice.addr, get(sluice.addr, "/score")).await;
+    let waited = started.elapsed();
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(answer.json()["reason"], "no_endpoints", "{}", answer.text());
+    assert_eq!(answer.header("retry-after"), Some("1"));
+    assert!(
+        waited >= queue_timeout,
+        "answered after {waited:?}, before the queue timeout"
+    );
+    assert_eq!(a.requests(), 0);
+
+    // Without a queue, at once.
+    let patched = call(
+        &sluice,
+        "PATCH",
+        "/admin/services/scoring",
+        r#"{"queue_size": 0}"#,
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.text());
+    let answer = once(sluice.addr, get(sluice.addr, "/score")).await;
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(answer.json()["reason"], "no_endpoints");
+
+    let admin = sluice.admin.unwrap();
+    let metrics = once(admin, get(admin, "/metrics")).await.text();
+    let counted = metrics
+        .lines()
+        .any(|l| l.contains("reason=\"no_endpoints\"") && l.ends_with(" 2"));
+    assert!(counted, "{metrics}");
     sluice.stop().await;
 }

@@ -196,6 +196,14 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     let policy = proxy.policy();
     for service in &policy.services {
         let shape = service.pool.shape();
+        if shape.endpoints.is_empty() {
+            let reason = format!(
+                "service {:?} has no endpoints (requests wait for one in its queue, if it has \
+                 one, then get 503 no_endpoints)",
+                service.name
+            );
+            return not_ready(reason);
+        }
         if !shape
             .endpoints
             .iter()

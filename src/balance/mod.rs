@@ -130,6 +130,8 @@ pub enum NoSlot {
     EndpointsFull,
     /// The request waited `queue_timeout` in the queue without a slot freeing.
     QueueTimeout,
+    /// The service has no endpoint, and none came while the request waited in the queue.
+    NoEndpoints,
 }
 
 /// The slots of one service.
@@ -207,19 +209,26 @@ impl Pool {
             // may have missed it.
             self.dispatch();
         }
+        // Without endpoints a request waits like one that found them full: the first endpoint
+        // to join (a scale-out from zero) serves the queue.
+        let full = |shape: &Shape| match shape.endpoints.is_empty() {
+            true => NoSlot::NoEndpoints,
+            false => NoSlot::EndpointsFull,
+        };
         if shape.queue_size == 0 {
-            return Err(NoSlot::EndpointsFull);
+            return Err(full(&shape));
         }
         let waiting = self
             .queue
             .enter(shape.queue_size as usize, || self.try_acquire(&shape, None))
-            .map_err(|()| NoSlot::EndpointsFull)?;
+            .map_err(|()| full(&shape))?;
         match waiting {
             queue::Entered::Served(slot) => Ok(slot),
-            queue::Entered::Waiting(ticket) => ticket
-                .wait(shape.queue_timeout)
-                .await
-                .ok_or(NoSlot::QueueTimeout),
+            queue::Entered::Waiting(ticket) => match ticket.wait(shape.queue_timeout).await {
+                Some(slot) => Ok(slot),
+                None if self.shape.load().endpoints.is_empty() => Err(NoSlot::NoEndpoints),
+                None => Err(NoSlot::QueueTimeout),
+            },
         }
     }
 

@@ -177,9 +177,6 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
         if s.queue_size > 0 {
             p.positive(key("queue_timeout"), s.queue_timeout);
         }
-        if s.endpoints.is_empty() {
-            p.add(key("endpoints"), "must list at least one endpoint URL");
-        }
         let mut urls: HashMap<&str, usize> = HashMap::new();
         for (j, e) in s.endpoints.iter().enumerate() {
             let ekey = format!("service[{i}].endpoints[{j}]");

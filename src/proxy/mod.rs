@@ -240,6 +240,7 @@ impl Proxy {
         service.pool.acquire().await.map_err(|refused| {
             let reason = match refused {
                 NoSlot::EndpointsFull => Reason::EndpointsFull,
+                NoSlot::NoEndpoints => Reason::NoEndpoints,
                 NoSlot::QueueTimeout => Reason::QueueTimeout,
             };
             outcome.reject(reason, Some(service))

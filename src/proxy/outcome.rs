@@ -79,7 +79,7 @@ impl<'p> Outcome<'p> {
         self.reason = Some(reason);
         let rejection = Rejection::new(reason, service.map(|s| &*s.name));
         let rejection = match reason {
-            Reason::EndpointsFull | Reason::QueueTimeout => {
+            Reason::EndpointsFull | Reason::QueueTimeout | Reason::NoEndpoints => {
                 rejection.retry_after(FULL_RETRY_AFTER_MS)
             }
             _ => rejection,
