@@ -189,6 +189,10 @@ impl App {
             control::notify::Notifier::new(self.connect.with_timeout(control::notify::TIMEOUT)),
             chrono::Utc::now,
         ));
+        tasks.spawn(control::health::run(
+            Arc::clone(self.proxy.live()),
+            self.connect.clone(),
+        ));
         tasks.spawn(reload_on_hangup(Arc::clone(&self.control)));
         if let Some(fleet) = self.proxy.live().fleet() {
             tasks.spawn(control::fleet::run(

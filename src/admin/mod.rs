@@ -207,7 +207,7 @@ async fn readyz(State(admin): State<Admin>) -> Response {
         if !shape
             .endpoints
             .iter()
-            .any(|(e, cap)| *cap > 0 && e.is_healthy())
+            .any(|(e, cap)| *cap > 0 && e.is_healthy() && e.is_ready())
         {
             let reason = format!(
                 "service {:?} has no endpoint that can take traffic",

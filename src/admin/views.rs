@@ -63,6 +63,9 @@ pub struct EndpointView {
     pub in_flight: u32,
     /// False while in its back-off after a refused connection.
     pub healthy: bool,
+    /// False while it fails its service's health check, or has not passed it yet (always
+    /// true for a service without `[service.health]`); it then takes no request.
+    pub ready: bool,
     /// Time to response headers over the last minute (`null` before any response).
     pub latency: Option<LatencySummary>,
     /// cap × 1000 / mean latency ms.
@@ -131,6 +134,7 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
                 local_max_concurrent: shape.local_cap(i),
                 in_flight: endpoint.in_flight(),
                 healthy: endpoint.is_healthy(),
+                ready: endpoint.is_ready(),
                 latency,
                 projected_tps: f64::from(*cap) * 1000.0 / mean_ms.max(1.0),
             }

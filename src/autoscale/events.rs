@@ -31,6 +31,12 @@ pub enum EventKind {
     /// An endpoint left the service (`from` its cap, `to` 0): it takes no new request, and
     /// those in flight finish.
     EndpointRemoved,
+    /// An endpoint passed its health check `healthy_after` times in a row: it takes traffic
+    /// (`from` 0, `to` its cap).
+    EndpointHealthy,
+    /// An endpoint failed its health check `unhealthy_after` times in a row: it takes none
+    /// until it recovers (`from` its cap, `to` 0).
+    EndpointUnhealthy,
 }
 
 /// What an event is about.
@@ -136,6 +142,8 @@ impl EventKind {
             Self::AutoscaleOff => "autoscale_off",
             Self::EndpointAdded => "endpoint_added",
             Self::EndpointRemoved => "endpoint_removed",
+            Self::EndpointHealthy => "endpoint_healthy",
+            Self::EndpointUnhealthy => "endpoint_unhealthy",
         }
     }
 }

@@ -1,7 +1,8 @@
-//! One upstream endpoint: where it is, how many requests it has in flight, and whether it is
-//! skipped for a while after failing to connect (passive health).
+//! One upstream endpoint: where it is, how many requests it has in flight, whether it is
+//! skipped for a while after failing to connect (passive health), and whether it passes its
+//! service's active health check.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::header::HeaderValue;
@@ -30,6 +31,8 @@ pub struct Endpoint {
     /// Milliseconds since `epoch` until which the endpoint is skipped; 0 = healthy.
     down_until_ms: AtomicU64,
     consecutive_failures: AtomicU32,
+    /// Passes its service's active health check; always, for a service without one.
+    ready: AtomicBool,
     epoch: Instant,
     /// Time to response headers over the last minute.
     pub latency: LatencyWindow,
@@ -72,6 +75,7 @@ impl Endpoint {
             in_flight: AtomicU32::new(0),
             down_until_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
+            ready: AtomicBool::new(true),
             epoch: Instant::now(),
             latency: LatencyWindow::default(),
             stats: EndpointStats::default(),
@@ -151,6 +155,17 @@ impl Endpoint {
             .min(BACKOFF_MAX);
         let until = self.now_ms() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX / 2);
         self.down_until_ms.store(until, Ordering::Relaxed);
+    }
+
+    /// Whether it passes its service's active health check (always, without one). One that
+    /// does not takes no request.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Say whether it passes its active health check; true when that changed.
+    pub fn set_ready(&self, ready: bool) -> bool {
+        self.ready.swap(ready, Ordering::Relaxed) != ready
     }
 
     /// Record a successful exchange: the endpoint is healthy again.

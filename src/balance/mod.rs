@@ -63,8 +63,17 @@ impl Shape {
                 });
                 let endpoint = match reused {
                     Some(endpoint) => endpoint,
-                    None => Arc::new(Endpoint::new(e.url())?),
+                    None => {
+                        let endpoint = Endpoint::new(e.url())?;
+                        // With health checks, a new endpoint waits for its first passes.
+                        endpoint.set_ready(config.health.is_none());
+                        Arc::new(endpoint)
+                    }
                 };
+                if config.health.is_none() {
+                    // Checks turned off: nothing keeps an endpoint out any more.
+                    endpoint.set_ready(true);
+                }
                 Ok((endpoint, config.endpoint_cap(i)))
             })
             .collect::<Result<_, _>>()?;
@@ -300,7 +309,7 @@ fn choose(shape: &Shape, exclude: Option<&Arc<Endpoint>>) -> Option<usize> {
     let mut in_backoff = Reservoir::default();
     let mut any_healthy = false;
     for (i, (endpoint, _)) in shape.endpoints.iter().enumerate() {
-        if exclude.is_some_and(|e| Arc::ptr_eq(e, endpoint)) {
+        if exclude.is_some_and(|e| Arc::ptr_eq(e, endpoint)) || !endpoint.is_ready() {
             continue;
         }
         let is_healthy = endpoint.is_healthy();

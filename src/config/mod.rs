@@ -2,6 +2,7 @@
 //! loading, and validation that gathers every problem with its key path before answering.
 
 mod changes;
+mod health;
 mod limits;
 mod rate_limit;
 mod store;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::autoscale::AutoscaleSettings;
 
 pub use changes::{Changes, Membership, ValidConfig};
+pub use health::{HealthConfig, HEALTH_COUNT_RANGE, HEALTH_INTERVAL_RANGE};
 pub use limits::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 pub use rate_limit::{
     key_digest, parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys,
@@ -155,6 +157,9 @@ pub struct ServiceConfig {
     /// Autoscale settings; with none, resources with `autoscale = true` use the defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleSettings>,
+    /// Active health checks of the endpoints; with none, an endpoint takes traffic at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthConfig>,
 }
 
 /// An endpoint: either a bare URL or a table with its own cap.

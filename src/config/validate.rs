@@ -193,6 +193,9 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
                 p.range(format!("{ekey}.max_concurrent"), cap, &MAX_CONCURRENT_RANGE);
             }
         }
+        if let Some(health) = &s.health {
+            super::health::validate(&mut p, &key("health"), health);
+        }
         let rate_limit = s.rate_limit.clone().unwrap_or_default();
         super::rate_limit::validate(&mut p, &format!("service[{i}]"), &rate_limit, &s.resources);
         if let Some(settings) = &s.autoscale {

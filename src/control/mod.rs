@@ -17,6 +17,7 @@ use crate::recorders::ReloadStats;
 
 pub mod autoscale;
 pub mod fleet;
+pub mod health;
 pub mod notify;
 
 /// Why a change changed nothing.
