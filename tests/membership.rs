@@ -2,8 +2,9 @@
 //! traffic at once and counts in the service's capacity; an endpoint removed takes no new
 //! request, finishes those it holds and closes its connections; each is an event; a refused
 //! change changes nothing; a service with no endpoint queues requests for the first one to
-//! join, and answers 503 `no_endpoints` past its queue. Over real sockets, as an operator and
-//! the endpoints see it.
+//! join, and answers 503 `no_endpoints` past its queue; with `slow_start`, an endpoint that
+//! joins takes slots from 1 up to its cap over that time. Over real sockets, as an operator
+//! and the endpoints see it.
 
 mod support;
 
@@ -329,5 +330,74 @@ async fn without_endpoints_a_request_gets_503_no_endpoints_past_the_queue() {
         .lines()
         .any(|l| l.contains("reason=\"no_endpoints\"") && l.ends_with(" 2"));
     assert!(counted, "{metrics}");
+    sluice.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_joins_ramps_from_one_slot_to_its_cap_over_slow_start() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let hold = Duration::from_millis(100);
+    let (a, b) = (
+        mock().hold(hold).start().await,
+        mock().hold(hold).start().await,
+    );
+    let ramp = Duration::from_secs(2);
+    let extra =
+        "max_concurrent = 10\nqueue_size = 100\nqueue_timeout = \"30s\"\nslow_start = \"2s\"";
+    let sluice = start_sluice_with(&config(&service(&[a.url()], extra)), Some(TOKEN), None).await;
+    // 30 clients keep requests in flight throughout: more than both endpoints' caps.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..30)
+        .map(|_| {
+            let (addr, stop) = (sluice.addr, std::sync::Arc::clone(&stop));
+            tokio::spawn(async move {
+                let client = pool();
+                let mut statuses = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    statuses.push(send(&client, get(addr, "/score")).await.status.as_u16());
+                }
+                statuses
+            })
+        })
+        .collect();
+    eventually("the first endpoint full", || a.current() == 10).await;
+
+    // Taken before the change: the endpoint's ramp starts later, so at any moment it has been
+    // ramping for at most as long as this clock says (+1 ms: sluice counts whole ms).
+    let joined = Instant::now();
+    let body = format!(r#"{{"url": "{}"}}"#, b.url());
+    let added = call(&sluice, "POST", "/admin/services/scoring/endpoints", &body).await;
+    assert_eq!(added.status, 200, "{}", added.text());
+    let mut samples = Vec::new();
+    let mut peak_after_ramp = 0;
+    loop {
+        let at = joined.elapsed();
+        let in_flight = b.current();
+        let ms = u64::try_from(at.as_millis()).unwrap() + 1;
+        let bound = (10 * ms).div_ceil(2000).clamp(1, 10);
+        samples.push((at, in_flight));
+        assert!(
+            in_flight as u64 <= bound,
+            "{in_flight} in flight at the new endpoint {at:?} after it joined (ramp allows \
+             {bound}); samples {samples:?}"
+        );
+        if at >= ramp {
+            peak_after_ramp = peak_after_ramp.max(in_flight);
+        }
+        if at >= ramp + Duration::from_millis(500) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        peak_after_ramp >= 5,
+        "the new endpoint never neared its cap after the ramp: {samples:?}"
+    );
+    stop.store(true, Ordering::SeqCst);
+    for client in clients {
+        let statuses = client.await.unwrap();
+        assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    }
     sluice.stop().await;
 }

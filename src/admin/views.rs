@@ -59,6 +59,8 @@ pub struct EndpointView {
     pub max_concurrent: u32,
     /// The part of the cap this replica enforces (the whole cap without a store).
     pub local_max_concurrent: u32,
+    /// What it may take now: its local part, ramped during a slow start, 0 while not `ready`.
+    pub effective_max_concurrent: u32,
     /// In flight now, through this replica.
     pub in_flight: u32,
     /// False while in its back-off after a refused connection.
@@ -132,6 +134,10 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
                 url: endpoint.url().to_owned(),
                 max_concurrent: *cap,
                 local_max_concurrent: shape.local_cap(i),
+                effective_max_concurrent: match endpoint.is_ready() {
+                    true => shape.effective_cap(i),
+                    false => 0,
+                },
                 in_flight: endpoint.in_flight(),
                 healthy: endpoint.is_healthy(),
                 ready: endpoint.is_ready(),

@@ -33,6 +33,8 @@ pub struct Endpoint {
     consecutive_failures: AtomicU32,
     /// Passes its service's active health check; always, for a service without one.
     ready: AtomicBool,
+    /// When it (re)entered service, on the clock of `now_ms`; 0: from the start (no ramp).
+    entered_ms: AtomicU64,
     epoch: Instant,
     /// Time to response headers over the last minute.
     pub latency: LatencyWindow,
@@ -76,6 +78,7 @@ impl Endpoint {
             down_until_ms: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ready: AtomicBool::new(true),
+            entered_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             latency: LatencyWindow::default(),
             stats: EndpointStats::default(),
@@ -163,9 +166,35 @@ impl Endpoint {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Say whether it passes its active health check; true when that changed.
+    /// Say whether it passes its active health check; true when that changed. Passing again
+    /// (re)enters it into service (see [`Endpoint::ramped_cap`]).
     pub fn set_ready(&self, ready: bool) -> bool {
-        self.ready.swap(ready, Ordering::Relaxed) != ready
+        let changed = self.ready.swap(ready, Ordering::Relaxed) != ready;
+        if changed && ready {
+            self.enter_service();
+        }
+        changed
+    }
+
+    /// It joins a running service (or comes back): a slow start counts from now.
+    pub fn enter_service(&self) {
+        self.entered_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// `cap` ramped linearly from 1 to `cap` over `ramp` since it (re)entered service; the whole
+    /// `cap` for an endpoint that was there from the start or entered `ramp` ago.
+    pub fn ramped_cap(&self, cap: u32, ramp: Duration) -> u32 {
+        let entered = self.entered_ms.load(Ordering::Relaxed);
+        let ramp_ms = u64::try_from(ramp.as_millis()).unwrap_or(u64::MAX);
+        if entered == 0 || cap == 0 || ramp_ms == 0 {
+            return cap;
+        }
+        let elapsed = self.now_ms().saturating_sub(entered);
+        if elapsed >= ramp_ms {
+            return cap;
+        }
+        let ramped = (u64::from(cap) * elapsed).div_ceil(ramp_ms);
+        u32::try_from(ramped).unwrap_or(cap).clamp(1, cap)
     }
 
     /// Record a successful exchange: the endpoint is healthy again.

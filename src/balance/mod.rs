@@ -40,6 +40,8 @@ pub struct Shape {
     pub balance: Balance,
     /// Each endpoint's own cap, if it sets one (else it follows the service's).
     pub own_caps: Vec<Option<u32>>,
+    /// The ramp of an endpoint that (re)enters service, if the service has one.
+    pub slow_start: Option<Duration>,
 }
 
 impl Shape {
@@ -65,6 +67,11 @@ impl Shape {
                     Some(endpoint) => endpoint,
                     None => {
                         let endpoint = Endpoint::new(e.url())?;
+                        // One that joins a running service starts slowly; those it starts
+                        // with were serving before.
+                        if previous.is_some() {
+                            endpoint.enter_service();
+                        }
                         // With health checks, a new endpoint waits for its first passes.
                         endpoint.set_ready(config.health.is_none());
                         Arc::new(endpoint)
@@ -84,6 +91,7 @@ impl Shape {
             queue_size: config.queue_size,
             queue_timeout: config.queue_timeout,
             balance: config.balance,
+            slow_start: config.slow_start,
             own_caps: config
                 .endpoints
                 .iter()
@@ -121,6 +129,16 @@ impl Shape {
     /// The slots this replica may use at endpoint `i`.
     pub fn local_cap(&self, i: usize) -> u32 {
         self.share.of(self.endpoints[i].1, i)
+    }
+
+    /// The slots this replica may use at endpoint `i` now: its part of the cap, ramped while
+    /// the endpoint is in its slow start.
+    pub fn effective_cap(&self, i: usize) -> u32 {
+        let cap = self.local_cap(i);
+        match self.slow_start {
+            Some(ramp) => self.endpoints[i].0.ramped_cap(cap, ramp),
+            None => cap,
+        }
     }
 
     /// The service-wide cap this replica enforces (`u32::MAX` when none is set).
@@ -265,7 +283,7 @@ impl Pool {
                 break;
             };
             let endpoint = &shape.endpoints[i].0;
-            if endpoint.try_take(shape.local_cap(i)) {
+            if endpoint.try_take(shape.effective_cap(i)) {
                 return Some(Slot {
                     pool: Arc::clone(self),
                     endpoint: Arc::clone(endpoint),
@@ -314,7 +332,7 @@ fn choose(shape: &Shape, exclude: Option<&Arc<Endpoint>>) -> Option<usize> {
         }
         let is_healthy = endpoint.is_healthy();
         any_healthy |= is_healthy;
-        if endpoint.in_flight() >= shape.local_cap(i) {
+        if endpoint.in_flight() >= shape.effective_cap(i) {
             continue;
         }
         let reservoir = if is_healthy {
@@ -409,6 +427,7 @@ mod tests {
             queue_timeout: Duration::from_millis(200),
             balance: Balance::Random,
             own_caps: vec![None; caps.len()],
+            slow_start: None,
         })
     }
 

@@ -157,6 +157,14 @@ pub struct ServiceConfig {
     /// Autoscale settings; with none, resources with `autoscale = true` use the defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscale: Option<AutoscaleSettings>,
+    /// An endpoint that joins the running service, or passes its health check again, has its
+    /// cap ramped from 1 to full over this time; none: full at once.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub slow_start: Option<Duration>,
     /// Active health checks of the endpoints; with none, an endpoint takes traffic at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthConfig>,

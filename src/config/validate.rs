@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use super::Config;
 
+/// Allowed `slow_start`.
+pub const SLOW_START_RANGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(3600);
 /// Allowed per-endpoint concurrency cap (managed scoring endpoints allow at most 200).
 pub const MAX_CONCURRENT_RANGE: RangeInclusive<u32> = 1..=200;
 
@@ -192,6 +195,9 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
             if let Some(cap) = e.max_concurrent() {
                 p.range(format!("{ekey}.max_concurrent"), cap, &MAX_CONCURRENT_RANGE);
             }
+        }
+        if let Some(ramp) = s.slow_start {
+            p.duration_range(key("slow_start"), ramp, &SLOW_START_RANGE);
         }
         if let Some(health) = &s.health {
             super::health::validate(&mut p, &key("health"), health);
