@@ -178,6 +178,40 @@ async fn a_busy_backend_defers_the_raise_and_looks_again_next_interval() {
     );
 }
 
+/// Capacity follows membership (issue 16): a raise deferred for lack of capacity proceeds at
+/// the next interval once the backend has scaled out from one endpoint to three.
+#[tokio::test(start_paused = true)]
+async fn a_deferred_raise_proceeds_once_the_backend_scales_out() {
+    let one = "endpoints = [\"http://127.0.0.1:1\"]";
+    let three =
+        "endpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\", \"http://127.0.0.1:3\"]";
+    let toml = OVERLOADED
+        .replace(three, one)
+        .replace("key = \"key-b\"\ntps = 10", "key = \"key-b\"\ntps = 385");
+    let config = Config::parse(&toml).unwrap().validated().unwrap();
+    let (proxy, history, looping) = start_autoscaling(&config);
+    // 11 minutes on one endpoint: raised at 5 (partly), deferred at 10.
+    overload(&proxy, 11, u64::MAX).await;
+    // The backend scales out; the next step (at 15 minutes) sees three endpoints.
+    let scaled = Config::parse(&toml.replace(one, three))
+        .unwrap()
+        .validated()
+        .unwrap();
+    let previous = proxy.policy();
+    let (policy, _) = Policy::reload(&scaled, Some(&previous), chrono::Utc::now(), None).unwrap();
+    proxy.live().set_policy(policy);
+    overload(&proxy, 5, u64::MAX).await;
+    looping.abort();
+    let events = history.query(&EventQuery::default());
+    let kinds: Vec<(EventKind, u32, u32)> = events.iter().map(|e| (e.kind, e.from, e.to)).collect();
+    use EventKind::{DeferredInsufficientCapacity as Deferred, ScaleUp};
+    assert_eq!(
+        kinds,
+        [(ScaleUp, 10, 15), (Deferred, 15, 15), (ScaleUp, 15, 30)],
+        "{events:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_events_reach_the_webhook_and_a_dead_one_slows_nothing() {
     let backend = mock().start().await;

@@ -25,7 +25,8 @@ pub struct Capacity {
 pub struct ServiceCapacity {
     /// Service name.
     pub name: String,
-    /// min(cluster_max_concurrent, Σ endpoint caps).
+    /// min(cluster_max_concurrent, Σ caps of the endpoints as far as they can take traffic
+    /// now: 0 for one that fails its health check, ramped during a slow start).
     pub capacity: u64,
     /// Requests in flight now.
     pub in_flight: u32,
@@ -176,8 +177,9 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
     let projection = CapacityInput {
         endpoints: endpoints
             .iter()
-            .map(|e| EndpointCapacity {
-                max_concurrent: e.max_concurrent,
+            .enumerate()
+            .map(|(i, e)| EndpointCapacity {
+                max_concurrent: shape.serving_cap(i),
                 latency: e
                     .latency
                     .map(|l| std::time::Duration::from_secs_f64(l.mean_ms / 1000.0)),
@@ -187,7 +189,9 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
         expected_latency: expected,
         admitted_tps,
     };
-    let capacity: u64 = shape.endpoints.iter().map(|(_, cap)| u64::from(*cap)).sum();
+    let capacity: u64 = (0..shape.endpoints.len())
+        .map(|i| u64::from(shape.serving_cap(i)))
+        .sum();
     ServiceCapacity {
         name: service.name.to_string(),
         capacity: capacity.min(u64::from(shape.cluster_cap)),

@@ -131,6 +131,17 @@ impl Shape {
         self.share.of(self.endpoints[i].1, i)
     }
 
+    /// Endpoint `i`'s cap (fleet-wide) as far as it can take traffic now: 0 while it fails its
+    /// health check, ramped during its slow start. What capacity and its projection count.
+    pub fn serving_cap(&self, i: usize) -> u32 {
+        let (endpoint, cap) = &self.endpoints[i];
+        match (endpoint.is_ready(), self.slow_start) {
+            (false, _) => 0,
+            (true, Some(ramp)) => endpoint.ramped_cap(*cap, ramp),
+            (true, None) => *cap,
+        }
+    }
+
     /// The slots this replica may use at endpoint `i` now: its part of the cap, ramped while
     /// the endpoint is in its slow start.
     pub fn effective_cap(&self, i: usize) -> u32 {

@@ -138,7 +138,10 @@ impl ServiceAutoscaler {
 
     fn capacity(&self, pool: &Pool, now: Instant) -> CapacityInput {
         let shape = pool.shape();
-        let caps: Vec<u32> = shape.endpoints.iter().map(|(_, cap)| *cap).collect();
+        // Endpoints count as far as they can take traffic now (health, slow start).
+        let caps: Vec<u32> = (0..shape.endpoints.len())
+            .map(|i| shape.serving_cap(i))
+            .collect();
         let cluster = (shape.cluster_cap != u32::MAX).then_some(shape.cluster_cap);
         CapacityInput::from_metrics(
             &self.metrics,
