@@ -1,6 +1,7 @@
 //! Active health checks (issue 16): with `[service.health]`, an endpoint takes traffic only
 //! once its health path has answered 2xx `healthy_after` times in a row, and none after
-//! `unhealthy_after` failures in a row until it recovers; each change is an event. Over real
+//! `unhealthy_after` failures in a row until it recovers; each change is an event, and the
+//! service's capacity counts only the endpoints that can take traffic. Over real
 //! sockets: the endpoints see the probes and the requests, in the order they came.
 
 mod support;
@@ -89,6 +90,8 @@ async fn an_endpoint_takes_traffic_only_after_passing_twice_and_none_while_it_fa
         0,
         "an endpoint that never passed got requests"
     );
+    // Capacity counts only the endpoint that can take traffic.
+    assert_eq!(capacity(&sluice).await["services"][0]["capacity"], 8);
     assert!(
         bad.arrivals().len() >= 2,
         "the failing endpoint was not probed"
@@ -98,6 +101,7 @@ async fn an_endpoint_takes_traffic_only_after_passing_twice_and_none_while_it_fa
     let changed_at = bad.arrivals().len();
     flaky.store(200, Ordering::SeqCst);
     until_ready(&sluice, 1, true).await;
+    assert_eq!(capacity(&sluice).await["services"][0]["capacity"], 16);
     let started = std::time::Instant::now();
     while scored(&bad) == 0 {
         assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
@@ -123,6 +127,7 @@ async fn an_endpoint_takes_traffic_only_after_passing_twice_and_none_while_it_fa
     // It fails again: out of traffic, and no request reaches it.
     flaky.store(503, Ordering::SeqCst);
     until_ready(&sluice, 1, false).await;
+    assert_eq!(capacity(&sluice).await["services"][0]["capacity"], 8);
     let before = scored(&bad);
     for _ in 0..20 {
         assert_eq!(send(&client, get(sluice.addr, "/score")).await.status, 200);
