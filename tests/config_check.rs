@@ -65,11 +65,6 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
             vec!["service[0].endpoints[0].max_concurrent", "1..=200"],
         ),
         (
-            "empty endpoint list",
-            "[[service]]\nname = \"scoring\"\nendpoints = []\n".into(),
-            vec!["service[0].endpoints"],
-        ),
-        (
             "missing endpoint list",
             "[[service]]\nname = \"scoring\"\n".into(),
             vec!["endpoints"],
@@ -239,7 +234,8 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
 fn every_problem_is_listed_at_once() {
     let text = "[timeouts]\nresponse = \"0s\"\n\n\
         [[service]]\nname = \"a\"\nmax_concurrent = 0\nendpoints = [\"ftp://x\"]\n\
-        [[service]]\nname = \"a\"\nmax_concurrent = 500\nendpoints = []\n";
+        [[service]]\nname = \"a\"\nmax_concurrent = 500\n\
+        endpoints = [\"http://h:1\", \"http://h:1\"]\n";
     assert_rejected(
         "several problems",
         text,
@@ -249,9 +245,23 @@ fn every_problem_is_listed_at_once() {
             "service[0].endpoints[0]",
             "service[1].name",
             "service[1].max_concurrent",
-            "service[1].endpoints",
+            "service[1].endpoints[1]",
         ],
     );
+}
+
+/// A service may start without endpoints (issue 16): they come through the admin API, and
+/// until then it answers 503 `no_endpoints`.
+#[test]
+fn a_service_without_endpoints_passes() {
+    let path = write_config(
+        "no-endpoints",
+        "[[service]]\nname = \"scoring\"\nendpoints = []\n",
+    );
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("0 endpoint(s)"), "{stdout}");
 }
 
 #[test]

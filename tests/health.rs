@@ -92,6 +92,21 @@ async fn an_endpoint_takes_traffic_only_after_passing_twice_and_none_while_it_fa
     );
     // Capacity counts only the endpoint that can take traffic.
     assert_eq!(capacity(&sluice).await["services"][0]["capacity"], 8);
+    let admin = sluice.admin.unwrap();
+    let metrics = once(admin, get(admin, "/metrics")).await.text();
+    for line in [
+        "sluice_service_capacity{service=\"scoring\"} 8".to_owned(),
+        format!(
+            "sluice_endpoint_ready{{service=\"scoring\",endpoint=\"{}\"}} 0",
+            bad.url()
+        ),
+        format!(
+            "sluice_endpoint_ready{{service=\"scoring\",endpoint=\"{}\"}} 1",
+            good.url()
+        ),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line} in {metrics}");
+    }
     assert!(
         bad.arrivals().len() >= 2,
         "the failing endpoint was not probed"

@@ -271,6 +271,21 @@ async fn a_service_without_endpoints_queues_requests_until_the_first_one_joins()
         sluice.proxy.policy().services[0].pool.queue_len() == 3
     })
     .await;
+    // What a backend's autoscaler would scale on: requests waiting, and for how long.
+    let metrics = once(admin, get(admin, "/metrics")).await.text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "sluice_queue_length{service=\"scoring\"} 3"),
+        "{metrics}"
+    );
+    let age: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_queue_oldest_age_seconds{service=\"scoring\"} "))
+        .unwrap_or_else(|| panic!("no queue age in {metrics}"))
+        .parse()
+        .unwrap();
+    assert!(age > 0.0, "{age}");
     let body = format!(r#"{{"url": "{}"}}"#, a.url());
     let added = call(&sluice, "POST", "/admin/services/scoring/endpoints", &body).await;
     assert_eq!(added.status, 200, "{}", added.text());

@@ -189,12 +189,10 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
         expected_latency: expected,
         admitted_tps,
     };
-    let capacity: u64 = (0..shape.endpoints.len())
-        .map(|i| u64::from(shape.serving_cap(i)))
-        .sum();
+
     ServiceCapacity {
         name: service.name.to_string(),
-        capacity: capacity.min(u64::from(shape.cluster_cap)),
+        capacity: shape.capacity(),
         in_flight: service.pool.in_flight(),
         queue_length: service.pool.queue_len(),
         queue_oldest_age_ms: service

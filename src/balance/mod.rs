@@ -142,6 +142,14 @@ impl Shape {
         }
     }
 
+    /// The service's capacity now: `min(cluster_max_concurrent, Σ serving caps)`.
+    pub fn capacity(&self) -> u64 {
+        let slots: u64 = (0..self.endpoints.len())
+            .map(|i| u64::from(self.serving_cap(i)))
+            .sum();
+        slots.min(u64::from(self.cluster_cap))
+    }
+
     /// The slots this replica may use at endpoint `i` now: its part of the cap, ramped while
     /// the endpoint is in its slow start.
     pub fn effective_cap(&self, i: usize) -> u32 {
