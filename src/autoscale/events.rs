@@ -93,6 +93,30 @@ pub struct Event {
 }
 
 impl Event {
+    /// An event no rule or profile made (an operator, a reload, an endpoint that joined,
+    /// left or changed health); numbered when pushed to the history.
+    pub fn change(
+        at: DateTime<Utc>,
+        service: impl Into<String>,
+        target: ScaleTarget,
+        kind: EventKind,
+        (from, to): (u32, u32),
+        reason: impl Into<String>,
+    ) -> Self {
+        Self {
+            id: 0,
+            at,
+            service: service.into(),
+            target,
+            kind,
+            from,
+            to,
+            profile: None,
+            rule: None,
+            reason: reason.into(),
+        }
+    }
+
     /// The resource the event is about, if it is about one.
     pub fn resource(&self) -> Option<&str> {
         match &self.target {

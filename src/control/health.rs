@@ -166,20 +166,17 @@ fn judge(record: &mut Record, health: &HealthConfig, outcome: &Outcome) -> Optio
         EventKind::EndpointHealthy => (0, record.cap),
         _ => (record.cap, 0),
     };
-    Some(Event {
-        id: 0,
-        at: Utc::now(),
-        service: outcome.service.to_string(),
-        target: ScaleTarget::Endpoint {
-            endpoint: outcome.url.clone(),
-        },
+    let target = ScaleTarget::Endpoint {
+        endpoint: outcome.url.clone(),
+    };
+    Some(Event::change(
+        Utc::now(),
+        &*outcome.service,
+        target,
         kind,
-        from,
-        to,
-        profile: None,
-        rule: None,
+        (from, to),
         reason,
-    })
+    ))
 }
 
 /// GET the health path of `endpoint`, within `health.timeout`.

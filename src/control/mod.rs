@@ -247,39 +247,19 @@ impl Control {
             .membership(&config)
             .into_iter()
             .map(|m| {
-                let (kind, from, to, verb) = match m.joined {
-                    true => (EventKind::EndpointAdded, 0, m.cap, "joined"),
-                    false => (EventKind::EndpointRemoved, m.cap, 0, "left"),
+                let (kind, from_to, verb) = match m.joined {
+                    true => (EventKind::EndpointAdded, (0, m.cap), "joined"),
+                    false => (EventKind::EndpointRemoved, (m.cap, 0), "left"),
                 };
-                Event {
-                    id: 0,
-                    at: now,
-                    reason: format!(
-                        "endpoint {} {verb} service {:?} ({reason})",
-                        m.url, m.service
-                    ),
-                    service: m.service,
-                    target: ScaleTarget::Endpoint { endpoint: m.url },
-                    kind,
-                    from,
-                    to,
-                    profile: None,
-                    rule: None,
-                }
+                let why = format!(
+                    "endpoint {} {verb} service {:?} ({reason})",
+                    m.url, m.service
+                );
+                let target = ScaleTarget::Endpoint { endpoint: m.url };
+                Event::change(now, m.service, target, kind, from_to, why)
             })
             .collect();
-        let change = Event {
-            id: 0,
-            at: now,
-            service: service.to_owned(),
-            target,
-            kind,
-            from,
-            to,
-            profile: None,
-            rule: None,
-            reason,
-        };
+        let change = Event::change(now, service, target, kind, (from, to), reason);
         let caused = std::mem::take(&mut events);
         events = std::iter::once(change)
             .chain(membership)
