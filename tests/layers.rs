@@ -242,3 +242,19 @@ fn no_top_level_module_is_in_an_import_cycle() {
         }
     }
 }
+
+/// A file a newcomer can read in one sitting: none in src/ is over 500 lines (issue 15).
+#[test]
+fn no_file_in_src_is_over_500_lines() {
+    let long: Vec<String> = rust_files(&src())
+        .into_iter()
+        .filter_map(|file| {
+            let lines = std::fs::read_to_string(&file)
+                .expect("a source file")
+                .lines()
+                .count();
+            (lines > 500).then(|| format!("{} ({lines} lines)", file.display()))
+        })
+        .collect();
+    assert!(long.is_empty(), "files over 500 lines: {long:?}");
+}

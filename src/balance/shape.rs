@@ -1,0 +1,155 @@
+//! A service's capacity settings as one value: its endpoints and their caps, the service-wide
+//! cap, this replica's share, the queue, the choice, the slow start; and what it can take now.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Endpoint, InvalidEndpointUrl, Share};
+use crate::config::{Balance, ServiceConfig};
+
+/// The capacity settings of a service, swapped as one value so a request never sees half of
+/// a change.
+#[derive(Debug)]
+pub struct Shape {
+    /// Endpoints and their caps (fleet-wide when replicas share a store).
+    pub endpoints: Vec<(Arc<Endpoint>, u32)>,
+    /// Cap on the service's total in flight (`u32::MAX` when not set).
+    pub cluster_cap: u32,
+    /// This replica's part of each cap (the whole when it runs alone).
+    pub share: Share,
+    /// Requests allowed to wait for a slot.
+    pub queue_size: u32,
+    /// How long a request may wait.
+    pub queue_timeout: Duration,
+    /// Endpoint choice.
+    pub balance: Balance,
+    /// Each endpoint's own cap, if it sets one (else it follows the service's).
+    pub own_caps: Vec<Option<u32>>,
+    /// The ramp of an endpoint that (re)enters service, if the service has one.
+    pub slow_start: Option<Duration>,
+}
+
+impl Shape {
+    /// Build from config, reusing the endpoints of `previous` that keep their URL so their
+    /// in-flight counters carry over; `share` is this replica's part of each cap.
+    pub fn from_config(
+        config: &ServiceConfig,
+        previous: Option<&Shape>,
+        share: Share,
+    ) -> Result<Self, InvalidEndpointUrl> {
+        let endpoints = config
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let reused = previous.and_then(|p| {
+                    p.endpoints
+                        .iter()
+                        .find(|(old, _)| old.url() == e.url())
+                        .map(|(old, _)| Arc::clone(old))
+                });
+                let endpoint = match reused {
+                    Some(endpoint) => endpoint,
+                    None => {
+                        let endpoint = Endpoint::new(e.url())?;
+                        // One that joins a running service starts slowly; those it starts
+                        // with were serving before.
+                        if previous.is_some() {
+                            endpoint.enter_service();
+                        }
+                        // With health checks, a new endpoint waits for its first passes.
+                        endpoint.set_ready(config.health.is_none());
+                        Arc::new(endpoint)
+                    }
+                };
+                if config.health.is_none() {
+                    // Checks turned off: nothing keeps an endpoint out any more.
+                    endpoint.set_ready(true);
+                }
+                Ok((endpoint, config.endpoint_cap(i)))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            endpoints,
+            cluster_cap: config.cluster_max_concurrent.unwrap_or(u32::MAX),
+            share,
+            queue_size: config.queue_size,
+            queue_timeout: config.queue_timeout,
+            balance: config.balance,
+            slow_start: config.slow_start,
+            own_caps: config
+                .endpoints
+                .iter()
+                .map(|e| e.max_concurrent())
+                .collect(),
+        })
+    }
+
+    /// The same shape with the service's per-endpoint cap set to `cap` (endpoints with a cap
+    /// of their own keep it).
+    pub fn with_default_cap(&self, cap: u32) -> Self {
+        let endpoints = self
+            .endpoints
+            .iter()
+            .zip(&self.own_caps)
+            .map(|((endpoint, _), own)| (Arc::clone(endpoint), own.unwrap_or(cap)))
+            .collect();
+        Self {
+            endpoints,
+            own_caps: self.own_caps.clone(),
+            ..*self
+        }
+    }
+
+    /// The same shape with this replica's part set to `share`.
+    pub fn with_share(&self, share: Share) -> Self {
+        Self {
+            endpoints: self.endpoints.clone(),
+            own_caps: self.own_caps.clone(),
+            share,
+            ..*self
+        }
+    }
+
+    /// The slots this replica may use at endpoint `i`.
+    pub fn local_cap(&self, i: usize) -> u32 {
+        self.share.of(self.endpoints[i].1, i)
+    }
+
+    /// Endpoint `i`'s cap (fleet-wide) as far as it can take traffic now: 0 while it fails its
+    /// health check, ramped during its slow start. What capacity and its projection count.
+    pub fn serving_cap(&self, i: usize) -> u32 {
+        let (endpoint, cap) = &self.endpoints[i];
+        match (endpoint.is_ready(), self.slow_start) {
+            (false, _) => 0,
+            (true, Some(ramp)) => endpoint.ramped_cap(*cap, ramp),
+            (true, None) => *cap,
+        }
+    }
+
+    /// The service's capacity now: `min(cluster_max_concurrent, Σ serving caps)`.
+    pub fn capacity(&self) -> u64 {
+        let slots: u64 = (0..self.endpoints.len())
+            .map(|i| u64::from(self.serving_cap(i)))
+            .sum();
+        slots.min(u64::from(self.cluster_cap))
+    }
+
+    /// The slots this replica may use at endpoint `i` now: its part of the cap, ramped while
+    /// the endpoint is in its slow start.
+    pub fn effective_cap(&self, i: usize) -> u32 {
+        let cap = self.local_cap(i);
+        match self.slow_start {
+            Some(ramp) => self.endpoints[i].0.ramped_cap(cap, ramp),
+            None => cap,
+        }
+    }
+
+    /// The service-wide cap this replica enforces (`u32::MAX` when none is set).
+    pub fn local_cluster_cap(&self) -> u32 {
+        match self.cluster_cap {
+            u32::MAX => u32::MAX,
+            cap => self.share.of(cap, 0),
+        }
+    }
+}
