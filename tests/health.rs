@@ -73,7 +73,9 @@ async fn an_endpoint_takes_traffic_only_after_passing_twice_and_none_while_it_fa
     let (steady, flaky) = (Arc::new(AtomicU16::new(200)), Arc::new(AtomicU16::new(503)));
     let good = with_ready_status(&steady).await;
     let bad = with_ready_status(&flaky).await;
-    let health = "[service.health]\npath = \"/ready\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+    // Probes every 300 ms, each given 300 ms: a busy machine does not fail the steady endpoint
+    // (it would take two probes in a row missing their 300 ms on loopback).
+    let health = "[service.health]\npath = \"/ready\"\ninterval = \"300ms\"\ntimeout = \"300ms\"\n\
                   healthy_after = 2\nunhealthy_after = 2\n";
     let toml = config(&format!(
         "{}{health}",
