@@ -16,25 +16,6 @@ use support::*;
 
 const TOKEN: &str = "admin-t0ken-for-tests";
 
-fn admin_request(
-    method: &str,
-    admin: SocketAddr,
-    path: &str,
-    body: &str,
-    token: Option<&str>,
-) -> http::Request<Full<Bytes>> {
-    let mut req = request(method, admin, path, body.to_owned());
-    if let Some(token) = token {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    }
-    if !body.is_empty() {
-        req.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-    }
-    req
-}
-
 async fn call(sluice: &Sluice, method: &str, path: &str, body: &str) -> Answer {
     let admin = sluice.admin.expect("admin enabled");
     once(admin, admin_request(method, admin, path, body, Some(TOKEN))).await

@@ -35,17 +35,13 @@ fn scored(mock: &Mock) -> usize {
 
 async fn capacity(sluice: &Sluice) -> serde_json::Value {
     let admin = sluice.admin.unwrap();
-    let mut req = get(admin, "/admin/capacity");
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let req = admin_request("GET", admin, "/admin/capacity", "", Some(TOKEN));
     once(admin, req).await.json()
 }
 
 async fn events(sluice: &Sluice) -> Vec<serde_json::Value> {
     let admin = sluice.admin.unwrap();
-    let mut req = get(admin, "/admin/autoscale/events");
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let req = admin_request("GET", admin, "/admin/autoscale/events", "", Some(TOKEN));
     once(admin, req).await.json()["events"]
         .as_array()
         .unwrap()

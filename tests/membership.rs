@@ -8,33 +8,13 @@
 
 mod support;
 
-use std::net::SocketAddr;
-
-use bytes::Bytes;
-use http_body_util::Full;
 use support::*;
 
 const TOKEN: &str = "membership-t0ken";
 
-fn admin_request(
-    method: &str,
-    admin: SocketAddr,
-    path: &str,
-    body: &str,
-) -> http::Request<Full<Bytes>> {
-    let mut req = request(method, admin, path, body.to_owned());
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    if !body.is_empty() {
-        req.headers_mut()
-            .insert("content-type", "application/json".parse().unwrap());
-    }
-    req
-}
-
 async fn call(sluice: &Sluice, method: &str, path: &str, body: &str) -> Answer {
     let admin = sluice.admin.expect("admin enabled");
-    once(admin, admin_request(method, admin, path, body)).await
+    once(admin, admin_request(method, admin, path, body, Some(TOKEN))).await
 }
 
 /// The service's endpoints as `/admin/policy` shows them.

@@ -196,24 +196,16 @@ async fn readyz(State(admin): State<Admin>) -> Response {
     let policy = proxy.policy();
     for service in &policy.services {
         let shape = service.pool.shape();
-        if shape.endpoints.is_empty() {
-            let reason = format!(
-                "service {:?} has no endpoints (requests wait for one in its queue, if it has \
-                 one, then get 503 no_endpoints)",
-                service.name
-            );
-            return not_ready(reason);
-        }
-        if !shape
-            .endpoints
-            .iter()
-            .any(|(e, cap)| *cap > 0 && e.is_healthy() && e.is_ready())
-        {
-            let reason = format!(
-                "service {:?} has no endpoint that can take traffic",
-                service.name
-            );
-            return not_ready(reason);
+        let can_take = |i: usize| shape.serving_cap(i) > 0 && shape.endpoints[i].0.is_healthy();
+        if !(0..shape.endpoints.len()).any(can_take) {
+            let why = match shape.endpoints.is_empty() {
+                true => {
+                    "has no endpoints (requests wait for one in its queue, if it has one, \
+                         then get 503 no_endpoints)"
+                }
+                false => "has no endpoint that can take traffic",
+            };
+            return not_ready(format!("service {:?} {why}", service.name));
         }
     }
     match degraded {

@@ -135,10 +135,7 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
                 url: endpoint.url().to_owned(),
                 max_concurrent: *cap,
                 local_max_concurrent: shape.local_cap(i),
-                effective_max_concurrent: match endpoint.is_ready() {
-                    true => shape.effective_cap(i),
-                    false => 0,
-                },
+                effective_max_concurrent: shape.effective_cap(i),
                 in_flight: endpoint.in_flight(),
                 healthy: endpoint.is_healthy(),
                 ready: endpoint.is_ready(),

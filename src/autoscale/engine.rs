@@ -272,18 +272,14 @@ impl ServiceEngine {
         from: u32,
         to: u32,
     ) -> Event {
-        Event {
-            id: 0,
+        Event::change(
             at,
-            service: self.service.clone(),
+            self.service.clone(),
             target,
             kind,
-            from,
-            to,
-            profile: None,
-            rule: None,
-            reason: String::new(),
-        }
+            (from, to),
+            String::new(),
+        )
     }
 }
 

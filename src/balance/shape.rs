@@ -58,7 +58,9 @@ impl Shape {
                             endpoint.enter_service();
                         }
                         // With health checks, a new endpoint waits for its first passes.
-                        endpoint.set_ready(config.health.is_none());
+                        if config.health.is_some() {
+                            endpoint.set_ready(false);
+                        }
                         Arc::new(endpoint)
                     }
                 };
@@ -119,12 +121,7 @@ impl Shape {
     /// Endpoint `i`'s cap (fleet-wide) as far as it can take traffic now: 0 while it fails its
     /// health check, ramped during its slow start. What capacity and its projection count.
     pub fn serving_cap(&self, i: usize) -> u32 {
-        let (endpoint, cap) = &self.endpoints[i];
-        match (endpoint.is_ready(), self.slow_start) {
-            (false, _) => 0,
-            (true, Some(ramp)) => endpoint.ramped_cap(*cap, ramp),
-            (true, None) => *cap,
-        }
+        self.now(i, self.endpoints[i].1)
     }
 
     /// The service's capacity now: `min(cluster_max_concurrent, Σ serving caps)`.
@@ -135,13 +132,19 @@ impl Shape {
         slots.min(u64::from(self.cluster_cap))
     }
 
-    /// The slots this replica may use at endpoint `i` now: its part of the cap, ramped while
-    /// the endpoint is in its slow start.
+    /// The slots this replica may use at endpoint `i` now: its part of the cap, 0 while it
+    /// fails its health check, ramped during its slow start.
     pub fn effective_cap(&self, i: usize) -> u32 {
-        let cap = self.local_cap(i);
-        match self.slow_start {
-            Some(ramp) => self.endpoints[i].0.ramped_cap(cap, ramp),
-            None => cap,
+        self.now(i, self.local_cap(i))
+    }
+
+    /// `cap` of endpoint `i` as far as it can take traffic now (health, slow start).
+    fn now(&self, i: usize, cap: u32) -> u32 {
+        let endpoint = &self.endpoints[i].0;
+        match (endpoint.is_ready(), self.slow_start) {
+            (false, _) => 0,
+            (true, Some(ramp)) => endpoint.ramped_cap(cap, ramp),
+            (true, None) => cap,
         }
     }
 

@@ -43,44 +43,32 @@ impl ValidConfig {
     /// timeout, the store and the CA file, compared with `started`, what the process started
     /// with (a reload that changed them still needs that restart).
     pub fn changes(&self, next: &ValidConfig, started: &ValidConfig) -> Changes {
-        let (old, new) = (&self.0, &next.0);
-        let mut live = Vec::new();
+        let (old, new, first) = (&self.0, &next.0, &started.0);
         let other_timeouts = super::Timeouts {
             connect: old.timeouts.connect,
             ..new.timeouts.clone()
         };
-        for (changed, key) in [
-            (old.timeouts != other_timeouts, "timeouts"),
-            (old.limits != new.limits, "limits"),
-            (old.services != new.services, "service"),
-        ] {
-            if changed {
-                live.push(key);
-            }
-        }
-        let mut needs_restart = Vec::new();
-        let first = &started.0;
-        for (changed, key) in [
-            (first.listen != new.listen, "listen"),
-            (
-                first.timeouts.connect != new.timeouts.connect,
-                "timeouts.connect",
-            ),
-            (first.store != new.store, "store"),
-            (first.upstream != new.upstream, "upstream.ca_file"),
-        ] {
-            if changed {
-                needs_restart.push(key);
-            }
-        }
+        let changed = |keys: &[(bool, &'static str)]| -> Vec<&'static str> {
+            keys.iter().filter(|(c, _)| *c).map(|(_, k)| *k).collect()
+        };
         Changes {
-            live,
-            needs_restart,
+            live: changed(&[
+                (old.timeouts != other_timeouts, "timeouts"),
+                (old.limits != new.limits, "limits"),
+                (old.services != new.services, "service"),
+            ]),
+            needs_restart: changed(&[
+                (first.listen != new.listen, "listen"),
+                (
+                    first.timeouts.connect != new.timeouts.connect,
+                    "timeouts.connect",
+                ),
+                (first.store != new.store, "store"),
+                (first.upstream != new.upstream, "upstream.ca_file"),
+            ]),
         }
     }
-}
 
-impl ValidConfig {
     /// The endpoints `next` adds to or removes from each service, by URL (a service that
     /// appears or goes brings or takes all of its endpoints). Caps are the endpoints'
     /// effective ones; a cap that changes is not a membership change.
@@ -106,24 +94,17 @@ impl ValidConfig {
         let mut changes = Vec::new();
         for service in names {
             let (old, new) = (caps(self, service), caps(next, service));
-            for (url, cap) in &new {
-                if !old.iter().any(|(u, _)| u == url) {
-                    changes.push(Membership {
-                        service: service.to_owned(),
-                        url: url.clone(),
-                        cap: *cap,
-                        joined: true,
-                    });
-                }
-            }
-            for (url, cap) in &old {
-                if !new.iter().any(|(u, _)| u == url) {
-                    changes.push(Membership {
-                        service: service.to_owned(),
-                        url: url.clone(),
-                        cap: *cap,
-                        joined: false,
-                    });
+            // Those of `from` not in `to`: joined (new over old), then left (old over new).
+            for (from, to, joined) in [(&new, &old, true), (&old, &new, false)] {
+                for (url, cap) in from {
+                    if !to.iter().any(|(u, _)| u == url) {
+                        changes.push(Membership {
+                            service: service.to_owned(),
+                            url: url.clone(),
+                            cap: *cap,
+                            joined,
+                        });
+                    }
                 }
             }
         }

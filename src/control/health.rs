@@ -5,7 +5,7 @@
 //! Each change is an event (`endpoint_healthy`, `endpoint_unhealthy`) and a log line. Probes run
 //! off the request path, one at a time per endpoint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,12 +63,12 @@ pub async fn run(live: Arc<Live>, connect: Connect) {
         tokio::select! {
             _ = ticker.tick() => {
                 let policy = live.policy();
-                let mut present = Vec::new();
+                let mut present = HashSet::new();
                 for (service, config) in policy.services.iter().zip(&policy.config.services) {
                     let Some(health) = &config.health else { continue };
                     for (endpoint, cap) in &service.pool.shape().endpoints {
                         let key = (Arc::clone(&service.name), endpoint.url().to_owned());
-                        present.push(key.clone());
+                        present.insert(key.clone());
                         let record = records.entry(key).or_insert_with(|| Record {
                             endpoint: Arc::clone(endpoint),
                             cap: *cap,
@@ -133,7 +133,7 @@ pub async fn run(live: Arc<Live>, connect: Connect) {
 /// the event that says so, if it changed.
 fn judge(record: &mut Record, health: &HealthConfig, outcome: &Outcome) -> Option<Event> {
     let endpoint = &record.endpoint;
-    let (kind, reason) = if outcome.passed {
+    let (kind, from_to, reason) = if outcome.passed {
         record.passes += 1;
         record.failures = 0;
         if endpoint.is_ready() || record.passes < health.healthy_after {
@@ -142,6 +142,7 @@ fn judge(record: &mut Record, health: &HealthConfig, outcome: &Outcome) -> Optio
         endpoint.set_ready(true);
         (
             EventKind::EndpointHealthy,
+            (0, record.cap),
             format!(
                 "{} passed {} health checks in a row: takes traffic",
                 outcome.url, record.passes
@@ -156,15 +157,12 @@ fn judge(record: &mut Record, health: &HealthConfig, outcome: &Outcome) -> Optio
         endpoint.set_ready(false);
         (
             EventKind::EndpointUnhealthy,
+            (record.cap, 0),
             format!(
                 "{} failed {} health checks in a row ({}): takes no traffic until it recovers",
                 outcome.url, record.failures, outcome.why
             ),
         )
-    };
-    let (from, to) = match kind {
-        EventKind::EndpointHealthy => (0, record.cap),
-        _ => (record.cap, 0),
     };
     let target = ScaleTarget::Endpoint {
         endpoint: outcome.url.clone(),
@@ -174,7 +172,7 @@ fn judge(record: &mut Record, health: &HealthConfig, outcome: &Outcome) -> Optio
         &*outcome.service,
         target,
         kind,
-        (from, to),
+        from_to,
         reason,
     ))
 }
@@ -197,7 +195,6 @@ async fn probe(
     let request = Request::builder()
         .method(Method::GET)
         .uri(&uri)
-        .header(header::HOST, endpoint.host_header())
         .header(header::USER_AGENT, "sluice-health-check")
         .body(Empty::new());
     let (passed, why) = match request {

@@ -87,6 +87,26 @@ pub fn request(
         .expect("a valid request")
 }
 
+/// A request to the admin API at `admin`, with `token` as a bearer token and `body` as JSON.
+pub fn admin_request(
+    method: &str,
+    admin: SocketAddr,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> Request<Full<Bytes>> {
+    let mut req = request(method, admin, path, body.to_owned());
+    if let Some(token) = token {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    if !body.is_empty() {
+        req.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+    }
+    req
+}
+
 /// A request to `addr` under construction: its target, and `Host` as every real client sends
 /// it (hyper's own connections send no `Host` by themselves, and sluice answers an HTTP/1.1
 /// request without one 400).
