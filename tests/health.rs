@@ -197,6 +197,18 @@ fn health_settings_out_of_range_are_refused_naming_their_key() {
             "{table}: {errors:?} names no {key}"
         );
     }
+    // Unset, the timeout follows an interval shorter than its 1s default instead of being
+    // refused for a key the operator did not write.
+    let text = format!(
+        "{}[service.health]\npath = \"/r\"\ninterval = \"500ms\"\n",
+        service(&["http://127.0.0.1:1".to_owned()], "")
+    );
+    let config = sluice::config::Config::parse(&text)
+        .unwrap()
+        .validated()
+        .unwrap();
+    let health = config.services[0].health.as_ref().unwrap();
+    assert_eq!(health.timeout(), std::time::Duration::from_millis(500));
     let text = format!(
         "{}[service.health]\npath = \"/r\"\nperiod = \"1s\"\n",
         service(&["http://127.0.0.1:1".to_owned()], "")

@@ -26,9 +26,14 @@ pub struct HealthConfig {
     /// Time between two probes of one endpoint.
     #[serde(default = "default_interval", with = "humantime_serde")]
     pub interval: Duration,
-    /// A probe without an answer's head by then failed.
-    #[serde(default = "default_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
+    /// A probe without an answer's head by then failed; unset: 1s, or `interval` if shorter
+    /// (see [`HealthConfig::timeout`]).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
     /// Successes in a row that make a new or unhealthy endpoint take traffic.
     #[serde(default = "default_healthy_after")]
     pub healthy_after: u32,
@@ -40,14 +45,20 @@ pub struct HealthConfig {
 fn default_interval() -> Duration {
     Duration::from_secs(2)
 }
-fn default_timeout() -> Duration {
-    Duration::from_secs(1)
-}
 fn default_healthy_after() -> u32 {
     2
 }
 fn default_unhealthy_after() -> u32 {
     3
+}
+
+impl HealthConfig {
+    /// How long a probe may take: as set, else 1s or `interval` if shorter (a probe never
+    /// outlives the next one's turn).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+            .unwrap_or(Duration::from_secs(1).min(self.interval))
+    }
 }
 
 /// Check `health` found at `key` (e.g. `service[0].health`).
@@ -68,7 +79,7 @@ pub(super) fn validate(p: &mut Problems, key: &str, health: &HealthConfig) {
     );
     p.duration_range(
         format!("{key}.timeout"),
-        health.timeout,
+        health.timeout(),
         &(Duration::from_millis(10)..=health.interval),
     );
     p.range(

@@ -177,7 +177,7 @@ fn judge(record: &mut Record, health: &HealthConfig, outcome: &Outcome) -> Optio
     ))
 }
 
-/// GET the health path of `endpoint`, within `health.timeout`.
+/// GET the health path of `endpoint`, within `health.timeout()`.
 async fn probe(
     client: Client<HttpsConnector<HttpConnector>, Empty<Bytes>>,
     endpoint: Arc<Endpoint>,
@@ -199,14 +199,16 @@ async fn probe(
         .body(Empty::new());
     let (passed, why) = match request {
         Err(e) => (false, format!("invalid health check URL {uri}: {e}")),
-        Ok(request) => match tokio::time::timeout(health.timeout, client.request(request)).await {
-            Err(_) => (false, format!("no answer within {:?}", health.timeout)),
-            Ok(Err(e)) => (false, crate::upstream::error_chain(&e)),
-            Ok(Ok(answer)) => (
-                answer.status().is_success(),
-                format!("status {}", answer.status().as_u16()),
-            ),
-        },
+        Ok(request) => {
+            match tokio::time::timeout(health.timeout(), client.request(request)).await {
+                Err(_) => (false, format!("no answer within {:?}", health.timeout())),
+                Ok(Err(e)) => (false, crate::upstream::error_chain(&e)),
+                Ok(Ok(answer)) => (
+                    answer.status().is_success(),
+                    format!("status {}", answer.status().as_u16()),
+                ),
+            }
+        }
     };
     let _ = done.send(Outcome {
         service,
