@@ -189,6 +189,7 @@ impl App {
             control::notify::Notifier::new(self.connect.with_timeout(control::notify::TIMEOUT)),
             chrono::Utc::now,
         ));
+        tasks.spawn(control::discovery::run(Arc::clone(&self.control)));
         tasks.spawn(control::health::run(
             Arc::clone(self.proxy.live()),
             self.connect.clone(),

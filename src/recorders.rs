@@ -148,3 +148,39 @@ pub struct ReloadStats {
     /// Refused (invalid file).
     pub failed: AtomicU64,
 }
+
+/// DNS lookups of endpoint names, by name: how each went, and what the name stands for now.
+#[derive(Debug, Default)]
+pub struct DnsLookups(std::sync::Mutex<std::collections::BTreeMap<String, NameLookups>>);
+
+/// The lookups of one name.
+#[derive(Debug, Default, Clone)]
+pub struct NameLookups {
+    /// Answered with at least one endpoint.
+    pub found: u64,
+    /// Answered that the name has none (NXDOMAIN, no records).
+    pub empty: u64,
+    /// Failed (timeout, SERVFAIL, no server): the last known endpoints stay.
+    pub failed: u64,
+    /// Endpoints it stands for now.
+    pub endpoints: u64,
+}
+
+impl DnsLookups {
+    /// Record a lookup of `name`: `Some(n)` answered with `n` endpoints, `None` failed.
+    pub fn count(&self, name: &str, answer: Option<usize>) {
+        let mut names = self.0.lock().expect("dns lookups lock");
+        let entry = names.entry(name.to_owned()).or_default();
+        match answer {
+            Some(0) => (entry.empty, entry.endpoints) = (entry.empty + 1, 0),
+            Some(n) => (entry.found, entry.endpoints) = (entry.found + 1, n as u64),
+            None => entry.failed += 1,
+        }
+    }
+
+    /// Every name looked up so far, with its counts.
+    pub fn snapshot(&self) -> Vec<(String, NameLookups)> {
+        let names = self.0.lock().expect("dns lookups lock");
+        names.iter().map(|(n, l)| (n.clone(), l.clone())).collect()
+    }
+}

@@ -198,7 +198,14 @@ async fn a_deferred_raise_proceeds_once_the_backend_scales_out() {
         .validated()
         .unwrap();
     let previous = proxy.policy();
-    let (policy, _) = Policy::reload(&scaled, Some(&previous), chrono::Utc::now(), None).unwrap();
+    let (policy, _) = Policy::reload(
+        &scaled,
+        &sluice::balance::Discovered::default(),
+        Some(&previous),
+        chrono::Utc::now(),
+        None,
+    )
+    .unwrap();
     proxy.live().set_policy(policy);
     overload(&proxy, 5, u64::MAX).await;
     looping.abort();

@@ -57,9 +57,23 @@ async fn an_endpoint_added_through_the_admin_api_takes_traffic_and_counts_in_cap
 
     let capacity = call(&sluice, "GET", "/admin/capacity", "").await.json();
     assert_eq!(capacity["services"][0]["capacity"], 11, "{capacity}");
+    let sources: Vec<_> = capacity["services"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["url"].clone(), e["source"].clone()))
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            (a.url().into(), "config".into()),
+            (b.url().into(), "admin".into())
+        ],
+        "{capacity}"
+    );
     assert_eq!(
         endpoints(&sluice).await,
-        serde_json::json!([a.url(), {"url": b.url(), "max_concurrent": 7}])
+        serde_json::json!([a.url(), {"url": b.url(), "max_concurrent": 7, "admin": true}])
     );
 
     // The next requests go to both (40 in a row all to one of two equal endpoints: 2^-39).

@@ -12,7 +12,9 @@ use serde_json::json;
 
 use super::{parse_body, Admin, ApiError, Peer};
 use crate::autoscale::ScaleTarget;
-use crate::config::{Config, EndpointConfig, EndpointTable, ResourceConfig, ServiceConfig};
+use crate::config::{
+    Config, EndpointConfig, EndpointTable, Resolve, ResourceConfig, ServiceConfig,
+};
 use crate::control::ChangeError;
 
 /// `PATCH /admin/services/{service}` body: the fields to change.
@@ -81,6 +83,9 @@ struct EndpointPost {
     url: String,
     /// Its own cap; without it, the service's `max_concurrent`.
     max_concurrent: Option<u32>,
+    /// Look the host up in DNS, as the file's `resolve`.
+    #[serde(default)]
+    resolve: Resolve,
 }
 
 /// `DELETE /admin/services/{service}/endpoints?url=...`: the endpoint to remove.
@@ -266,13 +271,12 @@ pub(super) async fn add_endpoint(
                     post.url
                 )));
             }
-            s.endpoints.push(match post.max_concurrent {
-                Some(cap) => EndpointConfig::Table(EndpointTable {
-                    url: post.url,
-                    max_concurrent: Some(cap),
-                }),
-                None => EndpointConfig::Url(post.url),
-            });
+            s.endpoints.push(EndpointConfig::Table(EndpointTable {
+                url: post.url,
+                max_concurrent: post.max_concurrent,
+                resolve: post.resolve,
+                admin: true,
+            }));
             Ok(())
         })
         .await?;

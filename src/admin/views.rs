@@ -54,8 +54,12 @@ pub struct ServiceCapacity {
 /// One endpoint.
 #[derive(Debug, Serialize)]
 pub struct EndpointView {
-    /// URL as configured.
+    /// URL as configured; for an endpoint DNS found, its address in place of the name.
     pub url: String,
+    /// Where it came from: `config`, `admin` or `dns:<name>`.
+    pub source: String,
+    /// The `Host` its requests carry.
+    pub host: String,
     /// Its concurrency cap (for the whole fleet when replicas share a store).
     pub max_concurrent: u32,
     /// The part of the cap this replica enforces (the whole cap without a store).
@@ -133,6 +137,8 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
             let mean_ms = latency.map_or(expected.as_secs_f64() * 1000.0, |l| l.mean_ms);
             EndpointView {
                 url: endpoint.url().to_owned(),
+                source: shape.members[i].source.to_string(),
+                host: String::from_utf8_lossy(endpoint.host_header().as_bytes()).into_owned(),
                 max_concurrent: *cap,
                 local_max_concurrent: shape.local_cap(i),
                 effective_max_concurrent: shape.effective_cap(i),

@@ -52,8 +52,10 @@ pub struct Endpoint {
 pub struct InvalidEndpointUrl(pub String);
 
 impl Endpoint {
-    /// Parse an `http(s)://host:port[/base]` URL.
-    pub fn new(url: &str) -> Result<Self, InvalidEndpointUrl> {
+    /// Parse an `http(s)://host:port[/base]` URL; `host` is the `Host` of requests to it
+    /// when that is not the URL's authority (an endpoint DNS found: its address in the URL,
+    /// the name in `Host`).
+    pub fn new(url: &str, host: Option<&str>) -> Result<Self, InvalidEndpointUrl> {
         let invalid = || InvalidEndpointUrl(url.to_owned());
         let uri: Uri = url.parse().map_err(|_| invalid())?;
         let parts = uri.into_parts();
@@ -63,7 +65,8 @@ impl Endpoint {
             .path_and_query
             .map(|p| p.path().trim_end_matches('/').to_owned())
             .unwrap_or_default();
-        let host_header = HeaderValue::from_str(authority.as_str()).map_err(|_| invalid())?;
+        let host_header =
+            HeaderValue::from_str(host.unwrap_or(authority.as_str())).map_err(|_| invalid())?;
         let base_uri = Uri::builder()
             .scheme(scheme)
             .authority(authority)

@@ -6,6 +6,7 @@
 //! releases it exactly once.
 
 mod endpoint;
+mod members;
 mod queue;
 mod shape;
 mod share;
@@ -18,6 +19,7 @@ use arc_swap::ArcSwap;
 use rand::Rng;
 
 pub use endpoint::{Endpoint, InvalidEndpointUrl};
+pub use members::{members, Discovered, Found, Member, Source};
 use queue::Queue;
 pub use shape::Shape;
 pub use share::{Share, HELD};
@@ -284,15 +286,28 @@ impl Drop for Slot {
 mod tests {
     use super::*;
 
+    /// `n` endpoints from the config file with no cap of their own.
+    fn endpoints_members(n: usize) -> Vec<Member> {
+        (0..n)
+            .map(|i| Member {
+                url: format!("http://127.0.0.1:{}", 9000 + i),
+                host: None,
+                own_cap: None,
+                source: Source::Config,
+            })
+            .collect()
+    }
+
     fn pool(caps: &[u32], queue_size: u32) -> Arc<Pool> {
         let endpoints = caps
             .iter()
             .enumerate()
             .map(|(i, cap)| {
                 let url = format!("http://127.0.0.1:{}", 9000 + i);
-                (Arc::new(Endpoint::new(&url).unwrap()), *cap)
+                (Arc::new(Endpoint::new(&url, None).unwrap()), *cap)
             })
             .collect();
+        let members = endpoints_members(caps.len());
         Pool::new(Shape {
             endpoints,
             cluster_cap: u32::MAX,
@@ -300,7 +315,7 @@ mod tests {
             queue_size,
             queue_timeout: Duration::from_millis(200),
             balance: Balance::Random,
-            own_caps: vec![None; caps.len()],
+            members,
             slow_start: None,
         })
     }
@@ -328,9 +343,15 @@ mod tests {
             "[[service]]\nname = \"s\"\ncluster_max_concurrent = 7\nendpoints = []",
         )
         .unwrap();
-        let mut shape = Shape::from_config(&config.services[0], None, Share::WHOLE).unwrap();
+        let mut shape = Shape::from_config(
+            &config.services[0],
+            &Discovered::default(),
+            None,
+            Share::WHOLE,
+        )
+        .unwrap();
         shape.endpoints = pool.shape().endpoints.clone();
-        shape.own_caps = vec![None; 2];
+        shape.members = endpoints_members(2);
         pool.set_shape(shape);
         let mut slots = Vec::new();
         while let Ok(s) = pool.acquire().await {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::members::{members, Discovered, Member};
 use super::{Endpoint, InvalidEndpointUrl, Share};
 use crate::config::{Balance, ServiceConfig};
 
@@ -23,35 +24,37 @@ pub struct Shape {
     pub queue_timeout: Duration,
     /// Endpoint choice.
     pub balance: Balance,
-    /// Each endpoint's own cap, if it sets one (else it follows the service's).
-    pub own_caps: Vec<Option<u32>>,
+    /// What each endpoint is: its entry's own cap, if it sets one (else it follows the
+    /// service's), and where it came from.
+    pub members: Vec<Member>,
     /// The ramp of an endpoint that (re)enters service, if the service has one.
     pub slow_start: Option<Duration>,
 }
 
 impl Shape {
-    /// Build from config, reusing the endpoints of `previous` that keep their URL so their
-    /// in-flight counters carry over; `share` is this replica's part of each cap.
+    /// Build from config and what DNS found for its names, reusing the endpoints of
+    /// `previous` that keep their URL so their in-flight counters carry over; `share` is this
+    /// replica's part of each cap.
     pub fn from_config(
         config: &ServiceConfig,
+        discovered: &Discovered,
         previous: Option<&Shape>,
         share: Share,
     ) -> Result<Self, InvalidEndpointUrl> {
-        let endpoints = config
-            .endpoints
+        let members = members(config, discovered);
+        let endpoints = members
             .iter()
-            .enumerate()
-            .map(|(i, e)| {
+            .map(|m| {
                 let reused = previous.and_then(|p| {
                     p.endpoints
                         .iter()
-                        .find(|(old, _)| old.url() == e.url())
+                        .find(|(old, _)| old.url() == m.url)
                         .map(|(old, _)| Arc::clone(old))
                 });
                 let endpoint = match reused {
                     Some(endpoint) => endpoint,
                     None => {
-                        let endpoint = Endpoint::new(e.url())?;
+                        let endpoint = Endpoint::new(&m.url, m.host.as_deref())?;
                         // One that joins a running service starts slowly; those it starts
                         // with were serving before.
                         if previous.is_some() {
@@ -68,7 +71,7 @@ impl Shape {
                     // Checks turned off: nothing keeps an endpoint out any more.
                     endpoint.set_ready(true);
                 }
-                Ok((endpoint, config.endpoint_cap(i)))
+                Ok((endpoint, m.own_cap.unwrap_or(config.max_concurrent)))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
@@ -79,11 +82,7 @@ impl Shape {
             queue_timeout: config.queue_timeout,
             balance: config.balance,
             slow_start: config.slow_start,
-            own_caps: config
-                .endpoints
-                .iter()
-                .map(|e| e.max_concurrent())
-                .collect(),
+            members,
         })
     }
 
@@ -93,12 +92,12 @@ impl Shape {
         let endpoints = self
             .endpoints
             .iter()
-            .zip(&self.own_caps)
-            .map(|((endpoint, _), own)| (Arc::clone(endpoint), own.unwrap_or(cap)))
+            .zip(&self.members)
+            .map(|((endpoint, _), m)| (Arc::clone(endpoint), m.own_cap.unwrap_or(cap)))
             .collect();
         Self {
             endpoints,
-            own_caps: self.own_caps.clone(),
+            members: self.members.clone(),
             ..*self
         }
     }
@@ -107,7 +106,7 @@ impl Shape {
     pub fn with_share(&self, share: Share) -> Self {
         Self {
             endpoints: self.endpoints.clone(),
-            own_caps: self.own_caps.clone(),
+            members: self.members.clone(),
             share,
             ..*self
         }

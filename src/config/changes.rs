@@ -55,6 +55,7 @@ impl ValidConfig {
             live: changed(&[
                 (old.timeouts != other_timeouts, "timeouts"),
                 (old.limits != new.limits, "limits"),
+                (old.resolver != new.resolver, "resolver"),
                 (old.services != new.services, "service"),
             ]),
             needs_restart: changed(&[
@@ -68,61 +69,6 @@ impl ValidConfig {
             ]),
         }
     }
-
-    /// The endpoints `next` adds to or removes from each service, by URL (a service that
-    /// appears or goes brings or takes all of its endpoints). Caps are the endpoints'
-    /// effective ones; a cap that changes is not a membership change.
-    pub fn membership(&self, next: &ValidConfig) -> Vec<Membership> {
-        let caps = |config: &Config, service: &str| -> Vec<(String, u32)> {
-            config
-                .services
-                .iter()
-                .find(|s| s.name == service)
-                .map(|s| {
-                    (0..s.endpoints.len())
-                        .map(|i| (s.endpoints[i].url().to_owned(), s.endpoint_cap(i)))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let mut names: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
-        for s in &next.services {
-            if !names.contains(&s.name.as_str()) {
-                names.push(&s.name);
-            }
-        }
-        let mut changes = Vec::new();
-        for service in names {
-            let (old, new) = (caps(self, service), caps(next, service));
-            // Those of `from` not in `to`: joined (new over old), then left (old over new).
-            for (from, to, joined) in [(&new, &old, true), (&old, &new, false)] {
-                for (url, cap) in from {
-                    if !to.iter().any(|(u, _)| u == url) {
-                        changes.push(Membership {
-                            service: service.to_owned(),
-                            url: url.clone(),
-                            cap: *cap,
-                            joined,
-                        });
-                    }
-                }
-            }
-        }
-        changes
-    }
-}
-
-/// An endpoint that joins or leaves a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Membership {
-    /// The service's name.
-    pub service: String,
-    /// The endpoint's URL.
-    pub url: String,
-    /// Its cap (in the config that has it).
-    pub cap: u32,
-    /// True when it joins, false when it leaves.
-    pub joined: bool,
 }
 
 /// What a new config changes over the one in force, by top-level key.

@@ -5,6 +5,7 @@ mod changes;
 mod health;
 mod limits;
 mod rate_limit;
+mod resolver;
 mod store;
 mod upstream;
 mod validate;
@@ -16,12 +17,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::autoscale::AutoscaleSettings;
 
-pub use changes::{Changes, Membership, ValidConfig};
+pub use changes::{Changes, ValidConfig};
 pub use health::{HealthConfig, HEALTH_COUNT_RANGE, HEALTH_INTERVAL_RANGE};
 pub use limits::{Limits, HYPER_DEFAULT_MAX_HEADERS};
 pub use rate_limit::{
     key_digest, parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys,
     ANONYMOUS_RESOURCE, BUILT_IN_RESOURCES, TPS_CEILING, UNKNOWN_RESOURCE,
+};
+pub use resolver::{
+    Resolve, ResolverConfig, RESOLVER_MAX_ENDPOINTS_RANGE, RESOLVER_TIMEOUT_RANGE,
+    RESOLVER_TTL_RANGE,
 };
 pub use store::{Backend, OnError, StoreConfig};
 pub use upstream::{load_ca_file, CaFileError, UpstreamConfig};
@@ -53,6 +58,9 @@ pub struct Config {
     /// Where limit state lives: this process, or Redis for a fleet of replicas.
     #[serde(default)]
     pub store: StoreConfig,
+    /// How endpoint entries with `resolve` are looked up in DNS.
+    #[serde(default)]
+    pub resolver: ResolverConfig,
     /// The services requests are routed to, by path prefix.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -189,6 +197,13 @@ pub struct EndpointTable {
     /// This endpoint's cap; default: the service's `max_concurrent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// Whether the URL's host is looked up in DNS and stands for every endpoint it names.
+    #[serde(default, skip_serializing_if = "Resolve::is_off")]
+    pub resolve: Resolve,
+    /// Added through the admin API (not from the file): what `/admin/capacity` calls its
+    /// source. A reload from the file drops it unless the file lists it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 impl EndpointConfig {
@@ -206,6 +221,19 @@ impl EndpointConfig {
             Self::Url(_) => None,
             Self::Table(t) => t.max_concurrent,
         }
+    }
+
+    /// Whether its host is looked up in DNS.
+    pub fn resolve(&self) -> Resolve {
+        match self {
+            Self::Url(_) => Resolve::Off,
+            Self::Table(t) => t.resolve,
+        }
+    }
+
+    /// Whether it was added through the admin API.
+    pub fn from_admin(&self) -> bool {
+        matches!(self, Self::Table(t) if t.admin)
     }
 }
 
@@ -236,9 +264,11 @@ impl ServiceConfig {
         }
     }
 
-    /// min(cluster_max_concurrent, Σ endpoint caps).
+    /// min(cluster_max_concurrent, Σ caps of the endpoints it lists); names to look up in
+    /// DNS count for nothing here (what they bring is known only once resolved).
     pub fn effective_capacity(&self) -> u64 {
         let sum: u64 = (0..self.endpoints.len())
+            .filter(|&i| self.endpoints[i].resolve().is_off())
             .map(|i| u64::from(self.endpoint_cap(i)))
             .sum();
         self.cluster_max_concurrent
@@ -317,13 +347,18 @@ impl Config {
 
     /// One-line summary for `sluice check` and the startup log.
     pub fn summary(&self) -> String {
-        let endpoints: usize = self.services.iter().map(|s| s.endpoints.len()).sum();
+        let entries = || self.services.iter().flat_map(|s| &s.endpoints);
+        let names = entries().filter(|e| !e.resolve().is_off()).count();
+        let endpoints = entries().count() - names;
         let capacity: u64 = self.services.iter().map(|s| s.effective_capacity()).sum();
+        let discovered = match names {
+            0 => String::new(),
+            n => format!(" and {n} name(s) to look up in DNS (not counted in the slots)"),
+        };
         format!(
-            "{} service(s), {} endpoint(s), {} concurrent slot(s) in all, proxy on {}",
+            "{} service(s), {endpoints} endpoint(s){discovered}, {capacity} concurrent slot(s) \
+             in all, proxy on {}",
             self.services.len(),
-            endpoints,
-            capacity,
             self.listen.proxy
         )
     }

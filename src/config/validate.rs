@@ -132,6 +132,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
     );
     p.positive("timeouts.shutdown_grace", t.shutdown_grace);
     super::upstream::validate(&mut p, &config.upstream);
+    super::resolver::validate(&mut p, &config.resolver);
     super::limits::validate(&mut p, &config.limits);
     super::store::validate(&mut p, &config.store);
 
@@ -183,8 +184,9 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
         let mut urls: HashMap<&str, usize> = HashMap::new();
         for (j, e) in s.endpoints.iter().enumerate() {
             let ekey = format!("service[{i}].endpoints[{j}]");
-            if let Err(why) = check_endpoint_url(e.url()) {
-                p.add(format!("{ekey}.url"), why);
+            match check_endpoint_url(e.url()) {
+                Ok(uri) => super::resolver::validate_entry(&mut p, &ekey, &uri, e.resolve()),
+                Err(why) => p.add(format!("{ekey}.url"), why),
             }
             if let Some(first) = urls.insert(e.url(), j) {
                 p.add(
@@ -223,7 +225,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
 }
 
 /// An endpoint is an absolute http(s) URL with a host and no query or fragment.
-fn check_endpoint_url(url: &str) -> Result<(), String> {
+fn check_endpoint_url(url: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a valid URL ({e}); expected http://host:port"))?;
@@ -243,5 +245,5 @@ fn check_endpoint_url(url: &str) -> Result<(), String> {
     if uri.query().is_some() {
         return Err(format!("{url:?} must not have a query string"));
     }
-    Ok(())
+    Ok(uri)
 }

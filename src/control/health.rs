@@ -195,6 +195,8 @@ async fn probe(
     let request = Request::builder()
         .method(Method::GET)
         .uri(&uri)
+        // What requests to it carry: for an endpoint DNS found, the name, not its address.
+        .header(header::HOST, endpoint.host_header())
         .header(header::USER_AGENT, "sluice-health-check")
         .body(Empty::new());
     let (passed, why) = match request {

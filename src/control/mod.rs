@@ -13,9 +13,10 @@ use crate::autoscale::{Event, EventKind, ScaleTarget};
 use crate::balance::InvalidEndpointUrl;
 use crate::config::{Config, ConfigError, LoadError, ValidConfig};
 use crate::policy::{Live, Policy};
-use crate::recorders::ReloadStats;
+use crate::recorders::{DnsLookups, ReloadStats};
 
 pub mod autoscale;
+pub mod discovery;
 pub mod fleet;
 pub mod health;
 pub mod notify;
@@ -74,6 +75,7 @@ pub struct Control {
     started: ValidConfig,
     serial: Mutex<()>,
     reloads: ReloadStats,
+    dns: DnsLookups,
 }
 
 impl Control {
@@ -85,10 +87,16 @@ impl Control {
             started: config,
             serial: Mutex::new(()),
             reloads: ReloadStats::default(),
+            dns: DnsLookups::default(),
         }
     }
 
-    /// Reloads applied and refused so far.
+    /// DNS lookups of endpoint names so far.
+    pub fn dns(&self) -> &DnsLookups {
+        &self.dns
+    }
+
+    /// Reloads applied and refused.
     pub fn reloads(&self) -> &ReloadStats {
         &self.reloads
     }
@@ -231,20 +239,59 @@ impl Control {
     ) -> Result<Vec<Event>, ChangeError> {
         let previous = self.live.policy();
         let now = Utc::now();
-        let (policy, mut events) =
-            Policy::reload(&config, Some(&previous), now, self.live.fleet())?;
-        self.live.set_policy(policy);
         let kind = match (service, &target) {
             ("*", _) => EventKind::Reload,
             _ => EventKind::Manual,
         };
         let from = setting_value(&previous.config, service, &target);
         let to = setting_value(&config, service, &target);
+        let change = Event::change(now, service, target, kind, (from, to), reason.clone());
+        let (membership, caused) = self.rebuild(config, &reason)?;
         // The change itself first, then what it caused: endpoints that joined or left, then
         // autoscale values.
-        let membership: Vec<Event> = previous
-            .config
-            .membership(&config)
+        let events = std::iter::once(change)
+            .chain(membership)
+            .chain(caused)
+            .collect();
+        Ok(self.record(events))
+    }
+
+    /// What DNS found changed: rebuild the policy in force with `discovered` and record the
+    /// endpoints that joined or left (`reason` says which lookup).
+    pub async fn rediscovered(
+        &self,
+        discovered: crate::balance::Discovered,
+        reason: &str,
+    ) -> Result<Vec<Event>, ChangeError> {
+        let _one_at_a_time = self.serial.lock().await;
+        self.live.set_discovered(discovered);
+        let config = self.live.policy().config.clone();
+        let (membership, caused) = self.rebuild(config, reason)?;
+        Ok(self.record(membership.into_iter().chain(caused).collect()))
+    }
+
+    /// Build `config` into the policy in force (with what DNS found last) and swap it in.
+    /// Returns the endpoints that joined or left, as events, and the autoscale events the
+    /// change caused.
+    fn rebuild(
+        &self,
+        config: ValidConfig,
+        reason: &str,
+    ) -> Result<(Vec<Event>, Vec<Event>), ChangeError> {
+        let previous = self.live.policy();
+        let now = Utc::now();
+        // Pools are shared with the new policy and change in place: what they held, first.
+        let before = previous.endpoints();
+        let (policy, caused) = Policy::reload(
+            &config,
+            &self.live.discovered(),
+            Some(&previous),
+            now,
+            self.live.fleet(),
+        )?;
+        let after = policy.endpoints();
+        self.live.set_policy(policy);
+        let membership = crate::policy::membership(&before, &after)
             .into_iter()
             .map(|m| {
                 let (kind, from_to, verb) = match m.joined {
@@ -259,17 +306,16 @@ impl Control {
                 Event::change(now, m.service, target, kind, from_to, why)
             })
             .collect();
-        let change = Event::change(now, service, target, kind, (from, to), reason);
-        let caused = std::mem::take(&mut events);
-        events = std::iter::once(change)
-            .chain(membership)
-            .chain(caused)
-            .collect();
+        Ok((membership, caused))
+    }
+
+    /// Number `events` into the history and log them.
+    fn record(&self, mut events: Vec<Event>) -> Vec<Event> {
         for event in &mut events {
             event.id = self.live.events().push(event.clone());
             tracing::info!(target: "sluice::autoscale", id = event.id, service = %event.service, kind = ?event.kind, reason = %event.reason, "policy changed");
         }
-        Ok(events)
+        events
     }
 }
 

@@ -2,12 +2,13 @@
 //! — the policy in force, the history of changes and autoscale events, and the fleet's store.
 //! The control plane holds this, not the proxy.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use super::Policy;
 use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
+use crate::balance::Discovered;
 use crate::store::Fleet;
 
 /// The policy in force (swapped whole), the event history and the fleet's store.
@@ -16,6 +17,8 @@ pub struct Live {
     policy: ArcSwap<Policy>,
     events: Arc<EventHistory>,
     fleet: Option<Arc<Fleet>>,
+    /// What DNS found last for the entries to resolve; every policy is built with it.
+    discovered: Mutex<Arc<Discovered>>,
 }
 
 impl Live {
@@ -25,6 +28,7 @@ impl Live {
             policy: ArcSwap::from_pointee(policy),
             events: Arc::new(EventHistory::new(DEFAULT_HISTORY)),
             fleet,
+            discovered: Mutex::default(),
         })
     }
 
@@ -41,6 +45,16 @@ impl Live {
     /// The history of changes and autoscale events.
     pub fn events(&self) -> &Arc<EventHistory> {
         &self.events
+    }
+
+    /// What DNS found last for the entries to resolve.
+    pub fn discovered(&self) -> Arc<Discovered> {
+        Arc::clone(&self.discovered.lock().expect("discovered set lock"))
+    }
+
+    /// Record what DNS found; the next policy built uses it.
+    pub fn set_discovered(&self, discovered: Discovered) {
+        *self.discovered.lock().expect("discovered set lock") = Arc::new(discovered);
     }
 
     /// The shared store, when replicas share limits.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::autoscale::Event;
-use crate::balance::{InvalidEndpointUrl, Pool, Shape, Share};
+use crate::balance::{Discovered, InvalidEndpointUrl, Pool, Shape, Share};
 use crate::config::{Timeouts, ValidConfig};
 use crate::limit::{RateLimiter, SharedBuckets};
 use crate::recorders::{ServiceStats, UnroutedStats};
@@ -50,20 +50,24 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Build from a validated config; with `fleet`, limits are shared with its replicas.
+    /// Build from a validated config, before anything was looked up in DNS; with `fleet`,
+    /// limits are shared with its replicas.
     pub fn from_config(
         config: &ValidConfig,
         fleet: Option<&Arc<Fleet>>,
     ) -> Result<Self, InvalidEndpointUrl> {
-        Self::reload(config, None, Utc::now(), fleet).map(|(policy, _)| policy)
+        Self::reload(config, &Discovered::default(), None, Utc::now(), fleet)
+            .map(|(policy, _)| policy)
     }
 
     /// Build from a validated config, carrying over from `previous`: services that keep their
     /// name (and endpoints that keep their URL) keep their counters and queue, so in-flight
     /// requests carry over; resources keep their usage; autoscaled limits and cooldowns carry
-    /// over. Returns the autoscale events the change caused.
+    /// over. Entries to resolve stand for what `discovered` says. Returns the autoscale
+    /// events the change caused.
     pub fn reload(
         config: &ValidConfig,
+        discovered: &Discovered,
         previous: Option<&Policy>,
         wall: DateTime<Utc>,
         fleet: Option<&Arc<Fleet>>,
@@ -78,7 +82,7 @@ impl Policy {
             .map(|s| {
                 let old = find_previous(&s.name);
                 let old_shape = old.map(|o| o.pool.shape_snapshot());
-                Shape::from_config(s, old_shape.as_deref(), share)
+                Shape::from_config(s, discovered, old_shape.as_deref(), share)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut events = Vec::new();
@@ -155,6 +159,74 @@ impl Policy {
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
         self.services.iter().find(|s| &*s.name == name)
     }
+
+    /// Every service's endpoints now, by URL with their caps: what [`membership`] compares.
+    pub fn endpoints(&self) -> Endpoints {
+        self.services
+            .iter()
+            .map(|s| {
+                let shape = s.pool.shape();
+                let endpoints = shape
+                    .endpoints
+                    .iter()
+                    .map(|(e, cap)| (e.url().to_owned(), *cap))
+                    .collect();
+                (s.name.to_string(), endpoints)
+            })
+            .collect()
+    }
+}
+
+/// Each service's endpoints (URL, cap) at one moment, services in config order.
+pub type Endpoints = Vec<(String, Vec<(String, u32)>)>;
+
+/// An endpoint that joins or leaves a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    /// The service.
+    pub service: String,
+    /// The endpoint's URL (for one DNS found, its address).
+    pub url: String,
+    /// Its cap (what it brings or takes away).
+    pub cap: u32,
+    /// True when it joins, false when it leaves.
+    pub joined: bool,
+}
+
+/// The endpoints that joined or left each service from `before` to `after` (a service that
+/// appears or goes brings or takes all of its endpoints); whatever changed them — the file,
+/// the admin API, the fleet or DNS. A cap that changes is not a membership change.
+pub fn membership(before: &Endpoints, after: &Endpoints) -> Vec<Membership> {
+    let of = |side: &Endpoints, service: &str| -> Vec<(String, u32)> {
+        side.iter()
+            .find(|(name, _)| name == service)
+            .map(|(_, endpoints)| endpoints.clone())
+            .unwrap_or_default()
+    };
+    let mut names: Vec<&str> = before.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, _) in after {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    let mut changes = Vec::new();
+    for service in names {
+        let (old, new) = (of(before, service), of(after, service));
+        // Those of `from` not in `to`: joined (new over old), then left (old over new).
+        for (from, to, joined) in [(&new, &old, true), (&old, &new, false)] {
+            for (url, cap) in from {
+                if !to.iter().any(|(u, _)| u == url) {
+                    changes.push(Membership {
+                        service: service.to_owned(),
+                        url: url.clone(),
+                        cap: *cap,
+                        joined,
+                    });
+                }
+            }
+        }
+    }
+    changes
 }
 
 fn prefix_matches(prefix: &str, path: &str) -> bool {
