@@ -1,10 +1,12 @@
 //! Shared test support: mock endpoints that count what they receive ([`mock`]), clients
 //! ([`client`]), sluice in-process ([`start_sluice`]) or as the real binary ([`process`]), a
-//! real `redis-server` ([`redis`]), and a fleet of replicas sharing it ([`fleet`]).
+//! real `redis-server` ([`redis`]), a fleet of replicas sharing it ([`fleet`]), and a real DNS
+//! server ([`dns`]).
 // Each test file uses a different part of this module.
 #![allow(dead_code, unused_imports)]
 
 pub mod client;
+pub mod dns;
 pub mod fleet;
 pub mod mock;
 pub mod process;
