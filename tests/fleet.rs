@@ -486,6 +486,75 @@ async fn an_endpoint_added_on_one_replica_is_used_by_every_replica_with_its_cap_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_that_find_a_names_endpoints_in_dns_split_each_cap_exactly() {
+    let _serial = one_at_a_time().await;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let Some(dns) = support::dns::Dnsmasq::start() else {
+        return;
+    };
+    let hosts = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"];
+    let listener = tokio::net::TcpListener::bind((hosts[0], 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut listeners = vec![listener];
+    for host in &hosts[1..] {
+        match tokio::net::TcpListener::bind((*host, port)).await {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                eprintln!("skipped: port {port} is taken on {host}: {e}");
+                return;
+            }
+        }
+    }
+    let _endpoints: Vec<Mock> = listeners.into_iter().map(|l| mock().start_on(l)).collect();
+    let record = |h: &str| (h.parse().unwrap(), "scoring.test");
+    dns.set(&[record(hosts[0]), record(hosts[1]), record(hosts[2])]);
+    // A cap of 10 over 3 replicas: 4 + 3 + 3, the 4 at a different replica per endpoint.
+    let entry =
+        format!("{{ url = \"http://scoring.test:{port}\", resolve = true, max_concurrent = 10 }}");
+    let services = format!(
+        "[resolver]\nnameservers = [\"{}\"]\nmin_ttl = \"1s\"\nmax_ttl = \"1s\"\n\n{}",
+        dns.addr(),
+        rated_service("DNS-ENTRY", "", 1000, 1000).replace("\"DNS-ENTRY\"", &entry)
+    );
+    let replicas = start_fleet(&redis.url(), &IDS, "local", &services).await;
+    for found in [3, 4] {
+        if found == 4 {
+            dns.set(&hosts.map(record));
+        }
+        // Every replica finds them, in the same (address) order, and the parts of each cap add
+        // up to it exactly.
+        let mut views = Vec::new();
+        for replica in &replicas {
+            let count =
+                |cap: &serde_json::Value| cap["services"][0]["endpoints"].as_array().unwrap().len();
+            until(replica, DEADLINE, "the endpoints found", |cap| {
+                count(cap) == found
+            })
+            .await;
+            views.push(replica.capacity().await["services"][0]["endpoints"].clone());
+        }
+        for i in 0..found {
+            let url = &views[0][i]["url"];
+            assert_eq!(*url, format!("http://{}:{port}", hosts[i]), "{views:?}");
+            let parts: Vec<u64> = views
+                .iter()
+                .map(|v| {
+                    assert_eq!(
+                        v[i]["url"], *url,
+                        "replicas order endpoints alike: {views:?}"
+                    );
+                    assert_eq!(v[i]["source"], "dns:scoring.test");
+                    v[i]["local_max_concurrent"].as_u64().unwrap()
+                })
+                .collect();
+            assert_eq!(parts.iter().sum::<u64>(), 10, "{url}: parts {parts:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_change_on_one_replica_reaches_the_others_within_a_second() {
     let _serial = one_at_a_time().await;
     let Some(redis) = RedisServer::start() else {
