@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh — sluice side by side with nginx and HAProxy on this machine (issue 6).
 #
-#   bench/run.sh [SCENARIO...]      default: every scenario (1 2 3 4 5 6)
+#   bench/run.sh [SCENARIO...]      default: every scenario (1 2 3 4 5 6 7)
 #
 #   1  overhead: two instant endpoints, keyed requests (wrk), req/s, p50/p99, non-2xx and
 #      proxy CPU time per request, each proxy alone on one core with one worker
@@ -16,6 +16,11 @@
 #      request goes through a shared bucket) with backend = "memory" and "redis" (a
 #      redis-server of its own on the load core), ratios redis/memory; then scenario 3's rate
 #      accuracy with backend = "redis".
+#   7  scale-out (sluice only): scenario 2's service starting with 2 endpoints (ceiling 800
+#      req/s) under S7_CONNS closed-loop clients for S7_DUR s; at 1/3 of the run 2 endpoints
+#      join through the admin API (ceiling 1600), at 2/3 one of them leaves (1200). 2xx per
+#      second vs the ceiling in each phase, how soon it follows a change, non-2xx by status,
+#      and the capacity GET /admin/capacity reports after each change.
 #
 # Env knobs:
 #   DUR=10        seconds per measured run (scenarios 1 and 2; "10s" accepted)
@@ -32,6 +37,10 @@
 #   HOLD_CONNS=10000  idle connections in scenario 5; S5_TARGETS default "sluice nginx haproxy"
 #   S5_KEYS=100000    distinct keys sent through sluice for the tracked-keys figure (0: skip)
 #   S6_REDIS_PORT=6399  the redis-server scenario 6 starts for itself
+#   S7_DUR=30     seconds per scenario-7 run (changes at 1/3 and 2/3 of it); S7_CONNS=200 clients
+#   S7_BACKOFFS="0 50"  as S2_BACKOFFS, for scenario 7;  S7_TICK_MS=100  the load client's
+#                 counting interval (must divide 1000): per second figures are sums of ticks,
+#                 the time to follow a change is measured in ticks
 #   WARMUP=2      seconds of warm-up per target before the reps (0: none)
 #   PIN=1         proxy alone on PROXY_CPU=0, load generator + endpoints on LOAD_CPU=1
 #   SLUICE_BIN    use this sluice binary instead of building (cargo build --release)
@@ -69,6 +78,10 @@ S3_DUR=${S3_DUR:-30}; S3_DUR=${S3_DUR%s}
 S3_FACTOR=${S3_FACTOR:-3}
 S5_KEYS=${S5_KEYS:-100000}
 S6_REDIS_PORT=${S6_REDIS_PORT:-6399}
+S7_DUR=${S7_DUR:-30}; S7_DUR=${S7_DUR%s}
+S7_CONNS=${S7_CONNS:-200}
+S7_BACKOFFS=${S7_BACKOFFS:-"0 50"}
+S7_TICK_MS=${S7_TICK_MS:-100}
 BENCH_SRC=${BENCH_SRC:-$ROOT}
 CEILING=1200   # 3 endpoints x 20 slots x 1000 ms / 50 ms
 
@@ -689,13 +702,174 @@ scenario6() {
     stop "$redis_pid"
 }
 
+# ---------------------------------------------------------------- scenario 7: scale-out
+# sluice alone: open-source nginx changes an upstream's members only by reloading its config
+# (the API for it is nginx Plus's), and HAProxy (≥ 2.4) only through its runtime API on the
+# stats socket (`add server` / `del server`), which bench/conf/haproxy.cfg does not open and
+# this harness does not drive; a reload mid-run would measure the reload, not the scale-out.
+# Per run, a fresh sluice (sluice-s7.toml: service "scaleout", 127.0.0.1:9011 and :9012, 50 ms,
+# cap 20 each; admin changes allowed by a token made here) under `loadgen run --tick-ms` (2xx,
+# non-2xx, 5xx and I/O errors per S7_TICK_MS of answer time, and the wall clock of its start).
+# At S7_DUR/3 :9013 and :9014 join (POST .../endpoints), at 2·S7_DUR/3 :9014 leaves (DELETE);
+# GET /admin/capacity is read once at the start and once after each change. Phases are cut at
+# the change times (when the first admin call left, on the load client's clock).
+S7_SERVICE=scaleout
+S7_EP_RPS=400 # one endpoint's ceiling: 20 slots x 1000 ms / 50 ms
+now_ms() { date +%s%3N; }
+sleep_until() { # sleep_until UNIX_MS
+    local ms=$(($1 - $(now_ms)))
+    [ "$ms" -gt 0 ] && sleep "$(awk -v m="$ms" 'BEGIN { printf("%.3f\n", m / 1000) }')"
+    return 0
+}
+
+scenario7() {
+    local rows=$OUT/s7.tsv secrows=$OUT/s7-seconds.tsv
+    local proxy=127.0.0.1:8790 api=127.0.0.1:9790 token
+    token=bench-$(od -An -N8 -tx8 /dev/urandom | tr -d ' ')
+    local auth="Authorization: Bearer $token"
+    [ $((1000 % S7_TICK_MS)) = 0 ] || die "scenario 7: S7_TICK_MS=$S7_TICK_MS does not divide 1000"
+
+    s7_admin() { # s7_admin METHOD PATH [JSON]: the admin call, its HTTP status printed
+        local data=()
+        [ -n "${3:-}" ] && data=(-H 'content-type: application/json' -d "$3")
+        pinned "$LOAD_CPU" curl -s -o "$WORK/logs/s7-admin.out" -m 5 -w '%{http_code}' -X "$1" \
+            -H "$auth" "${data[@]}" "http://$api$2" || true
+    }
+    s7_capacity() { # the service's capacity as GET /admin/capacity reports it ("-": no answer)
+        local c
+        c=$(pinned "$LOAD_CPU" curl -s -m 5 -H "$auth" "http://$api/admin/capacity" | tr -d ' \n' |
+            sed -n "s/.*\"name\":\"$S7_SERVICE\",\"capacity\":\([0-9]*\).*/\1/p") || true
+        echo "${c:--}"
+    }
+    s7_add() { # s7_add PORT
+        local code
+        code=$(s7_admin POST "/admin/services/$S7_SERVICE/endpoints" "{\"url\":\"http://127.0.0.1:$1\",\"max_concurrent\":20}")
+        [ "$code" = 201 ] || [ "$code" = 200 ] || die "scenario 7: adding :$1 answered $code: $(cat "$WORK/logs/s7-admin.out")"
+    }
+    s7_remove() { # s7_remove PORT
+        local url=http://127.0.0.1:$1 code
+        url=${url//:/%3A}; url=${url//\//%2F}
+        code=$(s7_admin DELETE "/admin/services/$S7_SERVICE/endpoints?url=$url")
+        [ "$code" = 200 ] || [ "$code" = 204 ] || die "scenario 7: removing :$1 answered $code: $(cat "$WORK/logs/s7-admin.out")"
+    }
+    s7_sluice() { # a fresh sluice with the config's two endpoints; pid in LAST_PID
+        start sluice-s7 "$PROXY_CPU" env SLUICE_LOG=warn SLUICE_ADMIN_TOKEN="$token" \
+            "$SLUICE_BIN" run --config "$CONF/sluice-s7.toml" --workers 1
+        wait_up "$proxy" sluice-s7
+    }
+    s7_load() { # s7_load NAME SECONDS BACKOFF_MS: the load client in the background; pid in LAST_PID
+        start "$1" "$LOAD_CPU" timeout $(($2 + 30)) "$LOADGEN_BIN" run --addr "$proxy" \
+            --conns "$S7_CONNS" --duration "$2" --keys "$KEYS" --backoff-ms "$3" --tick-ms "$S7_TICK_MS"
+    }
+
+    echo "backoff phase rep endpoints ceiling capacity seconds ok_rps ok_of_ceiling follow_ms non2xx s5xx errors change_ms admin_ms" >"$rows"
+    echo "backoff rep sec ok non2xx s5xx errors" >"$secrows"
+    local rep b p lg t0 c1 c2 d1 d2 cap0 cap1 cap2 raw i
+    for rep in $(seq "$REPS"); do
+        for b in $S7_BACKOFFS; do
+            s7_sluice; p=$LAST_PID
+            if [ "$WARMUP" -gt 0 ]; then
+                s7_load s7-warmup "$WARMUP" "$b"; wait "$LAST_PID" || true; stop "$LAST_PID"
+            fi
+            wait_quiet
+            raw=$OUT/s7-raw-b$b-r$rep.txt
+            s7_load "s7-load-b$b-r$rep" "$S7_DUR" "$b"; lg=$LAST_PID
+            for i in $(seq 100); do grep -q '^START' "$WORK/logs/s7-load-b$b-r$rep.out" && break; sleep 0.05; done
+            t0=$(sed -n 's/^START unix_ms=\([0-9]*\).*/\1/p' "$WORK/logs/s7-load-b$b-r$rep.out")
+            [ -n "$t0" ] || die "scenario 7: the load client did not start (see $WORK/logs)"
+            cap0=$(s7_capacity)
+            sleep_until $((t0 + S7_DUR * 1000 / 3))
+            c1=$(now_ms); s7_add 9013; s7_add 9014; d1=$(($(now_ms) - c1)); cap1=$(s7_capacity)
+            sleep_until $((t0 + S7_DUR * 2000 / 3))
+            c2=$(now_ms); s7_remove 9014; d2=$(($(now_ms) - c2)); cap2=$(s7_capacity)
+            wait "$lg" || true
+            stop "$lg" "$p"
+            cp "$WORK/logs/s7-load-b$b-r$rep.out" "$raw"
+            awk -v b="$b" -v rep="$rep" -v tick="$S7_TICK_MS" -v dur="$S7_DUR" -v eprps="$S7_EP_RPS" \
+                -v c1=$((c1 - t0)) -v c2=$((c2 - t0)) -v d1="$d1" -v d2="$d2" \
+                -v caps="$cap0 $cap1 $cap2" -v rows="$rows" -v secrows="$secrows" '
+                function val(line, k) { if (match(line, k "=[^ ]*")) return substr(line, RSTART + length(k) + 1, RLENGTH - length(k) - 1); return 0 }
+                /^TICK/ { i = $2; ok[i] = val($0, "ok"); nx[i] = val($0, "non2xx"); s5[i] = val($0, "s5xx"); er[i] = val($0, "errors"); if (i + 1 > n) n = i + 1 }
+                END {
+                    for (i = 0; i < n; i++) { s = int(i * tick / 1000); sok[s] += ok[i]; snx[s] += nx[i]; s5x[s] += s5[i]; ser[s] += er[i] }
+                    for (s = 0; s < dur; s++) printf("%s %s %d %d %d %d %d\n", b, rep, s, sok[s], snx[s], s5x[s], ser[s]) >> secrows
+                    split(caps, cap, " ")
+                    at[0] = 0; at[1] = c1; at[2] = c2; at[3] = dur * 1000; took[0] = 0; took[1] = d1; took[2] = d2
+                    eps[0] = 2; eps[1] = 4; eps[2] = 3
+                    for (k = 0; k < 3; k++) {
+                        ceil = eps[k] * eprps
+                        # median 2xx per whole second of the phase, from 2 s after its change on
+                        m = 0; delete v
+                        for (s = 0; s < dur; s++) if (s * 1000 >= at[k] + 2000 && (s + 1) * 1000 <= at[k + 1]) v[++m] = sok[s]
+                        for (i = 1; i <= m; i++) for (j = i + 1; j <= m; j++) if (v[j] < v[i]) { x = v[i]; v[i] = v[j]; v[j] = x }
+                        med = m ? ((m % 2) ? v[(m + 1) / 2] : (v[m / 2] + v[m / 2 + 1]) / 2) : 0
+                        # the end of the first tick begun after the change whose rate is within
+                        # reach of the new ceiling: >= 90 % of it going up, <= 110 % going down
+                        follow = "-"
+                        for (i = 0; i < n && i * tick < at[k + 1]; i++) {
+                            if (i * tick < at[k]) continue
+                            r = ok[i] * 1000 / tick
+                            if ((k < 2 && r >= 0.9 * ceil) || (k == 2 && r <= 1.1 * ceil)) { follow = (i + 1) * tick - at[k]; break }
+                        }
+                        pn = p5 = pe = 0
+                        for (i = 0; i < n; i++) if (i * tick >= at[k] && i * tick < at[k + 1]) { pn += nx[i]; p5 += s5[i]; pe += er[i] }
+                        printf("%s %d %s %d %d %s %d %s %s %s %d %d %d %d %d\n", b, k + 1, rep, eps[k], ceil, (cap[k + 1] == "" ? "-" : cap[k + 1]), m,
+                            (m ? med : "-"), (m ? sprintf("%.3f", med / ceil) : "-"), follow, pn, p5, pe, at[k], took[k]) >> rows
+                    }
+                }' "$raw"
+            log "scenario 7 rep $rep/$REPS backoff ${b}ms: $(awk -v b="$b" -v r="$rep" '$1 == b && $3 == r { printf("phase %s: %s/%s req/s, follows in %s ms, capacity %s; ", $2, $8, $5, $10, $6) }' "$rows")"
+            sleep 1
+        done
+    done
+
+    {
+        echo "### Scenario 7 — scale-out mid-run (sluice only; 50 ms endpoints, cap 20 each, $S7_CONNS closed-loop clients, ${S7_DUR}s runs; median (min–max) over $REPS reps)"
+        echo
+        echo "2 endpoints (ceiling 2 × 20 × 1000 / 50 = 800 req/s); at ${S7_DUR}/3 s two join through \`POST /admin/services/$S7_SERVICE/endpoints\` (1600 req/s); at 2·${S7_DUR}/3 s one leaves through \`DELETE …/endpoints?url=\` (1200 req/s)."
+        echo "admitted = 2xx answers per second of arrival, median over the phase's whole seconds from 2 s after its change (phase 1: after the start)."
+        echo "follows in = from the change to the end of the first ${S7_TICK_MS} ms tick begun after it with 2xx at ≥ 90 % of the new ceiling (≤ 110 % after a scale-in; phase 1: from the start). Ticks count answers by arrival and only a tick begun after the change counts, so the smallest figure possible is one tick plus the rest of the tick the change fell in."
+        echo "capacity = the service's \`capacity\` in \`GET /admin/capacity\`, read once after the change (phase 1: at the start; slots, × 1000 / 50 = req/s)."
+        for b in $S7_BACKOFFS; do
+            echo
+            if [ "$b" = 0 ]; then echo "Clients retry a refused request at once:"
+            else echo "Clients wait ${b} ms on average (drawn uniformly from $((b / 2))–$((b * 3 / 2)) ms) after a refused request:"; fi
+            echo
+            echo "| phase | endpoints | ceiling req/s | capacity (admin API) | admitted req/s | admitted / ceiling | follows in ms | seconds in median | non-2xx | of which 5xx | I/O errors |"
+            echo "|---|---|---|---|---|---|---|---|---|---|---|"
+            for i in 1 2 3; do
+                awk -v b="$b" -v k="$i" 'NR > 1 && $1 == b && $2 == k { print $4, $5; exit }' "$rows" | {
+                    read -r eps ceil
+                    echo "| $i | $eps | $ceil | $(fmt 0 "$(stat "$rows" 2 "$b $i" 6)") | $(fmt 0 "$(stat "$rows" 2 "$b $i" 8)") | $(fmt 3 "$(stat "$rows" 2 "$b $i" 9)") | $(fmt 0 "$(stat "$rows" 2 "$b $i" 10)") | $(fmt 0 "$(stat "$rows" 2 "$b $i" 7)") | $(fmt 0 "$(stat "$rows" 2 "$b $i" 11)") | $(fmt 0 "$(stat "$rows" 2 "$b $i" 12)") | $(fmt 0 "$(stat "$rows" 2 "$b $i" 13)") |"
+                }
+            done
+            echo
+            echo "Non-2xx answers by status, all $REPS runs together: $(for rep in $(seq "$REPS"); do cat "$OUT/s7-raw-b$b-r$rep.txt"; done | awk '/^STATUS/ && $2 !~ /^2/ { n[$2] += substr($3, 7) } END { for (s in n) { printf("%s%s × %d", sep, s, n[s]); sep = ", " } if (sep == "") printf("none") }')."
+            echo
+            echo "2xx per second (a | before the second a change fell in), and 2xx per ${S7_TICK_MS} ms from 3 ticks before to 5 after each change ([the tick it fell in]):"
+            echo
+            for rep in $(seq "$REPS"); do
+                local at
+                at=$(awk -v b="$b" -v r="$rep" '$1 == b && $3 == r && $2 > 1 { printf("%s %s ", $14, $15) }' "$rows")
+                read -r c1 d1 c2 d2 <<<"$at"
+                echo "- rep $rep (changes at ${c1} ms and ${c2} ms after the start; the admin calls took ${d1} ms and ${d2} ms): $(awk -v b="$b" -v r="$rep" -v c1="$c1" -v c2="$c2" '
+                    NR > 1 && $1 == b && $2 == r { if ((c1 >= $3 * 1000 && c1 < ($3 + 1) * 1000) || (c2 >= $3 * 1000 && c2 < ($3 + 1) * 1000)) printf("| "); printf("%d ", $4) }' "$secrows")"
+                echo "  - around the changes: $(awk -v c1="$c1" -v c2="$c2" -v tick="$S7_TICK_MS" '
+                    function around(c,   i, k, out) { k = int(c / tick); for (i = k - 3; i <= k + 5; i++) out = out (i == k ? "[" ok[i] "]" : ok[i]) " "; return out }
+                    /^TICK/ { ok[$2] = substr($3, 4) }
+                    END { printf("scale-out: %s; scale-in: %s", around(c1), around(c2)) }' "$OUT/s7-raw-b$b-r$rep.txt")"
+            done
+        done
+        echo
+    } | tee "$OUT/s7.md"
+}
+
 # ---------------------------------------------------------------- main
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 3 4 5 6)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 3 4 5 6 7)
 for s in "${SCENARIOS[@]}"; do
     case $s in
-        1 | 2 | 3 | 4 | 5 | 6) ;;
-        *) die "unknown scenario $s (1 to 6)" ;;
+        1 | 2 | 3 | 4 | 5 | 6 | 7) ;;
+        *) die "unknown scenario $s (1 to 7)" ;;
     esac
 done
 [ "$REPS" -ge 3 ] || log "bench: REPS=$REPS < 3: fine for a smoke run, not for published numbers"
@@ -721,6 +895,7 @@ for s in "${SCENARIOS[@]}"; do
         4) scenario4 ;;
         5) scenario5 ;;
         6) scenario6 ;;
+        7) scenario7 ;;
     esac
 done
 echo "Runs that started on a busy machine (see QUIET): $NOISY" | tee "$OUT/noisy.md"

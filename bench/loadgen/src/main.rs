@@ -4,6 +4,8 @@
 //! send again), on one thread (pin it with taskset). Latencies are kept per status code, so
 //! the p99 of admitted answers and the p99 of 429 refusals are reported separately — wrk's
 //! percentiles mix them, and its Lua hooks cannot tie a response to its request's start time.
+//! With `--tick-ms N` it also prints the wall-clock start (`START unix_ms=`, at once) and, at
+//! the end, answers counted per N ms of their *arrival* time (`TICK`), for throughput over time.
 //!
 //! `hold`: open N connections, make one request on each, then keep them all open and idle
 //! until killed (for RSS with many client connections).
@@ -30,6 +32,7 @@ use tokio::time::{sleep, timeout_at, Instant};
 const USAGE: &str = "usage:
   sluice-bench-load run  --addr HOST:PORT [--path /] [--conns 200] [--duration 10]
                          [--keys 1000] [--backoff-ms 0]  (after a refusal: wait backoff/2..3·backoff/2)
+                         [--tick-ms 0]  (N > 0: START unix_ms=, then TICK lines: answers per N ms)
   sluice-bench-load hold --addr HOST:PORT [--conns 10000] [--batch 200]
   sluice-bench-load rate --addr HOST:PORT --rps N [--duration 30] [--header NAME:VALUE]...
   sluice-bench-load sweep --addr HOST:PORT [--keys 100000] [--conns 50] [--prefix s]";
@@ -46,6 +49,7 @@ struct Opts {
     rps: f64,
     headers: Vec<String>,
     prefix: String,
+    tick: Duration,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -60,6 +64,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         rps: 0.0,
         headers: Vec::new(),
         prefix: String::new(),
+        tick: Duration::ZERO,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -75,6 +80,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--batch" => o.batch = value.parse().map_err(bad)?,
             "--rps" => o.rps = value.parse().map_err(|_| format!("bad {flag}"))?,
             "--prefix" => o.prefix = value.clone(),
+            "--tick-ms" => o.tick = Duration::from_millis(value.parse().map_err(bad)?),
             "--header" => {
                 let (name, val) = value
                     .split_once(':')
@@ -279,9 +285,25 @@ struct Tally {
     by_status: HashMap<u16, Vec<u32>>,
     errors: u64,
     reconnects: u64,
+    /// With `--tick-ms`: per tick of arrival time, [2xx, non-2xx, 5xx, errors].
+    ticks: Vec<[u64; 4]>,
 }
 
-async fn client(o: Opts, id: usize, deadline: Instant) -> Tally {
+impl Tally {
+    /// Count one outcome (`col` of [`Tally::ticks`]) in the tick `now` falls in.
+    fn tick(&mut self, o: &Opts, start: Instant, now: Instant, col: usize) {
+        if o.tick.is_zero() {
+            return;
+        }
+        let i = (now.saturating_duration_since(start).as_nanos() / o.tick.as_nanos()) as usize;
+        if self.ticks.len() <= i {
+            self.ticks.resize(i + 1, [0; 4]);
+        }
+        self.ticks[i][col] += 1;
+    }
+}
+
+async fn client(o: Opts, id: usize, start: Instant, deadline: Instant) -> Tally {
     let keys = o.keys.max(1);
     let reqs: Vec<Vec<u8>> = (1..=keys).map(|k| request(&o, k)).collect();
     let mut next = id % keys;
@@ -294,6 +316,7 @@ async fn client(o: Opts, id: usize, deadline: Instant) -> Tally {
                 Ok(Ok(c)) => conn = Some(c),
                 Ok(Err(_)) => {
                     t.errors += 1;
+                    t.tick(&o, start, Instant::now(), 3);
                     sleep(Duration::from_millis(10)).await;
                     continue;
                 }
@@ -303,12 +326,18 @@ async fn client(o: Opts, id: usize, deadline: Instant) -> Tally {
         let c = conn.as_mut().expect("connected above");
         let req = &reqs[next];
         next = (next + 1) % keys;
-        let start = Instant::now();
+        let sent = Instant::now();
         match timeout_at(deadline, c.exchange(req)).await {
             Err(_) => break, // still waiting at the deadline: not counted
             Ok(Ok(head)) => {
-                let us = start.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                let now = Instant::now();
+                let us = now.duration_since(sent).as_micros().min(u32::MAX as u128) as u32;
                 t.by_status.entry(head.status).or_default().push(us);
+                let ok = (200..300).contains(&head.status);
+                t.tick(&o, start, now, if ok { 0 } else { 1 });
+                if head.status >= 500 {
+                    t.tick(&o, start, now, 2);
+                }
                 if head.close {
                     conn = None;
                     t.reconnects += 1;
@@ -319,6 +348,7 @@ async fn client(o: Opts, id: usize, deadline: Instant) -> Tally {
             }
             Ok(Err(_)) => {
                 t.errors += 1;
+                t.tick(&o, start, Instant::now(), 3);
                 conn = None;
             }
         }
@@ -347,15 +377,31 @@ fn pct(sorted: &[u32], q: f64) -> f64 {
 
 async fn run(o: Opts) {
     let start = Instant::now();
+    if !o.tick.is_zero() {
+        // The wall clock of `start`, so a harness can place its own events on the ticks.
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        println!("START unix_ms={}", unix.as_millis());
+        let _ = std::io::stdout().flush();
+    }
     let deadline = start + Duration::from_secs_f64(o.duration);
     let tasks: Vec<_> = (0..o.conns)
-        .map(|i| tokio::spawn(client(o.clone(), i * 7919, deadline)))
+        .map(|i| tokio::spawn(client(o.clone(), i * 7919, start, deadline)))
         .collect();
     let mut all = Tally::default();
     for task in tasks {
         let t = task.await.expect("client task does not panic");
         all.errors += t.errors;
         all.reconnects += t.reconnects;
+        if all.ticks.len() < t.ticks.len() {
+            all.ticks.resize(t.ticks.len(), [0; 4]);
+        }
+        for (sum, tick) in all.ticks.iter_mut().zip(&t.ticks) {
+            for (a, b) in sum.iter_mut().zip(tick) {
+                *a += b;
+            }
+        }
         for (status, mut lat) in t.by_status {
             all.by_status.entry(status).or_default().append(&mut lat);
         }
@@ -395,6 +441,22 @@ async fn run(o: Opts) {
         refused_codes.join("/")
     };
     print_line(&mut out, &format!("CLASS refused codes={codes}"), &refused, secs);
+    if !o.tick.is_zero() {
+        let n = (o.duration / o.tick.as_secs_f64()).ceil() as usize;
+        for (i, [ok, non2xx, s5xx, errors]) in all
+            .ticks
+            .iter()
+            .copied()
+            .chain(std::iter::repeat([0; 4]))
+            .take(n)
+            .enumerate()
+        {
+            let _ = writeln!(
+                out,
+                "TICK {i} ok={ok} non2xx={non2xx} s5xx={s5xx} errors={errors}"
+            );
+        }
+    }
 }
 
 fn print_line(out: &mut impl Write, label: &str, sorted: &[u32], secs: f64) {
