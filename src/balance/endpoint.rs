@@ -200,11 +200,41 @@ impl Endpoint {
         u32::try_from(ramped).unwrap_or(cap).clamp(1, cap)
     }
 
-    /// Record a successful exchange: the endpoint is healthy again.
+    /// Record a successful exchange: the endpoint is healthy again. One that comes back from
+    /// its back-off (re)enters service: a slow start ramps it again, as after a failed health
+    /// check (a server that refused connections may have restarted cold).
     pub fn mark_reachable(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);
             self.down_until_ms.store(0, Ordering::Relaxed);
+            self.enter_service();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_back_from_its_back_off_ramps_again() {
+        let endpoint = Endpoint::new("http://127.0.0.1:9", None).unwrap();
+        let ramp = Duration::from_secs(10);
+        assert_eq!(
+            endpoint.ramped_cap(20, ramp),
+            20,
+            "there from the start: full"
+        );
+        endpoint.mark_unreachable();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        endpoint.mark_reachable();
+        assert_eq!(endpoint.ramped_cap(20, ramp), 1);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(endpoint.ramped_cap(20, ramp), 10);
+        // A success without a failure before it changes nothing.
+        endpoint.mark_reachable();
+        assert_eq!(endpoint.ramped_cap(20, ramp), 10);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(endpoint.ramped_cap(20, ramp), 20);
     }
 }
