@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use http::HeaderMap;
 use sluice::autoscale::{self, EventKind, EventQuery};
-use sluice::config::{Config, ValidConfig};
+use sluice::balance::{Discovered, Found};
+use sluice::config::{Config, Resolve, ValidConfig};
 use sluice::control::notify::Notifier;
 use sluice::limit::Admission;
 use sluice::policy::Policy;
@@ -179,34 +180,88 @@ async fn a_busy_backend_defers_the_raise_and_looks_again_next_interval() {
 }
 
 /// Capacity follows membership (issue 16): a raise deferred for lack of capacity proceeds at
-/// the next interval once the backend has scaled out from one endpoint to three.
+/// the next interval once the backend has scaled out from one endpoint to three — listed in
+/// the config, or found in DNS under one name.
 #[tokio::test(start_paused = true)]
 async fn a_deferred_raise_proceeds_once_the_backend_scales_out() {
     let one = "endpoints = [\"http://127.0.0.1:1\"]";
     let three =
         "endpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\", \"http://127.0.0.1:3\"]";
-    let toml = OVERLOADED
-        .replace(three, one)
-        .replace("key = \"key-b\"\ntps = 10", "key = \"key-b\"\ntps = 385");
-    let config = Config::parse(&toml).unwrap().validated().unwrap();
+    let toml = OVERLOADED.replace(three, one);
+    let scaled = toml.replace(one, three);
+    deferred_then_scaled_out(&toml, |_| (scaled_config(&scaled), Discovered::default())).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deferred_raise_proceeds_once_dns_finds_more_endpoints() {
+    let three =
+        "endpoints = [\"http://127.0.0.1:1\", \"http://127.0.0.1:2\", \"http://127.0.0.1:3\"]";
+    let url = "http://scoring.test:8080";
+    let entry = format!("endpoints = [{{ url = \"{url}\", resolve = true }}]");
+    let toml = OVERLOADED.replace(three, &entry);
+    let found = |n: u8| {
+        let mut discovered = Discovered::default();
+        let found = (1..=n)
+            .map(|i| Found {
+                addr: format!("127.0.0.{i}:8080").parse().unwrap(),
+                host: "scoring.test:8080".into(),
+            })
+            .collect();
+        discovered.set(url, Resolve::Addresses, found);
+        discovered
+    };
+    let config = scaled_config(&toml);
+    deferred_then_scaled_out(&toml, move |proxy| {
+        // Before the scale-out the name stood for one address (set below, at the start).
+        assert_eq!(proxy.policy().services[0].pool.shape().endpoints.len(), 1);
+        (config, found(3))
+    })
+    .await;
+}
+
+fn scaled_config(toml: &str) -> ValidConfig {
+    Config::parse(toml).unwrap().validated().unwrap()
+}
+
+/// Team-a overloaded for 11 minutes on one endpoint (raised at 5 partly, deferred at 10 for
+/// lack of capacity), then the backend scales out as `scale_out` says (the config and what
+/// DNS found after it); the next step, at 15 minutes, raises the limit.
+async fn deferred_then_scaled_out(
+    toml: &str,
+    scale_out: impl FnOnce(&Proxy) -> (ValidConfig, Discovered),
+) {
+    let toml = toml.replace("key = \"key-b\"\ntps = 10", "key = \"key-b\"\ntps = 385");
+    let config = scaled_config(&toml);
     let (proxy, history, looping) = start_autoscaling(&config);
-    // 11 minutes on one endpoint: raised at 5 (partly), deferred at 10.
-    overload(&proxy, 11, u64::MAX).await;
-    // The backend scales out; the next step (at 15 minutes) sees three endpoints.
-    let scaled = Config::parse(&toml.replace(one, three))
-        .unwrap()
-        .validated()
+    // A name in the config stands for one address at the start.
+    let one_found = {
+        let mut discovered = Discovered::default();
+        for service in &config.services {
+            for e in service.endpoints.iter().filter(|e| !e.resolve().is_off()) {
+                let addr = "127.0.0.1:8080".parse().unwrap();
+                let host = "scoring.test:8080".into();
+                discovered.set(e.url(), e.resolve(), vec![Found { addr, host }]);
+            }
+        }
+        discovered
+    };
+    let reload = |config: &ValidConfig, discovered: &Discovered| {
+        let previous = proxy.policy();
+        let (policy, _) = Policy::reload(
+            config,
+            discovered,
+            Some(&previous),
+            chrono::Utc::now(),
+            None,
+        )
         .unwrap();
-    let previous = proxy.policy();
-    let (policy, _) = Policy::reload(
-        &scaled,
-        &sluice::balance::Discovered::default(),
-        Some(&previous),
-        chrono::Utc::now(),
-        None,
-    )
-    .unwrap();
-    proxy.live().set_policy(policy);
+        proxy.live().set_policy(policy);
+    };
+    reload(&config, &one_found);
+    overload(&proxy, 11, u64::MAX).await;
+    let (scaled, discovered) = scale_out(&proxy);
+    reload(&scaled, &discovered);
+    assert_eq!(proxy.policy().services[0].pool.shape().endpoints.len(), 3);
     overload(&proxy, 5, u64::MAX).await;
     looping.abort();
     let events = history.query(&EventQuery::default());
