@@ -15,6 +15,11 @@ fn with_service_keys(service_keys: &str) -> String {
     )
 }
 
+/// A valid config whose one service has the one endpoint entry `entry`.
+fn with_endpoint(entry: &str) -> String {
+    format!("[[service]]\nname = \"scoring\"\nendpoints = [{entry}]\n")
+}
+
 /// Assert that `sluice check` refuses `text`, naming each of `expected` in its message.
 fn assert_rejected(what: &str, text: &str, expected: &[&str]) {
     let path = write_config("check", text);
@@ -224,6 +229,54 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
             with_service_keys("path_prefix = \"score\""),
             vec!["service[0].path_prefix"],
         ),
+        (
+            "resolve with https",
+            with_endpoint("{ url = \"https://scoring.test:8443\", resolve = true }"),
+            vec!["service[0].endpoints[0].resolve", "http:// URLs only"],
+        ),
+        (
+            "resolve an address",
+            with_endpoint("{ url = \"http://10.0.3.7:8080\", resolve = true }"),
+            vec!["service[0].endpoints[0].resolve", "an address, not a name"],
+        ),
+        (
+            "srv with a port",
+            with_endpoint("{ url = \"http://_http._tcp.scoring.test:80\", resolve = \"srv\" }"),
+            vec!["service[0].endpoints[0].url", "SRV records"],
+        ),
+        (
+            "resolve neither true, false nor srv",
+            with_endpoint("{ url = \"http://scoring.test:80\", resolve = \"aaaa\" }"),
+            vec!["resolve = \"aaaa\": expected true, false or \"srv\""],
+        ),
+        (
+            "a misspelt key of an endpoint table",
+            with_endpoint("{ url = \"http://127.0.0.1:80\", max_concurent = 3 }"),
+            vec!["unknown field `max_concurent`", "`max_concurrent`"],
+        ),
+        (
+            "nameserver not an address",
+            format!(
+                "[resolver]\nnameservers = [\"dns.local\"]\n{}",
+                with_service_keys("")
+            ),
+            vec!["resolver.nameservers[0]", "ip:port"],
+        ),
+        (
+            "resolver ttls",
+            format!(
+                "[resolver]\nmin_ttl = \"10s\"\nmax_ttl = \"5s\"\nmax_endpoints = 0\n\
+                 timeout = \"1m\"\n{}",
+                with_service_keys("")
+            ),
+            vec![
+                "resolver.max_ttl",
+                "below min_ttl",
+                "resolver.max_endpoints",
+                "1..=10000",
+                "resolver.timeout",
+            ],
+        ),
     ];
     for (what, text, expected) in cases {
         assert_rejected(what, &text, &expected);
@@ -252,6 +305,23 @@ fn every_problem_is_listed_at_once() {
 
 /// A service may start without endpoints (issue 16): they come through the admin API, and
 /// until then it answers 503 `no_endpoints`.
+#[test]
+fn names_to_resolve_pass_without_being_resolved() {
+    // Names that resolve nowhere: `check` validates the entries, it looks nothing up.
+    let text = "[resolver]\nnameservers = [\"192.0.2.1\"]\ntimeout = \"100ms\"\n\n\
+                [[service]]\nname = \"scoring\"\nendpoints = [\"http://127.0.0.1:9001\", \
+                { url = \"http://scoring.invalid:8080\", resolve = true }, \
+                { url = \"http://_http._tcp.scoring.invalid\", resolve = \"srv\" }]\n";
+    let path = write_config("check-resolve", text);
+    let output = check(&path);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        stdout.contains("1 endpoint(s) and 2 name(s) to look up in DNS"),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn a_service_without_endpoints_passes() {
     let path = write_config(

@@ -179,7 +179,7 @@ pub struct ServiceConfig {
 }
 
 /// An endpoint: either a bare URL or a table with its own cap.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum EndpointConfig {
     /// `"http://host:port"`
@@ -204,6 +204,32 @@ pub struct EndpointTable {
     /// source. A reload from the file drops it unless the file lists it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
+}
+
+/// A string is a URL, a table an [`EndpointTable`] whose own errors are reported (an unknown
+/// key, a `resolve` that is not `true`, `false` or `"srv"`), rather than serde's "data did
+/// not match any variant".
+impl<'de> Deserialize<'de> for EndpointConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = EndpointConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a URL \"http://host:port\" or a table { url = \"...\", ... }")
+            }
+            fn visit_str<E: serde::de::Error>(self, url: &str) -> Result<Self::Value, E> {
+                Ok(EndpointConfig::Url(url.to_owned()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                EndpointTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(EndpointConfig::Table)
+            }
+        }
+        d.deserialize_any(Entry)
+    }
 }
 
 impl EndpointConfig {
