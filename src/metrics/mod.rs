@@ -208,32 +208,35 @@ pub fn render(control: &Control, format: Format) -> String {
         e.counter(&[("kind", kind)], n);
     }
 
+    // Only once a name was looked up: a family without series is metadata for nothing.
     let dns = control.dns().snapshot();
-    e.family(
-        "sluice_dns_lookups",
-        "DNS lookups of endpoint names by result: found (endpoints), empty (NXDOMAIN or no \
-         records), failed (the last known endpoints stay)",
-        Kind::Counter,
-    );
-    for (name, lookups) in &dns {
-        for (result, n) in [
-            ("found", lookups.found),
-            ("empty", lookups.empty),
-            ("failed", lookups.failed),
-        ] {
-            e.counter(&[("name", name), ("result", result)], n);
-        }
-    }
-    e.family(
-        "sluice_dns_endpoints",
-        "Endpoints an endpoint name stands for, as its last answered lookup said",
-        Kind::Gauge,
-    );
-    for (name, lookups) in &dns {
-        e.gauge(
-            &[("name", name)],
-            i64::try_from(lookups.endpoints).unwrap_or(i64::MAX),
+    if !dns.is_empty() {
+        e.family(
+            "sluice_dns_lookups",
+            "DNS lookups of endpoint names by result: found (endpoints), empty (NXDOMAIN or no \
+             records), failed (the last known endpoints stay)",
+            Kind::Counter,
         );
+        for (name, lookups) in &dns {
+            for (result, n) in [
+                ("found", lookups.found),
+                ("empty", lookups.empty),
+                ("failed", lookups.failed),
+            ] {
+                e.counter(&[("name", name), ("result", result)], n);
+            }
+        }
+        e.family(
+            "sluice_dns_endpoints",
+            "Endpoints an endpoint name stands for, as its last answered lookup said",
+            Kind::Gauge,
+        );
+        for (name, lookups) in &dns {
+            e.gauge(
+                &[("name", name)],
+                i64::try_from(lookups.endpoints).unwrap_or(i64::MAX),
+            );
+        }
     }
     let reloads = control.reloads();
     e.family(
