@@ -758,7 +758,7 @@ async fn sighup_reloads_the_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn readiness_turns_503_without_a_reachable_endpoint_and_while_draining() {
+async fn readiness_is_degraded_without_a_reachable_endpoint_and_503_while_draining() {
     let dead = DeadPort::new();
     let backend = mock().gated().start().await;
     let toml = config(&format!(
@@ -772,9 +772,16 @@ async fn readiness_turns_503_without_a_reachable_endpoint_and_while_draining() {
     // A refused connection puts the only endpoint of "down" in back-off.
     let answer = once(sluice.addr, get(sluice.addr, "/down")).await;
     assert_eq!(answer.reason(), "upstream_unreachable");
+    // sluice still answers for it (503 upstream_unreachable, no_endpoints): degraded, not
+    // unready, so a load balancer keeps sending it requests.
     let ready = once(admin, get(admin, "/readyz")).await;
-    assert_eq!(ready.status, 503);
-    assert!(ready.json()["reason"].as_str().unwrap().contains("down"));
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["status"], "degraded");
+    let reason = ready.json()["reason"].as_str().unwrap().to_owned();
+    assert!(
+        reason.contains("\"down\" has no endpoint that can take traffic"),
+        "{reason}"
+    );
     // Shutting down with a request in flight: not ready, still alive.
     let addr = sluice.addr;
     let held = tokio::spawn(async move { once(addr, get(addr, "/score")).await });

@@ -251,8 +251,11 @@ async fn a_service_without_endpoints_queues_requests_until_the_first_one_joins()
     let toml = config(&service(&[], "queue_size = 8\nqueue_timeout = \"30s\""));
     let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
     let admin = sluice.admin.unwrap();
+    // Degraded, not unready: sluice answers for the backend (a load balancer in front must
+    // keep sending it requests to queue, and a scale controller sees them waiting).
     let ready = once(admin, get(admin, "/readyz")).await;
-    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(ready.json()["status"], "degraded", "{}", ready.text());
     assert!(ready.text().contains("no endpoints"), "{}", ready.text());
 
     let waiting: Vec<_> = (0..3)
@@ -288,7 +291,8 @@ async fn a_service_without_endpoints_queues_requests_until_the_first_one_joins()
         assert_eq!(answer.status, 200, "{}", answer.text());
     }
     assert_eq!(a.requests(), 3);
-    assert_eq!(once(admin, get(admin, "/readyz")).await.status, 200);
+    let ready = once(admin, get(admin, "/readyz")).await;
+    assert_eq!(ready.json()["status"], "ready", "{}", ready.text());
     sluice.stop().await;
 }
 

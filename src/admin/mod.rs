@@ -165,10 +165,13 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// 200 once listeners are bound and the config is loaded (this listener only serves then);
-/// 503 while shutting down, while a service has no endpoint that can take traffic, while a
-/// replica has not yet joined its fleet, or while the store is unreachable with
-/// `on_error = "deny"`. An unreachable store with `local` or `allow` is still 200, marked
-/// `degraded`.
+/// 503 while shutting down, while a replica has not yet joined its fleet, or while the store
+/// is unreachable with `on_error = "deny"`. An unreachable store with `local` or `allow`, and
+/// a service with no endpoint that can take traffic, are still 200, marked `degraded`: sluice
+/// answers those requests itself (queues them, then `503 no_endpoints`), and taking it out of
+/// a load balancer for its backend's state would turn those answers into refused connections
+/// and hide the queue a scale controller wakes a scaled-to-zero backend on (Envoy's `/ready`
+/// does not follow its clusters' health either).
 async fn readyz(State(admin): State<Admin>) -> Response {
     let not_ready = |reason: String| {
         let body = json!({"status": "not_ready", "reason": reason});
@@ -178,14 +181,14 @@ async fn readyz(State(admin): State<Admin>) -> Response {
         return not_ready("shutting down".into());
     }
     let proxy = admin.control.live();
-    let mut degraded = None;
+    let mut degraded = Vec::new();
     if let Some(fleet) = proxy.fleet() {
         let view = fleet.view();
         if !view.up {
             if view.on_error == crate::config::OnError::Deny {
                 return not_ready("store unreachable (on_error = \"deny\")".into());
             }
-            degraded = Some(format!(
+            degraded.push(format!(
                 "store unreachable: on_error = \"{}\" applies",
                 view.on_error.as_str()
             ));
@@ -205,12 +208,15 @@ async fn readyz(State(admin): State<Admin>) -> Response {
                 }
                 false => "has no endpoint that can take traffic",
             };
-            return not_ready(format!("service {:?} {why}", service.name));
+            degraded.push(format!("service {:?} {why}", service.name));
         }
     }
-    match degraded {
-        Some(reason) => Json(json!({"status": "degraded", "reason": reason})).into_response(),
-        None => Json(json!({"status": "ready"})).into_response(),
+    match degraded.is_empty() {
+        true => Json(json!({"status": "ready"})).into_response(),
+        false => {
+            let reason = degraded.join("; ");
+            Json(json!({"status": "degraded", "reason": reason})).into_response()
+        }
     }
 }
 
