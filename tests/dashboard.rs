@@ -389,6 +389,7 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
     assert_eq!(urls, expected, "{context}");
     for e in &endpoints {
         assert_eq!(attr(e, "data-healthy"), "true", "{e:?}");
+        assert_eq!(attr(e, "data-source"), "config", "{e:?}");
         assert_eq!(attr(e, "data-cap"), "8", "{e:?}");
     }
     assert_eq!(elements(&dom, "div", "bar-fill").len(), 2, "{context}");
