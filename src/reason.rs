@@ -50,11 +50,14 @@ pub enum Reason {
     /// The client closed its connection (or reset its stream) before sluice answered; never
     /// sent, logged and counted as nginx's 499.
     ClientGone,
+    /// The endpoint answered that it is full (an overload status) and no other endpoint could
+    /// take the request; `Retry-After` says when the first will take traffic again.
+    EndpointsOverloaded,
 }
 
 impl Reason {
     /// Every reason, in declaration order.
-    pub const ALL: [Reason; 17] = [
+    pub const ALL: [Reason; 18] = [
         Self::NoRoute,
         Self::MissingKey,
         Self::UnknownKey,
@@ -72,6 +75,7 @@ impl Reason {
         Self::InvalidHost,
         Self::UnsupportedTransferCoding,
         Self::ClientGone,
+        Self::EndpointsOverloaded,
     ];
 
     /// Position in [`Reason::ALL`].
@@ -99,6 +103,7 @@ impl Reason {
             Self::InvalidHost => "invalid_host",
             Self::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Self::ClientGone => "client_gone",
+            Self::EndpointsOverloaded => "endpoints_overloaded",
         }
     }
 
@@ -112,7 +117,9 @@ impl Reason {
             }
             Self::UpstreamUnreachable | Self::UpstreamError => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::StoreUnavailable | Self::NoEndpoints => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::NoEndpoints | Self::EndpointsOverloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::ClientBodyError | Self::ConflictingFraming | Self::InvalidHost => {
                 StatusCode::BAD_REQUEST
             }

@@ -431,18 +431,24 @@ async fn a_client_whose_body_stalls_gets_408_at_the_client_body_timeout() {
             waited < Duration::from_secs(5),
             "{framing}: 408 after {waited:?}"
         );
-        // The endpoint saw the part that came and then a cut connection: never a complete
-        // request.
-        eventually("the endpoint saw the request end", || {
-            backend.received().len() > before
-        })
-        .await;
-        let received = backend.received().pop().unwrap();
-        assert!(
-            !received.complete,
-            "{framing}: the endpoint took it for whole"
-        );
-        assert_eq!(received.body_len, 10, "{framing}");
+        if framing.starts_with("content-length") {
+            // A body this small is held whole before it is sent (so it can be retried): the
+            // endpoint never saw any of it.
+            assert_eq!(backend.received().len(), before, "{framing}");
+        } else {
+            // Streamed: the endpoint saw the part that came and then a cut connection, never
+            // a complete request.
+            eventually("the endpoint saw the request end", || {
+                backend.received().len() > before
+            })
+            .await;
+            let received = backend.received().pop().unwrap();
+            assert!(
+                !received.complete,
+                "{framing}: the endpoint took it for whole"
+            );
+            assert_eq!(received.body_len, 10, "{framing}");
+        }
         sluice.assert_idle().await;
     }
     sluice.stop().await;

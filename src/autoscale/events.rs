@@ -37,6 +37,12 @@ pub enum EventKind {
     /// An endpoint failed its health check `unhealthy_after` times in a row: it takes none
     /// until it recovers (`from` its cap, `to` 0).
     EndpointUnhealthy,
+    /// An endpoint answered that it is full (an overload status): it takes no request until
+    /// its cooldown ends, then one probe (`from` its cap, `to` 0).
+    EndpointCooledDown,
+    /// An endpoint failed `consecutive_failures` times in a row: ejected for a while, then
+    /// probed (`from` its cap, `to` 0).
+    EndpointEjected,
 }
 
 /// What an event is about.
@@ -168,6 +174,8 @@ impl EventKind {
             Self::EndpointRemoved => "endpoint_removed",
             Self::EndpointHealthy => "endpoint_healthy",
             Self::EndpointUnhealthy => "endpoint_unhealthy",
+            Self::EndpointCooledDown => "endpoint_cooled_down",
+            Self::EndpointEjected => "endpoint_ejected",
         }
     }
 }

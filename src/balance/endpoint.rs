@@ -10,6 +10,7 @@ use http::uri::PathAndQuery;
 use http::Uri;
 use tokio::time::Instant;
 
+use super::hold::{Hold, HoldKind, Overload, Verdict};
 use crate::recorders::EndpointStats;
 use crate::stats::LatencyWindow;
 use crate::upstream::IdleConnections;
@@ -42,6 +43,8 @@ pub struct Endpoint {
     pub stats: EndpointStats,
     /// Keep-alive connections not in use.
     pub idle: IdleConnections,
+    /// Held out of traffic after saying it is full, or failing in a row.
+    pub hold: Hold,
     /// `scheme://authority`, what connections are made to.
     base_uri: Uri,
 }
@@ -86,6 +89,7 @@ impl Endpoint {
             latency: LatencyWindow::default(),
             stats: EndpointStats::default(),
             idle: IdleConnections::default(),
+            hold: Hold::default(),
             base_uri,
         })
     }
@@ -198,6 +202,27 @@ impl Endpoint {
         }
         let ramped = (u64::from(cap) * elapsed).div_ceil(ramp_ms);
         u32::try_from(ramped).unwrap_or(cap).clamp(1, cap)
+    }
+
+    /// Held out of traffic now (cooled down or ejected): why, and for how much longer.
+    pub fn held(&self) -> Option<(HoldKind, Duration)> {
+        self.hold.held(self.now_ms())
+    }
+
+    /// It answered that it is full (with `retry_after`, if it said): cooled down.
+    pub fn overloaded(&self, overload: &Overload, retry_after: Option<Duration>) -> Verdict {
+        self.hold.overloaded(overload, retry_after, self.now_ms())
+    }
+
+    /// It failed (5xx, timeout, broken exchange): ejected after enough in a row, if
+    /// `may_eject`.
+    pub fn failed(&self, overload: &Overload, may_eject: bool) -> Verdict {
+        self.hold.failed(overload, may_eject, self.now_ms())
+    }
+
+    /// It answered, neither full nor failing: back in full service after a hold.
+    pub fn answered(&self) {
+        self.hold.answered(self.now_ms());
     }
 
     /// Record a successful exchange: the endpoint is healthy again. One that comes back from

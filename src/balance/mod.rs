@@ -5,7 +5,9 @@
 //! `Drop`, so every path that ends an exchange (success, error, client abort, panic, shutdown)
 //! releases it exactly once.
 
+mod budget;
 mod endpoint;
+mod hold;
 mod members;
 mod queue;
 mod shape;
@@ -18,7 +20,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rand::Rng;
 
+pub use budget::RetryBudget;
 pub use endpoint::{Endpoint, InvalidEndpointUrl};
+pub use hold::{HoldKind, Overload, StatusSet, Verdict};
 pub use members::{members, Discovered, Found, Member, Source};
 use queue::Queue;
 pub use shape::Shape;
@@ -43,6 +47,8 @@ pub struct Pool {
     shape: ArcSwap<Shape>,
     in_flight: AtomicU32,
     queue: Queue,
+    /// How many retries the service's requests may still cause.
+    pub retry_budget: RetryBudget,
 }
 
 impl Pool {
@@ -52,6 +58,7 @@ impl Pool {
             shape: ArcSwap::from_pointee(shape),
             in_flight: AtomicU32::new(0),
             queue: Queue::default(),
+            retry_budget: RetryBudget::default(),
         })
     }
 
@@ -317,6 +324,7 @@ mod tests {
             balance: Balance::Random,
             members,
             slow_start: None,
+            overload: Overload::default(),
         })
     }
 

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::hold::Overload;
 use super::members::{members, Discovered, Member};
 use super::{Endpoint, InvalidEndpointUrl, Share};
 use crate::config::{Balance, ServiceConfig};
@@ -29,6 +30,8 @@ pub struct Shape {
     pub members: Vec<Member>,
     /// The ramp of an endpoint that (re)enters service, if the service has one.
     pub slow_start: Option<Duration>,
+    /// What overload answers and failures in a row do.
+    pub overload: Overload,
 }
 
 impl Shape {
@@ -82,6 +85,7 @@ impl Shape {
             queue_timeout: config.queue_timeout,
             balance: config.balance,
             slow_start: config.slow_start,
+            overload: Overload::from_config(&config.overload, &config.outlier),
             members,
         })
     }
@@ -137,14 +141,42 @@ impl Shape {
         self.now(i, self.local_cap(i))
     }
 
-    /// `cap` of endpoint `i` as far as it can take traffic now (health, slow start).
+    /// `cap` of endpoint `i` as far as it can take traffic now: none while it fails its health
+    /// check or is held (cooled down, ejected), one request at a time while it is probed after
+    /// a hold, ramped during its slow start.
     fn now(&self, i: usize, cap: u32) -> u32 {
         let endpoint = &self.endpoints[i].0;
-        match (endpoint.is_ready(), self.slow_start) {
-            (false, _) => 0,
-            (true, Some(ramp)) => endpoint.ramped_cap(cap, ramp),
-            (true, None) => cap,
+        if !endpoint.is_ready() || endpoint.held().is_some() {
+            return 0;
         }
+        let cap = match self.slow_start {
+            Some(ramp) => endpoint.ramped_cap(cap, ramp),
+            None => cap,
+        };
+        match endpoint.hold.probing() {
+            true => cap.min(1),
+            false => cap,
+        }
+    }
+
+    /// How many of its endpoints are ejected now.
+    pub fn ejected(&self) -> usize {
+        self.endpoints
+            .iter()
+            .filter(|(e, _)| matches!(e.held(), Some((super::HoldKind::Ejected, _))))
+            .count()
+    }
+
+    /// When every endpoint is held (cooled down or ejected): how long until the first takes
+    /// traffic again.
+    pub fn all_held_for(&self) -> Option<Duration> {
+        self.endpoints
+            .iter()
+            .map(|(e, _)| e.held().map(|(_, left)| left))
+            .try_fold(None, |soonest: Option<Duration>, left| {
+                left.map(|l| Some(soonest.map_or(l, |s| s.min(l))))
+            })
+            .flatten()
     }
 
     /// The service-wide cap this replica enforces (`u32::MAX` when none is set).

@@ -4,6 +4,7 @@
 mod changes;
 mod health;
 mod limits;
+mod overload;
 mod rate_limit;
 mod resolver;
 mod store;
@@ -20,6 +21,7 @@ use crate::autoscale::AutoscaleSettings;
 pub use changes::{Changes, ValidConfig};
 pub use health::{HealthConfig, HEALTH_COUNT_RANGE, HEALTH_INTERVAL_RANGE};
 pub use limits::{Limits, HYPER_DEFAULT_MAX_HEADERS};
+pub use overload::{OutlierConfig, OverloadConfig};
 pub use rate_limit::{
     key_digest, parse_sha256_hex, MissingKey, RateLimitConfig, ResourceConfig, UnknownKeys,
     ANONYMOUS_RESOURCE, BUILT_IN_RESOURCES, TPS_CEILING, UNKNOWN_RESOURCE,
@@ -176,6 +178,16 @@ pub struct ServiceConfig {
     /// Active health checks of the endpoints; with none, an endpoint takes traffic at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthConfig>,
+    /// What an answer that says "this endpoint is full" does: cooldown, retries elsewhere.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub overload: OverloadConfig,
+    /// When an endpoint that keeps failing is ejected for a while.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub outlier: OutlierConfig,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 /// An endpoint: either a bare URL or a table with its own cap.

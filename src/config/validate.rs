@@ -204,6 +204,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
         if let Some(health) = &s.health {
             super::health::validate(&mut p, &key("health"), health);
         }
+        super::overload::validate(&mut p, &format!("service[{i}]"), &s.overload, &s.outlier);
         let rate_limit = s.rate_limit.clone().unwrap_or_default();
         super::rate_limit::validate(&mut p, &format!("service[{i}]"), &rate_limit, &s.resources);
         if let Some(settings) = &s.autoscale {

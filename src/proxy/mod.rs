@@ -9,14 +9,17 @@
 //! 3. **take a slot** (`Proxy::take_slot`): a slot at one of the service's endpoints
 //!    (`balance`), waiting in its queue if it has one; none free is a 429, and the rate cell
 //!    goes back, so it costs the caller nothing;
-//! 4. **forward** (`Proxy::forward`): a connection (`upstream`; refused → once elsewhere),
-//!    the request, the response head; the response body streams back holding the slot;
+//! 4. **forward** (`Proxy::forward`, `forward.rs`): a connection (`upstream`; refused → once
+//!    elsewhere), the request, the response head; an endpoint that answers it is full is
+//!    cooled down and the request retried elsewhere when it can be; the response body streams
+//!    back holding the slot;
 //! 5. **finish** (`Outcome::finish`): counted and logged once — also when the client left
 //!    before the answer (499).
 //!
 //! Answers sluice gives itself are built in [`reject`].
 
 pub mod body;
+mod forward;
 mod framing;
 pub mod headers;
 mod inbound;
@@ -31,14 +34,14 @@ use http::{request, Request, Response};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-use crate::balance::{Endpoint, NoSlot, Slot};
+use crate::balance::{NoSlot, Slot};
 use crate::limit::{Admission, Cell, KeyProblem, RateLimiter, Resource, Status};
 use crate::policy::{Live, Policy, Service};
 use crate::reason::Reason;
 use crate::store::Fleet;
-use crate::upstream::body::{self as upload, BodyWatch, UpstreamBody};
-use crate::upstream::{connector, error_chain, Connection, SendError, Upstream};
-use body::{ResponseBody, Reuse};
+use crate::upstream::body::{self as upload, BodyWatch};
+use crate::upstream::{connector, Upstream};
+use body::ResponseBody;
 use outcome::Outcome;
 use reject::Rejection;
 pub use server::serve;
@@ -239,120 +242,18 @@ impl Proxy {
     ) -> Result<Slot, Response<ResponseBody>> {
         service.pool.acquire().await.map_err(|refused| {
             let reason = match refused {
+                // Every endpoint said it is full: 503 and when the first takes traffic again.
+                NoSlot::EndpointsFull | NoSlot::QueueTimeout
+                    if service.pool.shape().all_held_for().is_some() =>
+                {
+                    return self.overloaded(service, outcome);
+                }
                 NoSlot::EndpointsFull => Reason::EndpointsFull,
                 NoSlot::NoEndpoints => Reason::NoEndpoints,
                 NoSlot::QueueTimeout => Reason::QueueTimeout,
             };
             outcome.reject(reason, Some(service))
         })
-    }
-
-    /// A ready connection to the slot's endpoint; on failure the endpoint goes into its
-    /// back-off.
-    async fn connect(&self, slot: &Slot, outcome: &mut Outcome<'_>) -> Option<Connection> {
-        let endpoint = slot.endpoint();
-        outcome.endpoint = Some(Arc::clone(endpoint));
-        match self
-            .upstream
-            .connection(&endpoint.idle, endpoint.base_uri())
-            .await
-        {
-            Ok(connection) => Some(connection),
-            Err(e) => {
-                endpoint.mark_unreachable();
-                tracing::warn!(endpoint = endpoint.url(), error = %e, "endpoint unreachable");
-                None
-            }
-        }
-    }
-
-    /// Phase 4, forward: the request to the slot's endpoint, retrying once elsewhere if the
-    /// connection is refused. `body` is taken once the request is on its way.
-    async fn forward(
-        &self,
-        policy: &Policy,
-        service: &Service,
-        mut slot: Slot,
-        mut head: request::Parts,
-        body: &mut Option<Incoming>,
-        outcome: &mut Outcome<'_>,
-    ) -> Response<ResponseBody> {
-        headers::to_upstream(&mut head, outcome.client.ip());
-        // A connection first, the request only then: a refused connect leaves the request
-        // untouched, so it can go to another endpoint with a free slot (once).
-        let connection = match self.connect(&slot, outcome).await {
-            Some(connection) => connection,
-            None => {
-                let Some(other) = service.pool.try_acquire_other(slot.endpoint()) else {
-                    return outcome.reject(Reason::UpstreamUnreachable, Some(service));
-                };
-                slot = other;
-                match self.connect(&slot, outcome).await {
-                    Some(connection) => connection,
-                    None => return outcome.reject(Reason::UpstreamUnreachable, Some(service)),
-                }
-            }
-        };
-        let endpoint = Arc::clone(slot.endpoint());
-        outcome.endpoint = Some(Arc::clone(&endpoint));
-        let body = body.take().expect("a request's body is taken once, here");
-        let (body, watch) =
-            upload::track(body, connection.abort_handle(), policy.timeouts.client_body);
-        outcome.upload = Some(watch.clone());
-        let Ok(request) = upstream_request(head, &endpoint, body) else {
-            return outcome.reject(Reason::UpstreamError, Some(service));
-        };
-        let started = Instant::now();
-        // `timeouts.response` bounds the wait for response headers once the endpoint has the
-        // whole request (or has stopped reading it), not a client's slow upload.
-        let response_deadline = watch.idle_for(policy.timeouts.response);
-        let exchange = tokio::select! {
-            result = self.upstream.send(endpoint.base_uri(), connection, request) => result,
-            () = response_deadline => return outcome.reject(Reason::UpstreamTimeout, Some(service)),
-        };
-        match exchange {
-            Ok((response, _connection)) if headers::has_ambiguous_framing(response.headers()) => {
-                // Its connection is dropped with it: the bytes after this head cannot be
-                // framed with certainty, so it is never used again.
-                endpoint.mark_reachable();
-                tracing::warn!(
-                    endpoint = endpoint.url(),
-                    "endpoint answered with both Content-Length and Transfer-Encoding, or a \
-                     transfer coding other than chunked: 502"
-                );
-                outcome.reject(Reason::UpstreamError, Some(service))
-            }
-            Ok((response, connection)) => {
-                endpoint.mark_reachable();
-                let latency = started.elapsed();
-                endpoint.latency.record(latency);
-                endpoint.stats.duration.observe(latency);
-                if let Some(autoscale) = &service.autoscale {
-                    autoscale.record_latency(&service.pool, &endpoint, latency);
-                }
-                let (mut head, body) = response.into_parts();
-                headers::to_client(&mut head);
-                let reuse = Reuse::new(connection, Arc::clone(&endpoint));
-                Response::from_parts(head, ResponseBody::upstream(body, slot, reuse))
-            }
-            Err(SendError::Connect(e)) => {
-                endpoint.mark_unreachable();
-                tracing::warn!(endpoint = endpoint.url(), error = %e, "endpoint unreachable");
-                outcome.reject(Reason::UpstreamUnreachable, Some(service))
-            }
-            Err(SendError::Exchange(_)) if watch.client_stalled() => {
-                // The client stopped sending its body (the endpoint's connection was cut).
-                outcome.reject(Reason::ClientBodyTimeout, Some(service))
-            }
-            Err(SendError::Exchange(_)) if watch.client_broke() => {
-                // The client's fault, not the endpoint's (whose connection was cut).
-                outcome.reject(Reason::ClientBodyError, Some(service))
-            }
-            Err(SendError::Exchange(e)) => {
-                tracing::warn!(endpoint = endpoint.url(), error = %error_chain(&e), "upstream error");
-                outcome.reject(Reason::UpstreamError, Some(service))
-            }
-        }
     }
 }
 
@@ -401,22 +302,4 @@ impl Drop for RateAdmitted<'_> {
     fn drop(&mut self) {
         self.give_back_cell();
     }
-}
-
-/// The request for `endpoint`: the client's (already cleaned) head, addressed to it.
-fn upstream_request(
-    head: http::request::Parts,
-    endpoint: &Endpoint,
-    body: UpstreamBody,
-) -> Result<Request<UpstreamBody>, http::Error> {
-    let uri = endpoint.upstream_target(head.uri.path_and_query())?;
-    let mut request = Request::new(body);
-    *request.method_mut() = head.method;
-    *request.uri_mut() = uri;
-    *request.version_mut() = http::Version::HTTP_11;
-    *request.headers_mut() = head.headers;
-    request
-        .headers_mut()
-        .insert(http::header::HOST, endpoint.host_header().clone());
-    Ok(request)
 }

@@ -197,10 +197,56 @@ impl BodyWatch {
     }
 }
 
+/// Why a body could not be read whole to be held for a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadError {
+    /// The client's body broke (malformed framing, the connection lost).
+    Broke,
+    /// No byte of it came for `timeouts.client_body`.
+    Stalled,
+}
+
+/// The whole of a body whose length is known and small (the caller checked its size hint),
+/// so it can be sent again: read here, each frame within `client_body` of the one before.
+/// Trailers are not kept.
+pub async fn read_whole(mut body: Incoming, client_body: Duration) -> Result<Bytes, ReadError> {
+    let mut whole = bytes::BytesMut::new();
+    while !body.is_end_stream() {
+        match tokio::time::timeout(client_body, body.frame()).await {
+            Err(_) => return Err(ReadError::Stalled),
+            Ok(None) => break,
+            Ok(Some(Err(_))) => return Err(ReadError::Broke),
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    whole.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    Ok(whole.freeze())
+}
+
+/// A body read whole ([`read_whole`]), for one attempt: it sends a copy, and its watch says
+/// it is finished from the start.
+pub fn held(body: Bytes, cut: AbortHandle) -> (UpstreamBody, BodyWatch) {
+    let stall = Stall {
+        limit: Duration::MAX,
+        timer: None,
+        armed: false,
+    };
+    let state = match body.is_empty() {
+        true => Upload::Empty,
+        false => Upload::Held(Some(body)),
+    };
+    (UpstreamBody { state, cut, stall }, BodyWatch(None))
+}
+
 /// Where the upload stands.
 enum Upload {
     /// No body at all.
     Empty,
+    /// A body held whole, not yet sent (`None` once sent).
+    Held(Option<Bytes>),
     /// Frames still come from the client.
     Streaming(Incoming, Arc<Progress>),
     /// The client's body broke or stalled: nothing more is ever yielded, not even its end.
@@ -229,6 +275,7 @@ impl Body for UpstreamBody {
         let this = self.get_mut();
         let (body, progress) = match &mut this.state {
             Upload::Empty => return Poll::Ready(None),
+            Upload::Held(held) => return Poll::Ready(held.take().map(|b| Ok(Frame::data(b)))),
             // hyper's client polls the body again within the same task poll (its write loop
             // runs several rounds), and a client `Incoming` that yielded an error answers
             // `None` after it: were that passed on, the connection would write the last
@@ -291,6 +338,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match &self.state {
             Upload::Empty => true,
+            Upload::Held(held) => held.is_none(),
             Upload::Streaming(body, _) => body.is_end_stream(),
             Upload::Broken => false,
         }
@@ -299,6 +347,7 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match &self.state {
             Upload::Empty => SizeHint::with_exact(0),
+            Upload::Held(held) => SizeHint::with_exact(held.as_ref().map_or(0, |b| b.len() as u64)),
             Upload::Streaming(body, _) => body.size_hint(),
             Upload::Broken => SizeHint::default(),
         }
