@@ -255,6 +255,36 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
             vec!["unknown field `max_concurent`", "`max_concurrent`"],
         ),
         (
+            "overload settings",
+            format!(
+                "{}[service.overload]\nstatus = [503, 200]\ncooldown_min = \"2m\"\n\
+                 cooldown_max = \"1m\"\nretries = 11\n",
+                with_service_keys("")
+            ),
+            vec![
+                "service[0].overload.status[1]",
+                "400..=599",
+                "service[0].overload.cooldown_max",
+                "below cooldown_min",
+                "service[0].overload.retries",
+                "0..=10",
+            ],
+        ),
+        (
+            "outlier settings",
+            format!(
+                "{}[service.outlier]\nmax_ejected_percent = 101\nbase_ejection = \"10m\"\n\
+                 max_ejection = \"5m\"\n",
+                with_service_keys("")
+            ),
+            vec![
+                "service[0].outlier.max_ejected_percent",
+                "0..=100",
+                "service[0].outlier.max_ejection",
+                "below base_ejection",
+            ],
+        ),
+        (
             "nameserver not an address",
             format!(
                 "[resolver]\nnameservers = [\"dns.local\"]\n{}",

@@ -184,6 +184,47 @@ async fn when_every_endpoint_is_full_clients_learn_when_to_come_back_and_retries
         "{endpoint_requests} endpoint requests for {sent} client requests"
     );
     assert!(sent > 10, "{sent}");
+
+    // What an operator sees: each endpoint cooled down and when it is back, the cooldowns and
+    // the retries counted (the first request was tried on all three: two retries).
+    let admin = sluice.admin.unwrap();
+    let view = once(
+        admin,
+        admin_request("GET", admin, "/admin/capacity", "", None),
+    )
+    .await
+    .json();
+    for e in view["services"][0]["endpoints"].as_array().unwrap() {
+        assert_eq!(e["state"], "cooled_down", "{e}");
+        let back = e["back_in_ms"].as_u64().unwrap();
+        assert!(back > 0 && back <= 3000, "{e}");
+    }
+    assert_eq!(view["services"][0]["capacity"], 0, "{view}");
+    let metrics = once(admin, admin_request("GET", admin, "/metrics", "", None))
+        .await
+        .text();
+    let value = |line: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line))
+            .unwrap_or_else(|| panic!("no {line} in {metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    for m in &endpoints {
+        let url = m.url();
+        let line =
+            format!("sluice_endpoint_cooldowns_total{{service=\"scoring\",endpoint=\"{url}\"}}");
+        assert_eq!(value(&line), m.requests() as f64);
+    }
+    assert_eq!(
+        value("sluice_retries_total{service=\"scoring\",result=\"made\"}"),
+        2.0
+    );
+    let own = "sluice_requests_total{service=\"scoring\",endpoint=\"\",class=\"5xx\",\
+               reason=\"endpoints_overloaded\"}";
+    assert_eq!(value(own), (sent - 1) as f64);
     sluice.stop().await;
 }
 
@@ -211,7 +252,10 @@ async fn a_streaming_upload_refused_as_full_is_passed_through_not_retried() {
     assert_eq!(refused[0].text(), "queue full");
     assert_eq!(refused[0].header("retry-after"), Some("2"));
     assert_eq!(other.requests(), answers.len() - 1);
-    assert!(sick.received().iter().all(|r| r.body_len == 5 * 1024 * 1024));
+    assert!(sick
+        .received()
+        .iter()
+        .all(|r| r.body_len == 5 * 1024 * 1024));
     sluice.stop().await;
 }
 
@@ -256,6 +300,12 @@ async fn an_endpoint_that_keeps_failing_is_ejected_but_never_more_than_half_of_t
         .count();
     assert_eq!(ejected, 1);
     assert_eq!(a.requests() + b.requests(), 60);
-    assert_eq!(a.requests().min(b.requests()), 3, "{} {}", a.requests(), b.requests());
+    assert_eq!(
+        a.requests().min(b.requests()),
+        3,
+        "{} {}",
+        a.requests(),
+        b.requests()
+    );
     sluice.stop().await;
 }

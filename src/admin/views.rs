@@ -70,6 +70,13 @@ pub struct EndpointView {
     pub in_flight: u32,
     /// False while in its back-off after a refused connection.
     pub healthy: bool,
+    /// `serving`; `cooled_down` (it answered that it is full) or `ejected` (it failed in a
+    /// row) until `back_in_ms`, then `probing` (one request at a time until an answer says it
+    /// is back); `backing_off` (refused a connection); `not_ready` (fails its health check).
+    pub state: &'static str,
+    /// While cooled down or ejected: milliseconds until it takes traffic again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub back_in_ms: Option<u64>,
     /// False while it fails its service's health check, or has not passed it yet (always
     /// true for a service without `[service.health]`); it then takes no request.
     pub ready: bool,
@@ -122,6 +129,19 @@ pub fn capacity(
     }
 }
 
+/// What an endpoint is doing, as [`EndpointView::state`] names it.
+fn endpoint_state(endpoint: &crate::balance::Endpoint) -> &'static str {
+    use crate::balance::HoldKind;
+    match endpoint.held() {
+        Some((HoldKind::Cooldown, _)) => "cooled_down",
+        Some((HoldKind::Ejected, _)) => "ejected",
+        None if !endpoint.is_ready() => "not_ready",
+        None if !endpoint.is_healthy() => "backing_off",
+        None if endpoint.hold.probing() => "probing",
+        None => "serving",
+    }
+}
+
 fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacity {
     let shape = service.pool.shape();
     let expected = service
@@ -144,6 +164,10 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
                 effective_max_concurrent: shape.effective_cap(i),
                 in_flight: endpoint.in_flight(),
                 healthy: endpoint.is_healthy(),
+                state: endpoint_state(endpoint),
+                back_in_ms: endpoint
+                    .held()
+                    .map(|(_, left)| u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
                 ready: endpoint.is_ready(),
                 latency,
                 projected_tps: f64::from(*cap) * 1000.0 / mean_ms.max(1.0),

@@ -182,7 +182,9 @@ impl Hold {
         }
         // An ejection long ago is forgotten: one less for each base_ejection spent back in
         // service since (none while it has not come back yet).
-        let base_ms = u64::try_from(o.base_ejection.as_millis()).unwrap_or(u64::MAX).max(1);
+        let base_ms = u64::try_from(o.base_ejection.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let back = self.back_ms.load(Ordering::Relaxed);
         let forgotten = match probe_failed {
             true => 0,
@@ -238,9 +240,15 @@ mod tests {
     #[test]
     fn a_cooldown_is_retry_after_within_bounds_or_doubles_from_a_second() {
         let o = Overload::default();
-        assert_eq!(o.cooldown(Some(Duration::from_secs(10)), 0), Duration::from_secs(10));
+        assert_eq!(
+            o.cooldown(Some(Duration::from_secs(10)), 0),
+            Duration::from_secs(10)
+        );
         assert_eq!(o.cooldown(Some(Duration::ZERO), 3), Duration::from_secs(1));
-        assert_eq!(o.cooldown(Some(Duration::from_secs(3600)), 0), Duration::from_secs(60));
+        assert_eq!(
+            o.cooldown(Some(Duration::from_secs(3600)), 0),
+            Duration::from_secs(60)
+        );
         let backoff: Vec<u64> = (0..8).map(|n| o.cooldown(None, n).as_secs()).collect();
         assert_eq!(backoff, [1, 2, 4, 8, 16, 32, 60, 60]);
     }
@@ -256,7 +264,10 @@ mod tests {
             hold.failed(&o, true, 1_000),
             Verdict::Held(HoldKind::Ejected, Duration::from_secs(30))
         );
-        assert_eq!(hold.held(1_000), Some((HoldKind::Ejected, Duration::from_secs(30))));
+        assert_eq!(
+            hold.held(1_000),
+            Some((HoldKind::Ejected, Duration::from_secs(30)))
+        );
         // Its probe fails: ejected again at once, for twice as long.
         assert_eq!(
             hold.failed(&o, true, 31_000),
@@ -282,9 +293,6 @@ mod tests {
     #[test]
     fn at_most_the_share_is_ejected_and_one_of_two() {
         let o = Overload::default();
-        assert_eq!(
-            [1, 2, 3, 4, 10].map(|n| o.max_ejected(n)),
-            [0, 1, 1, 2, 5]
-        );
+        assert_eq!([1, 2, 3, 4, 10].map(|n| o.max_ejected(n)), [0, 1, 1, 2, 5]);
     }
 }

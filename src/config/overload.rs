@@ -133,7 +133,10 @@ pub(super) fn validate(
         &EJECTION_RANGE,
     );
     if outlier.base_ejection > outlier.max_ejection {
-        p.add(format!("{key}.outlier.max_ejection"), "is below base_ejection");
+        p.add(
+            format!("{key}.outlier.max_ejection"),
+            "is below base_ejection",
+        );
     }
     p.range(
         format!("{key}.outlier.consecutive_failures"),

@@ -121,6 +121,57 @@ pub fn render(control: &Control, format: Format) -> String {
         }
     }
 
+    type EndpointCount = fn(&crate::balance::Endpoint) -> u64;
+    let endpoint_counts: [(&'static str, &str, EndpointCount); 2] = [
+        (
+            "sluice_endpoint_cooldowns",
+            "Times an endpoint answered that it is full ([service.overload] status) and was \
+             cooled down",
+            |endpoint| endpoint.hold.cooldowns.load(Ordering::Relaxed),
+        ),
+        (
+            "sluice_endpoint_ejections",
+            "Times an endpoint was ejected after failing in a row ([service.outlier])",
+            |endpoint| endpoint.hold.ejections.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, help, value) in endpoint_counts {
+        e.family(name, help, Kind::Counter);
+        for s in services {
+            for (endpoint, _) in s.pool.shape().endpoints.iter() {
+                let l = [("service", &*s.name), ("endpoint", endpoint.url())];
+                e.counter(&l, value(endpoint));
+            }
+        }
+    }
+    e.family(
+        "sluice_endpoint_held_seconds",
+        "Time until a cooled-down or ejected endpoint takes traffic again (0 when it is not held)",
+        Kind::Gauge,
+    );
+    for s in services {
+        for (endpoint, _) in s.pool.shape().endpoints.iter() {
+            let l = [("service", &*s.name), ("endpoint", endpoint.url())];
+            let left = endpoint.held().map_or(0.0, |(_, left)| left.as_secs_f64());
+            e.gauge_f64(&l, left);
+        }
+    }
+    e.family(
+        "sluice_retries",
+        "Further attempts on another endpoint after an overload answer or a refused connection: \
+         made, or refused by the service's retry budget",
+        Kind::Counter,
+    );
+    for s in services {
+        let budget = &s.pool.retry_budget;
+        for (result, n) in [("made", &budget.made), ("refused", &budget.refused)] {
+            e.counter(
+                &[("service", &s.name), ("result", result)],
+                n.load(Ordering::Relaxed),
+            );
+        }
+    }
+
     e.family(
         "sluice_service_in_flight",
         "Requests in flight over all endpoints of a service",
