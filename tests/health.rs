@@ -218,3 +218,28 @@ fn health_settings_out_of_range_are_refused_naming_their_key() {
         .to_string();
     assert!(error.contains("unknown field `period`"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_while_no_endpoint_was_healthy_is_served_when_one_becomes_healthy() {
+    // The only endpoint fails its check at first; a request waits in the queue (30 s) for it.
+    // Nothing is in flight, so no released slot would ever wake the queue: the endpoint
+    // passing its check must.
+    let ready = Arc::new(AtomicU16::new(503));
+    let endpoint = with_ready_status(&ready).await;
+    let toml = config(&format!(
+        "{}\n[service.health]\npath = \"/ready\"\ninterval = \"200ms\"\nhealthy_after = 2\n",
+        service(&[endpoint.url()], "queue_size = 4\nqueue_timeout = \"30s\"")
+    ));
+    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+    let addr = sluice.addr;
+    let waiting = tokio::spawn(async move { once(addr, get(addr, "/score")).await });
+    eventually("the request waits in the queue", || {
+        sluice.proxy.policy().services[0].pool.queue_len() == 1
+    })
+    .await;
+    ready.store(200, Ordering::SeqCst);
+    let answer = waiting.await.unwrap();
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(scored(&endpoint), 1);
+    sluice.stop().await;
+}

@@ -309,3 +309,36 @@ async fn an_endpoint_that_keeps_failing_is_ejected_but_never_more_than_half_of_t
     );
     sluice.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_behind_a_cooldown_gets_the_probe_when_it_ends() {
+    // One endpoint, full once (Retry-After: 1), then fine; a queue of 30 s. The first
+    // request is answered 503 endpoints_overloaded (no other endpoint); the next waits in the
+    // queue, with nothing in flight to release a slot: the cooldown's end must serve it.
+    let full = Arc::new(AtomicBool::new(true));
+    let flag = Arc::clone(&full);
+    let endpoint = mock()
+        .reply(move |_| match flag.swap(false, Ordering::SeqCst) {
+            true => Reply::Full {
+                status: 503,
+                headers: vec![("retry-after", "1")],
+                body: Bytes::from_static(b"queue full"),
+            },
+            false => Reply::ok("ok"),
+        })
+        .start()
+        .await;
+    let toml = config(&service(
+        &[endpoint.url()],
+        "queue_size = 4\nqueue_timeout = \"30s\"",
+    ));
+    let sluice = start_sluice(&toml).await;
+    let first = once(sluice.addr, score(sluice.addr)).await;
+    assert_eq!(first.status, 503, "{}", first.text());
+    assert_eq!(first.reason(), "endpoints_overloaded");
+    assert_eq!(first.header("retry-after"), Some("1"));
+    let second = once(sluice.addr, score(sluice.addr)).await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    assert_eq!(endpoint.requests(), 2);
+    sluice.stop().await;
+}

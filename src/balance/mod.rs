@@ -191,6 +191,12 @@ impl Pool {
         self.dispatch();
     }
 
+    /// An endpoint can take more than before without a slot having been released (its hold
+    /// ended, it passed its health check): hand what it can take to waiting requests.
+    pub fn wake(self: &Arc<Self>) {
+        self.dispatch();
+    }
+
     /// Hand free slots to waiting requests, oldest first.
     fn dispatch(self: &Arc<Self>) {
         if self.queue.is_empty() {

@@ -113,6 +113,12 @@ pub async fn run(live: Arc<Live>, connect: Connect) {
                     continue;
                 };
                 if let Some(event) = judge(record, health, &outcome) {
+                    if event.kind == EventKind::EndpointHealthy {
+                        // Requests may be waiting in the queue for it.
+                        if let Some(service) = policy.service(&outcome.service) {
+                            service.pool.wake();
+                        }
+                    }
                     let id = live.events().push(event.clone());
                     tracing::warn!(
                         target: "sluice::health",

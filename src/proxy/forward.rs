@@ -272,6 +272,13 @@ impl Proxy {
         };
         let event = Event::change(Utc::now(), &*service.name, target, kind, (cap, 0), reason);
         self.live.events().push(event);
+        // When the hold ends the endpoint can take its probe: requests waiting in the queue
+        // are not left waiting for a slot to be released elsewhere (there may be none).
+        let pool = Arc::clone(&service.pool);
+        tokio::spawn(async move {
+            tokio::time::sleep(length).await;
+            pool.wake();
+        });
     }
 }
 
