@@ -43,6 +43,7 @@ pub async fn run(control: Arc<Control>) {
     let live = Arc::clone(control.live());
     let mut known = (*live.discovered()).clone();
     let mut resolver: Option<(ResolverConfig, Arc<TokioResolver>)> = None;
+    let mut unbuildable: Option<(ResolverConfig, Instant)> = None;
     let mut due: HashMap<Entry, Instant> = HashMap::new();
     let mut failing: HashSet<Entry> = HashSet::new();
     let mut lookups: JoinSet<(Entry, Answer)> = JoinSet::new();
@@ -67,10 +68,21 @@ pub async fn run(control: Arc<Control>) {
                 } else {
                     let resolver = match &resolver {
                         Some((built, r)) if built == settings => Arc::clone(r),
+                        // It could not be built with these settings a moment ago: try again
+                        // after min_ttl, and say so once.
+                        _ if unbuildable.as_ref().is_some_and(|(failed, at): &(ResolverConfig, Instant)| {
+                            failed == settings && at.elapsed() < settings.min_ttl
+                        }) => continue,
                         _ => match build(settings) {
-                            Ok(r) => Arc::clone(&resolver.insert((settings.clone(), Arc::new(r))).1),
+                            Ok(r) => {
+                                unbuildable = None;
+                                Arc::clone(&resolver.insert((settings.clone(), Arc::new(r))).1)
+                            }
                             Err(why) => {
-                                tracing::error!(error = %why, "cannot build the DNS resolver; endpoints to resolve keep what they had");
+                                if unbuildable.as_ref().is_none_or(|(failed, _)| failed != settings) {
+                                    tracing::error!(error = %why, "cannot build the DNS resolver (no /etc/resolv.conf? set [resolver] nameservers); endpoints to resolve keep what they had");
+                                }
+                                unbuildable = Some((settings.clone(), Instant::now()));
                                 continue;
                             }
                         },
