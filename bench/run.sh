@@ -1018,7 +1018,7 @@ scenario8() {
         echo "### Scenario 8 — one endpoint overloaded (3 endpoints × 50 ms and a 4th that answers 503 with Retry-After: 10 at once from ${third} s to $((2 * third)) s of each run, 50 ms otherwise; cap 20 each; $S8_CONNS closed-loop clients, $([ -n "$S8_BODY" ] && echo "POST of a ${#S8_BODY}-byte JSON body" || echo GET), ${S8_DUR}s runs, median (min–max) over $REPS interleaved reps)"
         echo
         echo "Ceilings: 4 × 20 × 1000 / 50 = $hi req/s while the 4th endpoint is healthy, $CEILING req/s (the 3 healthy ones) while it is full."
-        echo "2xx/s in a phase: all 2xx answers that arrived in it ÷ its length (the change's transient included). Non-2xx: answers per run, by status."
+        echo "2xx/s in a phase: all 2xx answers that arrived in it ÷ its length (the change's transient included), then the median's share of the phase's ceiling. Non-2xx: answers per run, by status."
         echo "Endpoint requests: every request the 4 endpoints' access log shows for the run (the full one's 503s included), ÷ the answers the clients got, and ÷ the 2xx among them."
         echo "Back after: from the end of the full phase to the first 2xx the 4th endpoint logged (its 50 ms included); \"-\": none before the run ended."
         for b in $S8_BACKOFFS; do
@@ -1026,23 +1026,24 @@ scenario8() {
             if [ "$b" = 0 ]; then echo "Clients retry a refused request at once:"
             else echo "Clients wait ${b} ms on average (drawn uniformly from $((b / 2))–$((b * 3 / 2)) ms) after a refused request before the next one:"; fi
             echo
-            echo "| target | 2xx/s before (÷ $hi) | 2xx/s while full (÷ $CEILING) | 2xx/s after (÷ $hi) | admitted p99 ms | non-2xx per run, by status | I/O errors | client reconnects/s | endpoint requests ÷ client answers | ÷ 2xx | 503s of the full endpoint per run | back after ms | proxy CPU µs/answer |"
+            echo "| target | 2xx/s before · ÷ $hi | 2xx/s while full · ÷ $CEILING | 2xx/s after · ÷ $hi | admitted p99 ms | non-2xx per run, by status | I/O errors | client reconnects/s | endpoint requests ÷ client answers | ÷ 2xx | 503s of the full endpoint per run | back after ms | proxy CPU µs/answer |"
             echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
             for t in "${targets[@]}"; do
                 local codes c
                 codes=$(awk -v t="$t" -v b="$b" '$1 == t && $2 == b && $3 ~ /^status_/ { print substr($3, 8) }' "$counts" | sort -u |
                     while read -r c; do printf '%s × %s; ' "$c" "$(s8_count "$t" "$b" "status_$c")"; done)
                 codes=${codes%; }
-                echo "| $t | $(fmt 0 "$(stat "$rows" 2 "$t $b" 9)") ($(fmt 3 "$(stat "$rows" 2 "$t $b" 12)")) | $(fmt 0 "$(stat "$rows" 2 "$t $b" 10)") ($(fmt 3 "$(stat "$rows" 2 "$t $b" 13)")) | $(fmt 0 "$(stat "$rows" 2 "$t $b" 11)") ($(fmt 3 "$(stat "$rows" 2 "$t $b" 14)")) | $(fmt 1 "$(stat "$rows" 2 "$t $b" 6)") | ${codes:-none} | $(fmt 0 "$(stat "$rows" 2 "$t $b" 7)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 8)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 16)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 17)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 18)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 19)") | $(fmt 2 "$(stat "$rows" 2 "$t $b" 20)") |"
+                echo "| $t | $(fmt 0 "$(stat "$rows" 2 "$t $b" 9)") · $(median "$rows" 2 "$t $b" 12 | awk '{ printf("%.3f", $1) }') | $(fmt 0 "$(stat "$rows" 2 "$t $b" 10)") · $(median "$rows" 2 "$t $b" 13 | awk '{ printf("%.3f", $1) }') | $(fmt 0 "$(stat "$rows" 2 "$t $b" 11)") · $(median "$rows" 2 "$t $b" 14 | awk '{ printf("%.3f", $1) }') | $(fmt 1 "$(stat "$rows" 2 "$t $b" 6)") | ${codes:-none} | $(fmt 0 "$(stat "$rows" 2 "$t $b" 7)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 8)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 16)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 17)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 18)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 19)") | $(fmt 2 "$(stat "$rows" 2 "$t $b" 20)") |"
             done
             echo
             echo "What the proxies counted themselves, per run (sluice: \`/metrics\`; HAProxy: its stats CSV; nginx keeps no such counters):"
             echo
-            echo "| target | full endpoint's 503s passed to the client | the proxy's own 5xx | retries made | retries refused by the budget | times the full endpoint was taken out |"
+            echo "| target | full endpoint's 503s passed to the client | the proxy's own 5xx | retries made | retries refused by the budget | full endpoint taken out (sluice: cooldowns begun; HAProxy: marked down) |"
             echo "|---|---|---|---|---|---|"
             for t in "${targets[@]}"; do
                 case $t in
-                    nginx) echo "| nginx | $(s8_count "$t" "$b" status_503) (the clients' 503s: nginx makes none of its own here) | its 502s, above: no server it may send to, capacity refusals included | - | - | - |" ;;
+                    nginx) c=$(s8_count "$t" "$b" status_503)
+                        echo "| nginx | ${c/#-/0} (what the clients got: nginx makes no 503 of its own here) | its 502s (above): no server left to send to or retry on, capacity refusals included | - | - | - |" ;;
                     *) echo "| $t | $(s8_count "$t" "$b" passed_5xx) | $(s8_count "$t" "$b" own_5xx) | $(s8_count "$t" "$b" retries) | $([ "$t" = sluice ] && s8_count "$t" "$b" retries_refused || echo -) | $(s8_count "$t" "$b" held) |" ;;
                 esac
             done
