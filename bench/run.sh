@@ -1013,6 +1013,15 @@ scenario8() {
     s8_count() { # s8_count TARGET BACKOFF NAME: "median (min–max)" of a counter per run, "-" if none
         fmt 0 "$(stat "$counts" 3 "$1 $2 $3" 5)"
     }
+    s8_status() { # s8_status TARGET BACKOFF CODE: as s8_count, a run without that status counting 0
+        fmt 0 "$(awk -v k="$1 $2 status_$3" -v reps="$REPS" '
+            NR > 1 && $1 " " $2 " " $3 == k { v[$4] = $5 }
+            END {
+                for (r = 1; r <= reps; r++) a[r] = (r in v) ? v[r] : 0
+                for (i = 1; i <= reps; i++) for (j = i + 1; j <= reps; j++) if (a[j] < a[i]) { x = a[i]; a[i] = a[j]; a[j] = x }
+                print (reps % 2) ? a[(reps + 1) / 2] : (a[reps / 2] + a[reps / 2 + 1]) / 2, a[1], a[reps]
+            }' "$counts")"
+    }
     local third=$((S8_DUR / 3)) hi=$((CEILING * 4 / 3))
     {
         echo "### Scenario 8 — one endpoint overloaded (3 endpoints × 50 ms and a 4th that answers 503 with Retry-After: 10 at once from ${third} s to $((2 * third)) s of each run, 50 ms otherwise; cap 20 each; $S8_CONNS closed-loop clients, $([ -n "$S8_BODY" ] && echo "POST of a ${#S8_BODY}-byte JSON body" || echo GET), ${S8_DUR}s runs, median (min–max) over $REPS interleaved reps)"
@@ -1031,7 +1040,7 @@ scenario8() {
             for t in "${targets[@]}"; do
                 local codes c
                 codes=$(awk -v t="$t" -v b="$b" '$1 == t && $2 == b && $3 ~ /^status_/ { print substr($3, 8) }' "$counts" | sort -u |
-                    while read -r c; do printf '%s × %s; ' "$c" "$(s8_count "$t" "$b" "status_$c")"; done)
+                    while read -r c; do printf '%s × %s; ' "$c" "$(s8_status "$t" "$b" "$c")"; done)
                 codes=${codes%; }
                 echo "| $t | $(fmt 0 "$(stat "$rows" 2 "$t $b" 9)") · $(median "$rows" 2 "$t $b" 12 | awk '{ printf("%.3f", $1) }') | $(fmt 0 "$(stat "$rows" 2 "$t $b" 10)") · $(median "$rows" 2 "$t $b" 13 | awk '{ printf("%.3f", $1) }') | $(fmt 0 "$(stat "$rows" 2 "$t $b" 11)") · $(median "$rows" 2 "$t $b" 14 | awk '{ printf("%.3f", $1) }') | $(fmt 1 "$(stat "$rows" 2 "$t $b" 6)") | ${codes:-none} | $(fmt 0 "$(stat "$rows" 2 "$t $b" 7)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 8)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 16)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 17)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 18)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 19)") | $(fmt 2 "$(stat "$rows" 2 "$t $b" 20)") |"
             done
@@ -1042,8 +1051,7 @@ scenario8() {
             echo "|---|---|---|---|---|---|"
             for t in "${targets[@]}"; do
                 case $t in
-                    nginx) c=$(s8_count "$t" "$b" status_503)
-                        echo "| nginx | ${c/#-/0} (what the clients got: nginx makes no 503 of its own here) | its 502s (above): no server left to send to or retry on, capacity refusals included | - | - | - |" ;;
+                    nginx) echo "| nginx | $(s8_status "$t" "$b" 503) (what the clients got: nginx makes no 503 of its own here) | its 502s (above): no server left to send to or retry on, capacity refusals included | - | - | - |" ;;
                     *) echo "| $t | $(s8_count "$t" "$b" passed_5xx) | $(s8_count "$t" "$b" own_5xx) | $(s8_count "$t" "$b" retries) | $([ "$t" = sluice ] && s8_count "$t" "$b" retries_refused || echo -) | $(s8_count "$t" "$b" held) |" ;;
                 esac
             done
