@@ -1051,7 +1051,7 @@ scenario8() {
             echo "|---|---|---|---|---|---|"
             for t in "${targets[@]}"; do
                 case $t in
-                    nginx) echo "| nginx | $(s8_status "$t" "$b" 503) (what the clients got: nginx makes no 503 of its own here) | its 502s (above): no server left to send to or retry on, capacity refusals included | - | - | - |" ;;
+                    nginx) echo "| nginx | $(s8_status "$t" "$b" 503) (what the clients got: nginx makes no 503 of its own here) | its 502s, if any (table above): no server left to send to or retry on, capacity refusals included | - | - | - |" ;;
                     *) echo "| $t | $(s8_count "$t" "$b" passed_5xx) | $(s8_count "$t" "$b" own_5xx) | $(s8_count "$t" "$b" retries) | $([ "$t" = sluice ] && s8_count "$t" "$b" retries_refused || echo -) | $(s8_count "$t" "$b" held) |" ;;
                 esac
             done
