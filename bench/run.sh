@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh — sluice side by side with nginx and HAProxy on this machine (issue 6).
 #
-#   bench/run.sh [SCENARIO...]      default: every scenario (1 2 3 4 5 6 7)
+#   bench/run.sh [SCENARIO...]      default: every scenario (1 2 3 4 5 6 7 8)
 #
 #   1  overhead: two instant endpoints, keyed requests (wrk), req/s, p50/p99, non-2xx and
 #      proxy CPU time per request, each proxy alone on one core with one worker
@@ -21,6 +21,14 @@
 #      join through the admin API (ceiling 1600), at 2/3 one of them leaves (1200). 2xx per
 #      second vs the ceiling in each phase, how soon it follows a change, non-2xx by status,
 #      and the capacity GET /admin/capacity reports after each change.
+#   8  overload: scenario 2 with a fourth endpoint that, for the middle third of each run,
+#      answers 503 with Retry-After: 10 at once (an overloaded model server); S8_CONNS
+#      closed-loop clients POSTing a small JSON body; sluice (default [service.overload]) vs
+#      nginx (proxy_next_upstream http_503 http_429 non_idempotent, max_fails=1 fail_timeout=10s)
+#      vs HAProxy (retry-on 503, retries 2, redispatch, observe layer7 + on-error mark-down).
+#      2xx per second in each phase vs its ceiling, non-2xx by status, the requests the
+#      endpoints received (counted in their access log) per client request, and how soon the
+#      endpoint served again after it recovered.
 #
 # Env knobs:
 #   DUR=10        seconds per measured run (scenarios 1 and 2; "10s" accepted)
@@ -41,6 +49,10 @@
 #   S7_BACKOFFS="0 50"  as S2_BACKOFFS, for scenario 7;  S7_TICK_MS=100  the load client's
 #                 counting interval (must divide 1000): per second figures are sums of ticks,
 #                 the time to follow a change is measured in ticks
+#   S8_DUR=21     seconds per scenario-8 run (the 4th endpoint full from 1/3 to 2/3 of it);
+#                 S8_CONNS=200 clients; S8_BACKOFFS="0 50" as S2_BACKOFFS; S8_TICK_MS=100 as S7_TICK_MS
+#   S8_TARGETS    default "sluice nginx haproxy"
+#   S8_BODY       the JSON body each scenario-8 request POSTs (default: 110 bytes; empty: GET)
 #   WARMUP=2      seconds of warm-up per target before the reps (0: none)
 #   PIN=1         proxy alone on PROXY_CPU=0, load generator + endpoints on LOAD_CPU=1
 #   SLUICE_BIN    use this sluice binary instead of building (cargo build --release)
@@ -82,8 +94,14 @@ S7_DUR=${S7_DUR:-30}; S7_DUR=${S7_DUR%s}
 S7_CONNS=${S7_CONNS:-200}
 S7_BACKOFFS=${S7_BACKOFFS:-"0 50"}
 S7_TICK_MS=${S7_TICK_MS:-100}
+S8_DUR=${S8_DUR:-21}; S8_DUR=${S8_DUR%s}
+S8_TICK_MS=${S8_TICK_MS:-100}
+S8_CONNS=${S8_CONNS:-200}
+S8_BACKOFFS=${S8_BACKOFFS:-"0 50"}
+S8_TARGETS=${S8_TARGETS:-"sluice nginx haproxy"}
+S8_BODY=${S8_BODY-'{"inputs":[{"name":"features","shape":[1,8],"datatype":"FP32","data":[0.12,0.5,0.33,0.9,0.01,0.77,0.42,0.6]}]}'}
 BENCH_SRC=${BENCH_SRC:-$ROOT}
-CEILING=1200   # 3 endpoints x 20 slots x 1000 ms / 50 ms
+CEILING=1200   # 3 endpoints x 20 slots x 1000 ms / 50 ms (scenario 8: its 3 healthy ones)
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/sluice-bench.XXXXXX")
 OUT=${OUT:-$WORK/results}
@@ -229,6 +247,8 @@ start_backends() {
     BACKENDS_PID=$LAST_PID
     wait_up 127.0.0.1:9001 backend
     wait_up 127.0.0.1:9011 backend-50ms
+    # an nginx that could not bind its ports has exited: whatever answered above is not ours
+    kill -0 "$BACKENDS_PID" 2>/dev/null || die "the backends' nginx exited (ports in use?): $(head -3 "$WORK/logs/backends.out")"
 }
 
 # start_proxy KIND CONFIG: pinned alone on the proxy core; pid in LAST_PID. CONFIG is a file
@@ -863,13 +883,190 @@ scenario7() {
     } | tee "$OUT/s7.md"
 }
 
+# ---------------------------------------------------------------- scenario 8: overload
+# Scenario 2's service with a fourth endpoint that says it is full for the middle third of each
+# run. Endpoints: 127.0.0.1:9021, :9022, :9023 (50 ms, cap 20 each: scenario 2's ceiling, 1200
+# req/s) and :9024, the same while healthy (1600 req/s with it) and, while $WORK/html/s8-full
+# exists, a 503 with Retry-After: 10 at once to every request. The load: S8_CONNS closed-loop
+# clients POSTing S8_BODY, counted per S8_TICK_MS of arrival (`loadgen run --tick-ms`). At
+# S8_DUR/3 the harness makes the file (:9024 full), at 2·S8_DUR/3 removes it (healthy again).
+# Targets (their config headers say what each does with a 503): sluice-s8.toml (default
+# [service.overload]), nginx-s8.conf, haproxy-s8.cfg, all started once and measured in turn.
+# The endpoints log every request as "msec port status" to logs/s8-endpoints.log (buffered,
+# flushed each second): the lines a run added, read 2 s after it ended, are what the endpoints
+# received (with the few requests still in flight when the load stopped), and when :9024 served
+# a 2xx again after it recovered. Counters the proxies keep themselves are read before and after
+# each run: sluice's /metrics, HAProxy's stats CSV; nginx has none (stub_status counts only
+# client connections and requests).
+S8_FULL_PORT=9024
+s8_log_size() { wc -c <"$WORK/logs/s8-endpoints.log" 2>/dev/null || echo 0; } # (stat is ours, above)
+
+s8_counters() { # s8_counters TARGET: "name value" lines of what the proxy says it did
+    case $1 in
+        sluice) curl -s -m 2 "http://127.0.0.1:9890/metrics" | awk -v full="127.0.0.1:$S8_FULL_PORT" '
+            /^sluice_retries_total/ && /result="made"/ { print "retries", $2 + 0 }
+            /^sluice_retries_total/ && /result="refused"/ { print "retries_refused", $2 + 0 }
+            /^sluice_requests_total/ && /endpoint=""/ && /class="5xx"/ { own += $2 }
+            /^sluice_requests_total/ && index($0, "endpoint=\"http://" full "\"") && /class="5xx"/ { print "passed_5xx", $2 + 0 }
+            /^sluice_endpoint_cooldowns_total/ && index($0, full) { print "held", $2 + 0 }
+            END { print "own_5xx", own + 0 }' ;;
+        haproxy) curl -s -m 2 "http://127.0.0.1:9881/stats;csv" | awk -F, '
+            NR == 1 { sub(/^# /, ""); for (i = 1; i <= NF; i++) c[$i] = i; next }
+            $1 != "overload" { next }
+            $2 == "FRONTEND" { all = $c["hrsp_5xx"] }
+            $2 == "BACKEND" { print "retries", $c["wretr"] + 0 }
+            $2 != "FRONTEND" && $2 != "BACKEND" { passed += $c["hrsp_5xx"]; if ($2 == "s4") print "held", $c["chkdown"] + 0 }
+            END { print "passed_5xx", passed + 0; print "own_5xx", all - passed }' ;;
+    esac
+}
+
+scenario8() {
+    local rows=$OUT/s8.tsv counts=$OUT/s8-counts.tsv flag=$WORK/html/s8-full
+    declare -A addr=([sluice]=127.0.0.1:8890 [nginx]=127.0.0.1:8880 [haproxy]=127.0.0.1:8881)
+    declare -A pid=()
+    local started=() t targets
+    read -ra targets <<<"$S8_TARGETS"
+    [ $((1000 % S8_TICK_MS)) = 0 ] || die "scenario 8: S8_TICK_MS=$S8_TICK_MS does not divide 1000"
+    # the backends' workers (nginx's unprivileged user, when run as root) stat the flag: let them
+    # through the work dir (mktemp makes it 700), without reading it
+    chmod 711 "$WORK"; mkdir -p "$WORK/html"; chmod 755 "$WORK/html"; rm -f "$flag"
+    wait_up 127.0.0.1:9021 backend-s8; wait_up 127.0.0.1:$S8_FULL_PORT backend-s8-full
+    for t in "${targets[@]}"; do
+        [ -n "${addr[$t]:-}" ] || die "scenario 8: unknown target $t"
+        case $t in
+            nginx) start_proxy nginx nginx-s8.conf ;;
+            haproxy) start_proxy haproxy haproxy-s8.cfg ;;
+            sluice) start_proxy sluice sluice-s8.toml ;;
+        esac
+        started+=("$LAST_PID"); pid[$t]=$LAST_PID
+    done
+    for t in "${targets[@]}"; do wait_up "${addr[$t]}" "$t"; done
+
+    local body=()
+    [ -n "$S8_BODY" ] && body=(--body "$S8_BODY")
+    s8_load() { # s8_load NAME ADDR SECONDS BACKOFF_MS: the load client in the background; pid in LAST_PID
+        start "$1" "$LOAD_CPU" timeout $(($3 + 30)) "$LOADGEN_BIN" run --addr "$2" --conns "$S8_CONNS" \
+            --duration "$3" --keys "$KEYS" --backoff-ms "$4" --tick-ms "$S8_TICK_MS" "${body[@]}"
+    }
+    if [ "$WARMUP" -gt 0 ]; then
+        log "scenario 8: warm-up ${WARMUP}s per target (every endpoint healthy)"
+        for t in "${targets[@]}"; do s8_load s8-warmup "${addr[$t]}" "$WARMUP" 0; wait "$LAST_PID" || true; stop "$LAST_PID"; done
+        sleep 2 # the endpoints' log lines of the warm-up flushed before the first count
+    fi
+    echo "target backoff rep total_rps ok_rps ok_p99 errors reconnect_rps ok1_rps ok2_rps ok3_rps ok1_of_ceil ok2_of_ceil ok3_of_ceil ep_requests ep_per_answer ep_per_ok full_503 back_ms cpu_us_per_answer change1_ms change2_ms" >"$rows"
+    echo "target backoff name rep value" >"$counts"
+    local rep b i n=${#targets[@]} lg raw t0 c1 c2 cpu0 cpu1 l0 l1 k0 k1 ep
+    for rep in $(seq "$REPS"); do
+        for b in $S8_BACKOFFS; do
+            for i in $(seq 0 $((n - 1))); do
+                t=${targets[$(((i + rep - 1) % n))]}
+                wait_quiet
+                raw=$OUT/s8-raw-$t-b$b-r$rep.txt
+                k0=$(s8_counters "$t"); l0=$(s8_log_size); cpu0=$(cpu_ticks "${pid[$t]}")
+                s8_load "s8-load-$t-b$b-r$rep" "${addr[$t]}" "$S8_DUR" "$b"; lg=$LAST_PID
+                for _ in $(seq 100); do grep -q '^START' "$WORK/logs/s8-load-$t-b$b-r$rep.out" && break; sleep 0.05; done
+                t0=$(sed -n 's/^START unix_ms=\([0-9]*\).*/\1/p' "$WORK/logs/s8-load-$t-b$b-r$rep.out")
+                [ -n "$t0" ] || die "scenario 8: the load client did not start (see $WORK/logs)"
+                sleep_until $((t0 + S8_DUR * 1000 / 3)); c1=$(now_ms); : >"$flag"
+                sleep_until $((t0 + S8_DUR * 2000 / 3)); c2=$(now_ms); rm -f "$flag"
+                wait "$lg" || true
+                cpu1=$(cpu_ticks "${pid[$t]}")
+                stop "$lg"
+                sleep 2 # answers still in flight come in, the endpoints' log is flushed
+                l1=$(s8_log_size); k1=$(s8_counters "$t")
+                cp "$WORK/logs/s8-load-$t-b$b-r$rep.out" "$raw"
+                # the endpoints' log lines of this run: all of them, the full endpoint's 503s, and
+                # when it served a 2xx again after it recovered (ms after c2; "-": not in the run)
+                ep=$(tail -c +$((l0 + 1)) "$WORK/logs/s8-endpoints.log" | head -c $((l1 - l0)) |
+                    awk -v full="$S8_FULL_PORT" -v c2="$c2" '
+                        { n++ } $2 == full && $3 == 503 { f++ }
+                        $2 == full && $3 ~ /^2/ && $1 * 1000 >= c2 && (back == "" || $1 * 1000 - c2 < back) { back = $1 * 1000 - c2 }
+                        END { printf("%d %d %s\n", n, f, (back == "" ? "-" : sprintf("%.0f", back))) }')
+                awk -v t="$t" -v b="$b" -v rep="$rep" -v ceil="$CEILING" -v ep="$ep" -v dur="$S8_DUR" -v tick="$S8_TICK_MS" \
+                    -v c1=$((c1 - t0)) -v c2=$((c2 - t0)) -v dcpu=$((cpu1 - cpu0)) -v hz="$CLK_TCK" -v counts="$counts" '
+                    function val(line, k) { if (match(line, k "=[^ ]*")) return substr(line, RSTART + length(k) + 1, RLENGTH - length(k) - 1); return "-" }
+                    /^RESULT/ { total = val($0, "total"); trps = val($0, "rps"); err = val($0, "errors"); rec = val($0, "reconnects") }
+                    /^STATUS/ && $2 !~ /^2/ { printf("%s %s status_%s %s %s\n", t, b, $2, rep, val($0, "count")) >> counts }
+                    /^CLASS ok/ { o99 = val($0, "p99_ms"); ok = val($0, "count") }
+                    /^TICK/ { at = $2 * tick; k = (at < c1) ? 1 : (at < c2) ? 2 : 3; pok[k] += val($0, "ok") }
+                    END {
+                        if (trps == "") { total = 0; trps = 0; err = -1; rec = 0 }
+                        if (ok + 0 == 0) o99 = "-"
+                        split(ep, e, " ")
+                        len[1] = c1 / 1000; len[2] = (c2 - c1) / 1000; len[3] = dur - c2 / 1000
+                        pc[1] = ceil * 4 / 3; pc[2] = ceil; pc[3] = ceil * 4 / 3   # with and without the 4th endpoint
+                        for (k = 1; k <= 3; k++) { r[k] = pok[k] / len[k]; q[k] = r[k] / pc[k] }
+                        printf("%s %s %s %s %.0f %s %s %.0f %.0f %.0f %.0f %.3f %.3f %.3f %d %s %s %d %s %s %d %d\n", t, b, rep, trps, ok / dur, o99, err, rec / dur,
+                            r[1], r[2], r[3], q[1], q[2], q[3], e[1], (total > 0 ? sprintf("%.3f", e[1] / total) : "-"), (ok > 0 ? sprintf("%.3f", e[1] / ok) : "-"),
+                            e[2], e[3], (total > 0 ? sprintf("%.2f", dcpu / hz * 1e6 / total) : "-"), c1, c2)
+                    }' "$raw" >>"$rows"
+                # what the proxy counted during the run: the counters' differences
+                awk -v t="$t" -v b="$b" -v rep="$rep" 'NR == FNR { before[$1] = $2; next } { printf("%s %s %s %s %d\n", t, b, $1, rep, $2 - before[$1]) }' \
+                    <(echo "$k0") <(echo "$k1") >>"$counts"
+                log "scenario 8 rep $rep/$REPS backoff ${b}ms $t: $(tail -1 "$rows") | $(awk -v t="$t" -v b="$b" -v r="$rep" '$1 == t && $2 == b && $4 == r { printf("%s=%s ", $3, $5) }' "$counts")"
+                sleep 1
+            done
+        done
+    done
+    stop "${started[@]}"
+
+    s8_count() { # s8_count TARGET BACKOFF NAME: "median (min–max)" of a counter per run, "-" if none
+        fmt 0 "$(stat "$counts" 3 "$1 $2 $3" 5)"
+    }
+    s8_status() { # s8_status TARGET BACKOFF CODE: as s8_count, a run without that status counting 0
+        fmt 0 "$(awk -v k="$1 $2 status_$3" -v reps="$REPS" '
+            NR > 1 && $1 " " $2 " " $3 == k { v[$4] = $5 }
+            END {
+                for (r = 1; r <= reps; r++) a[r] = (r in v) ? v[r] : 0
+                for (i = 1; i <= reps; i++) for (j = i + 1; j <= reps; j++) if (a[j] < a[i]) { x = a[i]; a[i] = a[j]; a[j] = x }
+                print (reps % 2) ? a[(reps + 1) / 2] : (a[reps / 2] + a[reps / 2 + 1]) / 2, a[1], a[reps]
+            }' "$counts")"
+    }
+    local third=$((S8_DUR / 3)) hi=$((CEILING * 4 / 3))
+    {
+        echo "### Scenario 8 — one endpoint overloaded (3 endpoints × 50 ms and a 4th that answers 503 with Retry-After: 10 at once from ${third} s to $((2 * third)) s of each run, 50 ms otherwise; cap 20 each; $S8_CONNS closed-loop clients, $([ -n "$S8_BODY" ] && echo "POST of a ${#S8_BODY}-byte JSON body" || echo GET), ${S8_DUR}s runs, median (min–max) over $REPS interleaved reps)"
+        echo
+        echo "Ceilings: 4 × 20 × 1000 / 50 = $hi req/s while the 4th endpoint is healthy, $CEILING req/s (the 3 healthy ones) while it is full."
+        echo "2xx/s in a phase: all 2xx answers that arrived in it ÷ its length (the change's transient included), then the median's share of the phase's ceiling. Non-2xx: answers per run, by status."
+        echo "Endpoint requests: every request the 4 endpoints' access log shows for the run (the full one's 503s included), ÷ the answers the clients got, and ÷ the 2xx among them."
+        echo "Back after: from the end of the full phase to the first 2xx the 4th endpoint logged (its 50 ms included); \"-\": none before the run ended."
+        for b in $S8_BACKOFFS; do
+            echo
+            if [ "$b" = 0 ]; then echo "Clients retry a refused request at once:"
+            else echo "Clients wait ${b} ms on average (drawn uniformly from $((b / 2))–$((b * 3 / 2)) ms) after a refused request before the next one:"; fi
+            echo
+            echo "| target | 2xx/s before · ÷ $hi | 2xx/s while full · ÷ $CEILING | 2xx/s after · ÷ $hi | admitted p99 ms | non-2xx per run, by status | I/O errors | client reconnects/s | endpoint requests ÷ client answers | ÷ 2xx | 503s of the full endpoint per run | back after ms | proxy CPU µs/answer |"
+            echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            for t in "${targets[@]}"; do
+                local codes c
+                codes=$(awk -v t="$t" -v b="$b" '$1 == t && $2 == b && $3 ~ /^status_/ { print substr($3, 8) }' "$counts" | sort -u |
+                    while read -r c; do printf '%s × %s; ' "$c" "$(s8_status "$t" "$b" "$c")"; done)
+                codes=${codes%; }
+                echo "| $t | $(fmt 0 "$(stat "$rows" 2 "$t $b" 9)") · $(median "$rows" 2 "$t $b" 12 | awk '{ printf("%.3f", $1) }') | $(fmt 0 "$(stat "$rows" 2 "$t $b" 10)") · $(median "$rows" 2 "$t $b" 13 | awk '{ printf("%.3f", $1) }') | $(fmt 0 "$(stat "$rows" 2 "$t $b" 11)") · $(median "$rows" 2 "$t $b" 14 | awk '{ printf("%.3f", $1) }') | $(fmt 1 "$(stat "$rows" 2 "$t $b" 6)") | ${codes:-none} | $(fmt 0 "$(stat "$rows" 2 "$t $b" 7)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 8)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 16)") | $(fmt 3 "$(stat "$rows" 2 "$t $b" 17)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 18)") | $(fmt 0 "$(stat "$rows" 2 "$t $b" 19)") | $(fmt 2 "$(stat "$rows" 2 "$t $b" 20)") |"
+            done
+            echo
+            echo "What the proxies counted themselves, per run (sluice: \`/metrics\`; HAProxy: its stats CSV; nginx keeps no such counters):"
+            echo
+            echo "| target | full endpoint's 503s passed to the client | the proxy's own 5xx | retries made | retries refused by the budget | full endpoint taken out (sluice: cooldowns begun; HAProxy: marked down) |"
+            echo "|---|---|---|---|---|---|"
+            for t in "${targets[@]}"; do
+                case $t in
+                    nginx) echo "| nginx | $(s8_status "$t" "$b" 503) (what the clients got: nginx makes no 503 of its own here) | its 502s, if any (table above): no server left to send to or retry on, capacity refusals included | - | - | - |" ;;
+                    *) echo "| $t | $(s8_count "$t" "$b" passed_5xx) | $(s8_count "$t" "$b" own_5xx) | $(s8_count "$t" "$b" retries) | $([ "$t" = sluice ] && s8_count "$t" "$b" retries_refused || echo -) | $(s8_count "$t" "$b" held) |" ;;
+                esac
+            done
+        done
+        echo
+    } | tee "$OUT/s8.md"
+}
+
 # ---------------------------------------------------------------- main
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 3 4 5 6 7)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 3 4 5 6 7 8)
 for s in "${SCENARIOS[@]}"; do
     case $s in
-        1 | 2 | 3 | 4 | 5 | 6 | 7) ;;
-        *) die "unknown scenario $s (1 to 7)" ;;
+        1 | 2 | 3 | 4 | 5 | 6 | 7 | 8) ;;
+        *) die "unknown scenario $s (1 to 8)" ;;
     esac
 done
 [ "$REPS" -ge 3 ] || log "bench: REPS=$REPS < 3: fine for a smoke run, not for published numbers"
@@ -896,6 +1093,7 @@ for s in "${SCENARIOS[@]}"; do
         5) scenario5 ;;
         6) scenario6 ;;
         7) scenario7 ;;
+        8) scenario8 ;;
     esac
 done
 echo "Runs that started on a busy machine (see QUIET): $NOISY" | tee "$OUT/noisy.md"

@@ -17,7 +17,8 @@
 //! `sweep`: every key of `key-PREFIX0 .. key-PREFIX(N-1)` exactly once, over `--conns` closed
 //! loops (to fill a proxy's table of tracked keys).
 //!
-//! The HTTP client is deliberately minimal: GET only, Content-Length or chunked bodies.
+//! The HTTP client is deliberately minimal: GET (or, with `--body`, POST of that body with
+//! `Content-Length` and `Content-Type: application/json`), Content-Length or chunked answers.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -33,6 +34,7 @@ const USAGE: &str = "usage:
   sluice-bench-load run  --addr HOST:PORT [--path /] [--conns 200] [--duration 10]
                          [--keys 1000] [--backoff-ms 0]  (after a refusal: wait backoff/2..3·backoff/2)
                          [--tick-ms 0]  (N > 0: START unix_ms=, then TICK lines: answers per N ms)
+                         [--body JSON]  (POST this body, Content-Type: application/json; else GET)
   sluice-bench-load hold --addr HOST:PORT [--conns 10000] [--batch 200]
   sluice-bench-load rate --addr HOST:PORT --rps N [--duration 30] [--header NAME:VALUE]...
   sluice-bench-load sweep --addr HOST:PORT [--keys 100000] [--conns 50] [--prefix s]";
@@ -50,6 +52,8 @@ struct Opts {
     headers: Vec<String>,
     prefix: String,
     tick: Duration,
+    /// `run`: POST this body instead of a GET when not empty.
+    body: String,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -65,6 +69,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         headers: Vec::new(),
         prefix: String::new(),
         tick: Duration::ZERO,
+        body: String::new(),
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -81,6 +86,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--rps" => o.rps = value.parse().map_err(|_| format!("bad {flag}"))?,
             "--prefix" => o.prefix = value.clone(),
             "--tick-ms" => o.tick = Duration::from_millis(value.parse().map_err(bad)?),
+            "--body" => o.body = value.clone(),
             "--header" => {
                 let (name, val) = value
                     .split_once(':')
@@ -272,9 +278,21 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 fn request(o: &Opts, key: usize) -> Vec<u8> {
+    if o.body.is_empty() {
+        return format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nx-api-key: key-{}\r\n\r\n",
+            o.path, o.addr, key
+        )
+        .into_bytes();
+    }
     format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nx-api-key: key-{}\r\n\r\n",
-        o.path, o.addr, key
+        "POST {} HTTP/1.1\r\nHost: {}\r\nx-api-key: key-{}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{}",
+        o.path,
+        o.addr,
+        key,
+        o.body.len(),
+        o.body
     )
     .into_bytes()
 }
