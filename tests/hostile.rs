@@ -9,6 +9,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -928,4 +929,37 @@ fn million_key_flood_child() {
 #[test]
 fn a_million_distinct_keys_stay_within_max_tracked_keys() {
     run_alone("million_key_flood_child");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_with_a_small_body_keeps_its_connection() {
+    // Three POSTs with small bodies on one HTTP/1.1 connection, each refused (401: the service
+    // wants a key) without its body being forwarded: sluice reads and discards each body, so
+    // the connection serves the next one instead of closing (a client refused in a storm
+    // would otherwise reconnect for every request).
+    let backend = mock().start().await;
+    let toml = config(&format!(
+        "{}[service.rate_limit]\nmissing_key = \"reject\"\n",
+        service(&[backend.url()], "")
+    ));
+    let sluice = start_sluice(&toml).await;
+    let mut sender = connect_http1(sluice.addr).await;
+    for i in 0..3 {
+        let req = request(
+            "POST",
+            sluice.addr,
+            "/score",
+            Bytes::from(vec![b'x'; 10_000]),
+        );
+        let response = sender
+            .send_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("request {i} on the same connection: {e}"));
+        let answer = collect(response).await.unwrap();
+        assert_eq!(answer.status, 401, "{}", answer.text());
+        assert_eq!(answer.header("connection"), None, "request {i}");
+        sender.ready().await.expect("the connection stays open");
+    }
+    assert_eq!(backend.requests(), 0);
+    sluice.stop().await;
 }

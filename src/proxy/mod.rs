@@ -46,6 +46,10 @@ use outcome::Outcome;
 use reject::Rejection;
 pub use server::serve;
 
+/// Largest HTTP/1 request body (known length) read and discarded when sluice answers without
+/// forwarding it, rather than closing the connection.
+const DISCARD_SMALL_BODY: u64 = 64 * 1024;
+
 /// The proxy: the live state it reads and the connections it makes.
 pub struct Proxy {
     live: Arc<Live>,
@@ -90,8 +94,11 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let policy = self.live.policy();
-        let unread_body_closes =
+        let http1_body =
             !http_body::Body::is_end_stream(req.body()) && req.version() <= http::Version::HTTP_11;
+        let small = http_body::Body::size_hint(req.body())
+            .exact()
+            .is_some_and(|n| n <= DISCARD_SMALL_BODY);
         let (mut head, body) = req.into_parts();
         let checked = inbound::check(&head);
         if let Some(target) = inbound::normalized(&head.uri) {
@@ -117,11 +124,22 @@ impl Proxy {
                 }
             },
         };
-        if let Some(body) = body.filter(|_| !unread_body_closes) {
-            // HTTP/2 (HTTP/1 closes the connection instead, above): see `upstream::body::drain`.
-            upload::drain(body, policy.config.limits.lingering_close);
-        }
-        if unread_body_closes && !outcome.upload.as_ref().is_some_and(BodyWatch::finished) {
+        // hyper closes an HTTP/1 connection whose request body was not read to its end.
+        let closes = match body {
+            // Taken: forwarded (or held whole); closes when it was not read to its end.
+            None => http1_body && !outcome.upload.as_ref().is_some_and(BodyWatch::finished),
+            // Unread, sluice answered itself. HTTP/2, or a small HTTP/1 body of known length:
+            // read and discarded (as nginx does), so a refused client keeps its connection
+            // instead of making a new one for its next request (see `upstream::body::drain`).
+            Some(body) if !http1_body || small => {
+                upload::drain(body, policy.config.limits.lingering_close);
+                false
+            }
+            // A larger HTTP/1 body: the connection closes (after a lingering read, see
+            // `server.rs`).
+            Some(_) => true,
+        };
+        if closes {
             // hyper closes an HTTP/1 connection whose request body was not read to its end,
             // after the answer; say so in it, or the client would send its next request on a
             // connection about to close (and lose it).
