@@ -390,6 +390,13 @@ scenario1() {
 }
 
 # ---------------------------------------------------------------- scenario 2: scoring
+# The report's line for clients that wait B ms after a refusal (0: retry at once), with NOTE
+# after "at once".
+backoff_line() { # backoff_line B [NOTE]
+    if [ "$1" = 0 ]; then echo "Clients retry a refused request at once${2:-}:"
+    else echo "Clients wait $1 ms on average (drawn uniformly from $(($1 / 2))–$(($1 * 3 / 2)) ms) after a refused request before the next one:"; fi
+}
+
 scenario2() {
     local rows=$OUT/s2.tsv
     declare -A addr=([sluice]=127.0.0.1:8190 [sluice-queue]=127.0.0.1:8191 [nginx]=127.0.0.1:8180
@@ -455,8 +462,7 @@ scenario2() {
         echo "Little's-law ceiling: 3 × 20 × 1000 / 50 = $CEILING req/s. \"refused\" = every non-2xx answer (codes listed)."
         for b in $S2_BACKOFFS; do
             echo
-            if [ "$b" = 0 ]; then echo "Clients retry a refused request at once (a refusal storm: the proxy core is saturated):"
-            else echo "Clients wait ${b} ms on average (drawn uniformly from $((b / 2))–$((b * 3 / 2)) ms) after a refused request before the next one:"; fi
+            backoff_line "$b" " (a refusal storm: the proxy core is saturated)"
             echo
             echo "| target | admitted req/s | admitted / ceiling | admitted p50 ms | admitted p99 ms | refused req/s | refused p50 ms | refused p99 ms | codes | proxy CPU µs/answer |"
             echo "|---|---|---|---|---|---|---|---|---|---|"
@@ -851,8 +857,7 @@ scenario7() {
         echo "capacity = the service's \`capacity\` in \`GET /admin/capacity\`, read once after the change (phase 1: at the start; slots, × 1000 / 50 = req/s)."
         for b in $S7_BACKOFFS; do
             echo
-            if [ "$b" = 0 ]; then echo "Clients retry a refused request at once:"
-            else echo "Clients wait ${b} ms on average (drawn uniformly from $((b / 2))–$((b * 3 / 2)) ms) after a refused request:"; fi
+            backoff_line "$b"
             echo
             echo "| phase | endpoints | ceiling req/s | capacity (admin API) | admitted req/s | admitted / ceiling | follows in ms | seconds in median | non-2xx | of which 5xx | I/O errors |"
             echo "|---|---|---|---|---|---|---|---|---|---|---|"
@@ -1032,8 +1037,7 @@ scenario8() {
         echo "Back after: from the end of the full phase to the first 2xx the 4th endpoint logged (its 50 ms included); \"-\": none before the run ended."
         for b in $S8_BACKOFFS; do
             echo
-            if [ "$b" = 0 ]; then echo "Clients retry a refused request at once:"
-            else echo "Clients wait ${b} ms on average (drawn uniformly from $((b / 2))–$((b * 3 / 2)) ms) after a refused request before the next one:"; fi
+            backoff_line "$b"
             echo
             echo "| target | 2xx/s before · ÷ $hi | 2xx/s while full · ÷ $CEILING | 2xx/s after · ÷ $hi | admitted p99 ms | non-2xx per run, by status | I/O errors | client reconnects/s | endpoint requests ÷ client answers | ÷ 2xx | 503s of the full endpoint per run | back after ms | proxy CPU µs/answer |"
             echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
