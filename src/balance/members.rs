@@ -37,9 +37,19 @@ impl Discovered {
         self.0.insert((url.to_owned(), how), found);
     }
 
+    /// How many entries were resolved.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Forget entries `keep` says are no longer wanted.
-    pub fn retain(&mut self, mut keep: impl FnMut(&str, Resolve) -> bool) {
-        self.0.retain(|(url, how), _| keep(url, *how));
+    pub fn retain(&mut self, mut keep: impl FnMut(&(String, Resolve)) -> bool) {
+        self.0.retain(|entry, _| keep(entry));
     }
 }
 

@@ -170,13 +170,12 @@ impl Shape {
     /// When every endpoint is held (cooled down or ejected): how long until the first takes
     /// traffic again.
     pub fn all_held_for(&self) -> Option<Duration> {
-        self.endpoints
-            .iter()
-            .map(|(e, _)| e.held().map(|(_, left)| left))
-            .try_fold(None, |soonest: Option<Duration>, left| {
-                left.map(|l| Some(soonest.map_or(l, |s| s.min(l))))
-            })
-            .flatten()
+        let mut soonest: Option<Duration> = None;
+        for (endpoint, _) in &self.endpoints {
+            let (_, left) = endpoint.held()?;
+            soonest = Some(soonest.map_or(left, |s| s.min(left)));
+        }
+        soonest
     }
 
     /// The service-wide cap this replica enforces (`u32::MAX` when none is set).

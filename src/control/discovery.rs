@@ -57,9 +57,9 @@ pub async fn run(control: Arc<Control>) {
                 let policy = live.policy();
                 let settings = &policy.config.resolver;
                 let wanted = wanted(&policy.config);
-                let before = known.clone();
-                known.retain(|url, how| wanted.contains(&(url.to_owned(), how)));
-                if known != before {
+                let before = known.len();
+                known.retain(|entry| wanted.contains(entry));
+                if known.len() != before {
                     changes.push("an entry to resolve was removed".into());
                 }
                 due.retain(|entry, _| wanted.contains(entry));

@@ -99,14 +99,8 @@ impl Exposition {
         self.out.push_str(name);
         self.out.push_str(total);
         self.out.push(' ');
-        for c in help.chars() {
-            match c {
-                '\\' => self.out.push_str("\\\\"),
-                '\n' => self.out.push_str("\\n"),
-                '"' if self.format == Format::OpenMetrics => self.out.push_str("\\\""),
-                c => self.out.push(c),
-            }
-        }
+        // The text format leaves a help text's quotes as they are; OpenMetrics escapes them.
+        push_escaped(&mut self.out, help, self.format == Format::OpenMetrics);
         self.out.push_str("\n# TYPE ");
         self.out.push_str(name);
         self.out.push_str(total);
@@ -136,14 +130,7 @@ impl Exposition {
                 }
                 self.out.push_str(key);
                 self.out.push_str("=\"");
-                for c in value.chars() {
-                    match c {
-                        '\\' => self.out.push_str("\\\\"),
-                        '"' => self.out.push_str("\\\""),
-                        '\n' => self.out.push_str("\\n"),
-                        c => self.out.push(c),
-                    }
-                }
+                push_escaped(&mut self.out, value, true);
                 self.out.push('"');
             }
             self.out.push('}');
@@ -186,6 +173,19 @@ impl Exposition {
             self.out.push_str("# EOF\n");
         }
         self.out
+    }
+}
+
+/// `text` with `\`, a line break and, if `quotes`, `"` escaped, as both formats write help
+/// texts and label values.
+fn push_escaped(out: &mut String, text: &str, quotes: bool) {
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quotes => out.push_str("\\\""),
+            c => out.push(c),
+        }
     }
 }
 

@@ -81,12 +81,9 @@ pub fn render(control: &Control, format: Format) -> String {
         "Time from sending to an endpoint to its response headers",
         Kind::Histogram,
     );
-    for s in services {
-        for (endpoint, _) in s.pool.shape().endpoints.iter() {
-            let l = [("service", &*s.name), ("endpoint", endpoint.url())];
-            e.histogram(&l, &endpoint.stats.duration);
-        }
-    }
+    for_each_endpoint(services, |l, endpoint, _| {
+        e.histogram(l, &endpoint.stats.duration)
+    });
 
     type EndpointGauge = fn(&crate::balance::Endpoint, u32) -> i64;
     let endpoint_gauges: [(&'static str, &str, EndpointGauge); 4] = [
@@ -113,12 +110,9 @@ pub fn render(control: &Control, format: Format) -> String {
     ];
     for (name, help, value) in endpoint_gauges {
         e.family(name, help, Kind::Gauge);
-        for s in services {
-            for (endpoint, cap) in s.pool.shape().endpoints.iter() {
-                let l = [("service", &*s.name), ("endpoint", endpoint.url())];
-                e.gauge(&l, value(endpoint, *cap));
-            }
-        }
+        for_each_endpoint(services, |l, endpoint, cap| {
+            e.gauge(l, value(endpoint, cap))
+        });
     }
 
     type EndpointCount = fn(&crate::balance::Endpoint) -> u64;
@@ -137,25 +131,17 @@ pub fn render(control: &Control, format: Format) -> String {
     ];
     for (name, help, value) in endpoint_counts {
         e.family(name, help, Kind::Counter);
-        for s in services {
-            for (endpoint, _) in s.pool.shape().endpoints.iter() {
-                let l = [("service", &*s.name), ("endpoint", endpoint.url())];
-                e.counter(&l, value(endpoint));
-            }
-        }
+        for_each_endpoint(services, |l, endpoint, _| e.counter(l, value(endpoint)));
     }
     e.family(
         "sluice_endpoint_held_seconds",
         "Time until a cooled-down or ejected endpoint takes traffic again (0 when it is not held)",
         Kind::Gauge,
     );
-    for s in services {
-        for (endpoint, _) in s.pool.shape().endpoints.iter() {
-            let l = [("service", &*s.name), ("endpoint", endpoint.url())];
-            let left = endpoint.held().map_or(0.0, |(_, left)| left.as_secs_f64());
-            e.gauge_f64(&l, left);
-        }
-    }
+    for_each_endpoint(services, |l, endpoint, _| {
+        let left = endpoint.held().map_or(0.0, |(_, left)| left.as_secs_f64());
+        e.gauge_f64(l, left);
+    });
     e.family(
         "sluice_retries",
         "Further attempts on another endpoint after an overload answer or a refused connection: \
@@ -352,4 +338,21 @@ pub fn render(control: &Control, format: Format) -> String {
         }
     }
     e.finish()
+}
+
+/// `write` with the (service, endpoint) labels, the endpoint and its cap, for every endpoint
+/// of every service: the families kept per endpoint.
+fn for_each_endpoint(
+    services: &[std::sync::Arc<crate::policy::Service>],
+    mut write: impl FnMut(&[(&str, &str)], &crate::balance::Endpoint, u32),
+) {
+    for s in services {
+        for (endpoint, cap) in s.pool.shape().endpoints.iter() {
+            write(
+                &[("service", &s.name), ("endpoint", endpoint.url())],
+                endpoint,
+                *cap,
+            );
+        }
+    }
 }

@@ -79,7 +79,11 @@ impl Proxy {
             let endpoint = Arc::clone(slot.endpoint());
             outcome.endpoint = Some(Arc::clone(&endpoint));
             let (upstream_body, watch) = match &held {
-                Some(bytes) => upload::held(bytes.clone(), connection.abort_handle()),
+                Some(bytes) => upload::held(
+                    bytes.clone(),
+                    connection.abort_handle(),
+                    policy.timeouts.client_body,
+                ),
                 None => {
                     let streamed = body.take().expect("a streamed body is sent once, here");
                     let cut = connection.abort_handle();
@@ -143,7 +147,8 @@ impl Proxy {
             let status = response.status().as_u16();
             let latency = started.elapsed();
             endpoint.stats.duration.observe(latency);
-            if overload.statuses.contains(status) {
+            let full = overload.statuses.contains(status);
+            if full {
                 let said = retry_after(response.headers());
                 let verdict = endpoint.overloaded(&overload, said);
                 self.note(service, &endpoint, verdict, &format!("answered {status}"));
@@ -166,7 +171,7 @@ impl Proxy {
             }
             // What capacity and autoscaling learn latency from: answers the endpoint worked
             // on, not the quick "I am full" ones.
-            if !overload.statuses.contains(status) {
+            if !full {
                 endpoint.latency.record(latency);
                 if let Some(autoscale) = &service.autoscale {
                     autoscale.record_latency(&service.pool, &endpoint, latency);

@@ -73,11 +73,7 @@ pub fn drain(mut body: Incoming, for_at_most: Duration) {
 /// that watches it move. `client_body` (`timeouts.client_body`) bounds how long the client may
 /// leave the connection waiting for the next byte.
 pub fn track(body: Incoming, cut: AbortHandle, client_body: Duration) -> (UpstreamBody, BodyWatch) {
-    let stall = Stall {
-        limit: client_body,
-        timer: None,
-        armed: false,
-    };
+    let stall = Stall::new(client_body);
     if body.is_end_stream() {
         return (
             UpstreamBody {
@@ -116,6 +112,15 @@ struct Stall {
 }
 
 impl Stall {
+    /// A clock that cuts the upload after `limit` without a frame.
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            timer: None,
+            armed: false,
+        }
+    }
+
     /// The client has nothing for us yet: true once it has kept us waiting for the limit.
     fn waiting(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.armed {
@@ -227,13 +232,9 @@ pub async fn read_whole(mut body: Incoming, client_body: Duration) -> Result<Byt
 }
 
 /// A body read whole ([`read_whole`]), for one attempt: it sends a copy, and its watch says
-/// it is finished from the start.
-pub fn held(body: Bytes, cut: AbortHandle) -> (UpstreamBody, BodyWatch) {
-    let stall = Stall {
-        limit: Duration::MAX,
-        timer: None,
-        armed: false,
-    };
+/// it is finished from the start (`client_body` as for [`track`]; a held body never waits).
+pub fn held(body: Bytes, cut: AbortHandle, client_body: Duration) -> (UpstreamBody, BodyWatch) {
+    let stall = Stall::new(client_body);
     let state = match body.is_empty() {
         true => Upload::Empty,
         false => Upload::Held(Some(body)),
