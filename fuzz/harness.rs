@@ -503,9 +503,10 @@ async fn admin_async(data: &[u8]) {
             panic!("{method} {path} left an invalid live config: {errors:?}");
         }
         for service in &live.services {
-            for (endpoint, cap) in service.pool.shape().endpoints.iter() {
-                let _ = endpoint;
-                assert!((1..=200).contains(cap), "cap {cap} outside 1..=200");
+            let shape = service.pool.shape();
+            for i in 0..shape.endpoints.len() {
+                let cap = shape.cap(i);
+                assert!((1..=200).contains(&cap), "cap {cap} outside 1..=200");
             }
             if let Some(rate) = &service.rate {
                 for r in rate.all_resources() {

@@ -388,10 +388,7 @@ target = "endpoint_concurrency"
         })
         .collect();
     let pool_ = sluice.pool(0);
-    eventually("the cap to grow past 5", || {
-        pool_.shape().endpoints[0].1 >= 5
-    })
-    .await;
+    eventually("the cap to grow past 5", || pool_.shape().cap(0) >= 5).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for client in clients {
         client.await.unwrap();

@@ -70,7 +70,11 @@ interval = "1s"
 [[service.autoscale.profile]]
 name = "fast"
 {DOUBLE_WHILE_THROTTLED}"#,
-        service(urls, "max_concurrent = 8")
+        // The second endpoint learns its cap: the dashboard draws it over time.
+        service(urls, "max_concurrent = 8").replace(
+            &format!("{:?}]", urls[1]),
+            &format!("{{ url = {:?}, max_concurrent = \"auto\" }}]", urls[1])
+        )
     ))
 }
 
@@ -390,7 +394,15 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
     for e in &endpoints {
         assert_eq!(attr(e, "data-healthy"), "true", "{e:?}");
         assert_eq!(attr(e, "data-source"), "config", "{e:?}");
-        assert_eq!(attr(e, "data-cap"), "8", "{e:?}");
+        let learned = attr(e, "data-endpoint") == slow.url();
+        // A false attribute is left out.
+        let adaptive = if learned { "true" } else { "" };
+        assert_eq!(attr(e, "data-adaptive"), adaptive, "{e:?}");
+        match learned {
+            false => assert_eq!(attr(e, "data-cap"), "8", "{e:?}"),
+            // Starts at 20; this light load never reaches it, so it has no reason to move.
+            true => assert_eq!(attr(e, "data-cap"), "20", "{e:?}"),
+        }
     }
     assert_eq!(elements(&dom, "div", "bar-fill").len(), 2, "{context}");
     assert!(
@@ -398,6 +410,15 @@ async fn dashboard_renders_live_capacity_autoscale_chart_and_events() {
         "latency per endpoint {context}"
     );
     assert_eq!(elements(&dom, "svg", "rate-chart").len(), 1, "{context}");
+    // The learned cap of the second endpoint, as a line over the polls.
+    assert_eq!(elements(&dom, "svg", "cap-chart").len(), 1, "{context}");
+    let lines = elements(&dom, "polyline", "cap-line");
+    assert_eq!(lines.len(), 1, "{context}");
+    assert_eq!(attr(&lines[0], "data-endpoint"), slow.url(), "{context}");
+    assert!(
+        attr(&lines[0], "points").split(' ').count() > 1,
+        "a line over several polls {context}"
+    );
     for stat in [
         "in_flight",
         "request_rate",

@@ -772,7 +772,7 @@ fn the_scaled_object_scales_the_model_server_within_what_sluice_can_use() {
         .expect("the resolved entry");
     assert_eq!(
         threshold,
-        f64::from(config.endpoint_cap(resolved)),
+        f64::from(config.endpoint_cap(resolved).fixed().expect("a fixed cap")),
         "{id}: threshold is the per-pod cap (max_concurrent) of service {service:?}"
     );
 }

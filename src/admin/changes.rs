@@ -13,7 +13,7 @@ use serde_json::json;
 use super::{parse_body, Admin, ApiError, Peer};
 use crate::autoscale::ScaleTarget;
 use crate::config::{
-    Config, EndpointConfig, EndpointTable, Resolve, ResourceConfig, ServiceConfig,
+    Cap, Config, EndpointConfig, EndpointTable, Resolve, ResourceConfig, ServiceConfig,
 };
 use crate::control::ChangeError;
 
@@ -21,7 +21,7 @@ use crate::control::ChangeError;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ServicePatch {
-    max_concurrent: Option<u32>,
+    max_concurrent: Option<Cap>,
     cluster_max_concurrent: Option<u32>,
     queue_size: Option<u32>,
     /// A duration like "500ms"; parsed here so an error can name the field.
@@ -81,8 +81,8 @@ impl ResourcePut {
 #[serde(deny_unknown_fields)]
 struct EndpointPost {
     url: String,
-    /// Its own cap; without it, the service's `max_concurrent`.
-    max_concurrent: Option<u32>,
+    /// Its own cap (a number or "auto"); without it, the service's `max_concurrent`.
+    max_concurrent: Option<Cap>,
     /// Look the host up in DNS, as the file's `resolve`.
     #[serde(default)]
     resolve: Resolve,

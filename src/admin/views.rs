@@ -60,8 +60,11 @@ pub struct EndpointView {
     pub source: String,
     /// The `Host` its requests carry.
     pub host: String,
-    /// Its concurrency cap (for the whole fleet when replicas share a store).
+    /// Its concurrency cap (for the whole fleet when replicas share a store): configured, or
+    /// as learned so far.
     pub max_concurrent: u32,
+    /// Whether the cap is learned (`max_concurrent = "auto"`).
+    pub adaptive: bool,
     /// The part of the cap this replica enforces (the whole cap without a store).
     pub local_max_concurrent: u32,
     /// What it may take now: its local part, ramped during a slow start, 0 while not `ready`.
@@ -159,7 +162,8 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
                 url: endpoint.url().to_owned(),
                 source: shape.members[i].source.to_string(),
                 host: String::from_utf8_lossy(endpoint.host_header().as_bytes()).into_owned(),
-                max_concurrent: *cap,
+                max_concurrent: shape.cap(i),
+                adaptive: *cap == crate::config::Cap::Auto,
                 local_max_concurrent: shape.local_cap(i),
                 effective_max_concurrent: shape.effective_cap(i),
                 in_flight: endpoint.in_flight(),
@@ -170,7 +174,7 @@ fn service_capacity(service: &Service, history: &EventHistory) -> ServiceCapacit
                     .map(|(_, left)| u64::try_from(left.as_millis()).unwrap_or(u64::MAX)),
                 ready: endpoint.is_ready(),
                 latency,
-                projected_tps: f64::from(*cap) * 1000.0 / mean_ms.max(1.0),
+                projected_tps: f64::from(shape.cap(i)) * 1000.0 / mean_ms.max(1.0),
             }
         })
         .collect();

@@ -10,6 +10,7 @@ use http::uri::PathAndQuery;
 use http::Uri;
 use tokio::time::Instant;
 
+use super::adaptive::Adaptive;
 use super::hold::{Hold, HoldKind, Overload, Verdict};
 use crate::recorders::EndpointStats;
 use crate::stats::LatencyWindow;
@@ -45,6 +46,8 @@ pub struct Endpoint {
     pub idle: IdleConnections,
     /// Held out of traffic after saying it is full, or failing in a row.
     pub hold: Hold,
+    /// Its cap as learned from its latency, when it is not fixed.
+    pub adaptive: Adaptive,
     /// `scheme://authority`, what connections are made to.
     base_uri: Uri,
 }
@@ -90,6 +93,7 @@ impl Endpoint {
             stats: EndpointStats::default(),
             idle: IdleConnections::default(),
             hold: Hold::default(),
+            adaptive: Adaptive::default(),
             base_uri,
         })
     }
@@ -131,13 +135,14 @@ impl Endpoint {
         }
     }
 
-    /// Take one slot if fewer than `cap` are in flight.
-    pub(super) fn try_take(&self, cap: u32) -> bool {
+    /// Take one slot if fewer than `cap` are in flight: how many are then.
+    pub(super) fn try_take(&self, cap: u32) -> Option<u32> {
         self.in_flight
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < cap).then_some(n + 1)
             })
-            .is_ok()
+            .ok()
+            .map(|before| before + 1)
     }
 
     /// Give back a slot taken with `try_take`.

@@ -83,7 +83,7 @@ pub struct Member {
     /// The `Host` of a found endpoint: the name it was found under.
     pub host: Option<String>,
     /// Its own cap, if its entry sets one (else the service's).
-    pub own_cap: Option<u32>,
+    pub own_cap: Option<crate::config::Cap>,
     /// Where it came from.
     pub source: Source,
 }
@@ -192,7 +192,7 @@ mod tests {
             ]
         );
         assert_eq!(all[1].host.as_deref(), Some("scoring.test:8080"));
-        assert_eq!(all[1].own_cap, Some(5));
+        assert_eq!(all[1].own_cap, Some(crate::config::Cap::Fixed(5)));
         assert_eq!(all[1].source.to_string(), "dns:scoring.test");
         assert_eq!(all[5].host.as_deref(), Some("b.scoring.test:9000"));
         assert_eq!(all[0].source, Source::Config);

@@ -5,6 +5,7 @@
 //! `Drop`, so every path that ends an exchange (success, error, client abort, panic, shutdown)
 //! releases it exactly once.
 
+mod adaptive;
 mod budget;
 mod endpoint;
 mod hold;
@@ -20,6 +21,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rand::Rng;
 
+pub use adaptive::{Adaptive, Answer, Bounds};
 pub use budget::RetryBudget;
 pub use endpoint::{Endpoint, InvalidEndpointUrl};
 pub use hold::{HoldKind, Overload, StatusSet, Verdict};
@@ -166,10 +168,13 @@ impl Pool {
                 break;
             };
             let endpoint = &shape.endpoints[i].0;
-            if endpoint.try_take(shape.effective_cap(i)) {
+            let cap = shape.effective_cap(i);
+            if let Some(load) = endpoint.try_take(cap) {
                 return Some(Slot {
                     pool: Arc::clone(self),
                     endpoint: Arc::clone(endpoint),
+                    load,
+                    learns: shape.learns(i).map(|bounds| (bounds, cap)),
                 });
             }
         }
@@ -279,12 +284,39 @@ impl Reservoir {
 pub struct Slot {
     pool: Arc<Pool>,
     endpoint: Arc<Endpoint>,
+    /// In flight at the endpoint through this replica once taken, this one included.
+    load: u32,
+    /// The bounds of the endpoint's cap while it is learned.
+    learns: Option<(Bounds, u32)>,
 }
 
 impl Slot {
     /// The endpoint this slot is on.
     pub fn endpoint(&self) -> &Arc<Endpoint> {
         &self.endpoint
+    }
+
+    /// The endpoint answered a request sent at `sent` after `latency`, having worked on it:
+    /// what its learned cap (if it has one) learns. The cap before and after, if it changed.
+    pub fn learn_answer(
+        &self,
+        sent: tokio::time::Instant,
+        latency: Duration,
+    ) -> Option<(u32, u32)> {
+        let (bounds, cap) = self.learns?;
+        let answer = Answer {
+            sent,
+            latency,
+            load: self.load,
+            reached: self.load >= cap,
+        };
+        self.endpoint.adaptive.answered(answer, bounds)
+    }
+
+    /// The endpoint said it is full, or did not answer in time, to a request sent at `sent`.
+    pub fn learn_overload(&self, sent: tokio::time::Instant) -> Option<(u32, u32)> {
+        let (bounds, _) = self.learns?;
+        self.endpoint.adaptive.overloaded(sent, bounds)
     }
 }
 
@@ -317,7 +349,8 @@ mod tests {
             .enumerate()
             .map(|(i, cap)| {
                 let url = format!("http://127.0.0.1:{}", 9000 + i);
-                (Arc::new(Endpoint::new(&url, None).unwrap()), *cap)
+                let endpoint = Arc::new(Endpoint::new(&url, None).unwrap());
+                (endpoint, crate::config::Cap::Fixed(*cap))
             })
             .collect();
         let members = endpoints_members(caps.len());
@@ -331,6 +364,11 @@ mod tests {
             members,
             slow_start: None,
             overload: Overload::default(),
+            adaptive: Bounds {
+                min: 1,
+                max: 200,
+                start: 20,
+            },
         })
     }
 
@@ -403,7 +441,7 @@ mod tests {
     fn full_endpoint_never_chosen_while_another_has_room() {
         let pool = pool(&[1, 100], 0);
         let shape = pool.shape();
-        assert!(shape.endpoints[0].0.try_take(1));
+        assert_eq!(shape.endpoints[0].0.try_take(1), Some(1));
         for _ in 0..1000 {
             assert_eq!(choose(&shape, None), Some(1));
         }

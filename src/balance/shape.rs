@@ -4,17 +4,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::adaptive::Bounds;
 use super::hold::Overload;
 use super::members::{members, Discovered, Member};
 use super::{Endpoint, InvalidEndpointUrl, Share};
-use crate::config::{Balance, ServiceConfig};
+use crate::config::{Balance, Cap, ServiceConfig};
 
 /// The capacity settings of a service, swapped as one value so a request never sees half of
 /// a change.
 #[derive(Debug)]
 pub struct Shape {
-    /// Endpoints and their caps (fleet-wide when replicas share a store).
-    pub endpoints: Vec<(Arc<Endpoint>, u32)>,
+    /// Endpoints and their caps (fleet-wide when replicas share a store): fixed, or learned
+    /// by the endpoint (see [`Shape::cap`]).
+    pub endpoints: Vec<(Arc<Endpoint>, Cap)>,
+    /// What a learned cap stays within.
+    pub adaptive: Bounds,
     /// Cap on the service's total in flight (`u32::MAX` when not set).
     pub cluster_cap: u32,
     /// This replica's part of each cap (the whole when it runs alone).
@@ -45,6 +49,11 @@ impl Shape {
         share: Share,
     ) -> Result<Self, InvalidEndpointUrl> {
         let members = members(config, discovered);
+        let adaptive = Bounds {
+            min: config.adaptive_min,
+            max: config.adaptive_max,
+            start: Cap::Auto.initial(config.adaptive_bounds()),
+        };
         let endpoints = members
             .iter()
             .map(|m| {
@@ -74,11 +83,16 @@ impl Shape {
                     // Checks turned off: nothing keeps an endpoint out any more.
                     endpoint.set_ready(true);
                 }
-                Ok((endpoint, m.own_cap.unwrap_or(config.max_concurrent)))
+                let cap = m.own_cap.unwrap_or(config.max_concurrent);
+                endpoint
+                    .adaptive
+                    .follow((cap == Cap::Auto).then_some(adaptive));
+                Ok((endpoint, cap))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
             endpoints,
+            adaptive,
             cluster_cap: config.cluster_max_concurrent.unwrap_or(u32::MAX),
             share,
             queue_size: config.queue_size,
@@ -97,7 +111,13 @@ impl Shape {
             .endpoints
             .iter()
             .zip(&self.members)
-            .map(|((endpoint, _), m)| (Arc::clone(endpoint), m.own_cap.unwrap_or(cap)))
+            .map(|((endpoint, _), m)| {
+                let cap = m.own_cap.unwrap_or(Cap::Fixed(cap));
+                endpoint
+                    .adaptive
+                    .follow((cap == Cap::Auto).then_some(self.adaptive));
+                (Arc::clone(endpoint), cap)
+            })
             .collect();
         Self {
             endpoints,
@@ -116,15 +136,29 @@ impl Shape {
         }
     }
 
+    /// Endpoint `i`'s cap (fleet-wide): the configured number, or what it learned.
+    pub fn cap(&self, i: usize) -> u32 {
+        let (endpoint, cap) = &self.endpoints[i];
+        match cap {
+            Cap::Fixed(n) => *n,
+            Cap::Auto => endpoint.adaptive.cap(),
+        }
+    }
+
+    /// What endpoint `i`'s cap stays within, while it is learned.
+    pub fn learns(&self, i: usize) -> Option<Bounds> {
+        (self.endpoints[i].1 == Cap::Auto).then_some(self.adaptive)
+    }
+
     /// The slots this replica may use at endpoint `i`.
     pub fn local_cap(&self, i: usize) -> u32 {
-        self.share.of(self.endpoints[i].1, i)
+        self.share.of(self.cap(i), i)
     }
 
     /// Endpoint `i`'s cap (fleet-wide) as far as it can take traffic now: 0 while it fails its
     /// health check, ramped during its slow start. What capacity and its projection count.
     pub fn serving_cap(&self, i: usize) -> u32 {
-        self.now(i, self.endpoints[i].1)
+        self.now(i, self.cap(i))
     }
 
     /// The service's capacity now: `min(cluster_max_concurrent, Σ serving caps)`.

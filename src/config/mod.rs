@@ -1,6 +1,7 @@
 //! The configuration file: raw serde structs (unknown keys are errors, durations as "250ms"),
 //! loading, and validation that gathers every problem with its key path before answering.
 
+mod cap;
 mod changes;
 mod health;
 mod limits;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::autoscale::AutoscaleSettings;
 
+pub use cap::{Cap, ADAPTIVE_RANGE, ADAPTIVE_START};
 pub use changes::{Changes, ValidConfig};
 pub use health::{HealthConfig, HEALTH_COUNT_RANGE, HEALTH_INTERVAL_RANGE};
 pub use limits::{Limits, HYPER_DEFAULT_MAX_HEADERS};
@@ -144,9 +146,22 @@ pub struct ServiceConfig {
     /// Endpoint choice.
     #[serde(default)]
     pub balance: Balance,
-    /// Per-endpoint concurrency cap (each endpoint may override it).
+    /// Per-endpoint concurrency cap (each endpoint may override it): a number, or `"auto"`
+    /// to learn each endpoint's.
     #[serde(default = "default_max_concurrent")]
-    pub max_concurrent: u32,
+    pub max_concurrent: Cap,
+    /// Lowest cap an endpoint with `max_concurrent = "auto"` learns.
+    #[serde(
+        default = "default_adaptive_min",
+        skip_serializing_if = "is_adaptive_min"
+    )]
+    pub adaptive_min: u32,
+    /// Highest cap an endpoint with `max_concurrent = "auto"` learns.
+    #[serde(
+        default = "default_adaptive_max",
+        skip_serializing_if = "is_adaptive_max"
+    )]
+    pub adaptive_max: u32,
     /// Optional cap on the sum of in-flight requests over all endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_max_concurrent: Option<u32>,
@@ -206,9 +221,9 @@ pub enum EndpointConfig {
 pub struct EndpointTable {
     /// Base URL, http or https.
     pub url: String,
-    /// This endpoint's cap; default: the service's `max_concurrent`.
+    /// This endpoint's cap (a number or `"auto"`); default: the service's `max_concurrent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_concurrent: Option<u32>,
+    pub max_concurrent: Option<Cap>,
     /// Whether the URL's host is looked up in DNS and stands for every endpoint it names.
     #[serde(default, skip_serializing_if = "Resolve::is_off")]
     pub resolve: Resolve,
@@ -254,7 +269,7 @@ impl EndpointConfig {
     }
 
     /// The endpoint's own cap, if it sets one.
-    pub fn max_concurrent(&self) -> Option<u32> {
+    pub fn max_concurrent(&self) -> Option<Cap> {
         match self {
             Self::Url(_) => None,
             Self::Table(t) => t.max_concurrent,
@@ -277,10 +292,15 @@ impl EndpointConfig {
 
 impl ServiceConfig {
     /// Cap of endpoint `i`: its own, else the service's.
-    pub fn endpoint_cap(&self, i: usize) -> u32 {
+    pub fn endpoint_cap(&self, i: usize) -> Cap {
         self.endpoints[i]
             .max_concurrent()
             .unwrap_or(self.max_concurrent)
+    }
+
+    /// What a learned cap stays within.
+    pub fn adaptive_bounds(&self) -> std::ops::RangeInclusive<u32> {
+        self.adaptive_min..=self.adaptive_max
     }
 
     /// The rate-limit settings in force, if rate limiting is on for this service.
@@ -302,12 +322,13 @@ impl ServiceConfig {
         }
     }
 
-    /// min(cluster_max_concurrent, Σ caps of the endpoints it lists); names to look up in
-    /// DNS count for nothing here (what they bring is known only once resolved).
+    /// min(cluster_max_concurrent, Σ caps of the endpoints it lists, a learned one where it
+    /// starts); names to look up in DNS count for nothing here (what they bring is known only
+    /// once resolved).
     pub fn effective_capacity(&self) -> u64 {
         let sum: u64 = (0..self.endpoints.len())
             .filter(|&i| self.endpoints[i].resolve().is_off())
-            .map(|i| u64::from(self.endpoint_cap(i)))
+            .map(|i| u64::from(self.endpoint_cap(i).initial(self.adaptive_bounds())))
             .sum();
         self.cluster_max_concurrent
             .map_or(sum, |c| sum.min(u64::from(c)))
@@ -317,8 +338,20 @@ impl ServiceConfig {
 fn default_prefix() -> String {
     "/".into()
 }
-fn default_max_concurrent() -> u32 {
-    20
+fn default_max_concurrent() -> Cap {
+    Cap::Fixed(20)
+}
+fn default_adaptive_min() -> u32 {
+    *ADAPTIVE_RANGE.start()
+}
+fn default_adaptive_max() -> u32 {
+    *ADAPTIVE_RANGE.end()
+}
+fn is_adaptive_min(n: &u32) -> bool {
+    *n == default_adaptive_min()
+}
+fn is_adaptive_max(n: &u32) -> bool {
+    *n == default_adaptive_max()
 }
 fn default_queue_timeout() -> Duration {
     Duration::from_secs(1)

@@ -170,11 +170,7 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
                 ),
             );
         }
-        p.range(
-            key("max_concurrent"),
-            s.max_concurrent,
-            &MAX_CONCURRENT_RANGE,
-        );
+        super::cap::validate(&mut p, &format!("service[{i}]"), s);
         if let Some(c) = s.cluster_max_concurrent {
             p.range(key("cluster_max_concurrent"), c, &(1..=u32::MAX));
         }
@@ -193,9 +189,6 @@ pub fn validate(config: &Config) -> Result<(), Vec<ConfigError>> {
                     format!("{ekey}.url"),
                     format!("duplicate endpoint {:?} (also endpoints[{first}])", e.url()),
                 );
-            }
-            if let Some(cap) = e.max_concurrent() {
-                p.range(format!("{ekey}.max_concurrent"), cap, &MAX_CONCURRENT_RANGE);
             }
         }
         if let Some(ramp) = s.slow_start {

@@ -66,12 +66,14 @@ pub async fn run(live: Arc<Live>, connect: Connect) {
                 let mut present = HashSet::new();
                 for (service, config) in policy.services.iter().zip(&policy.config.services) {
                     let Some(health) = &config.health else { continue };
-                    for (endpoint, cap) in &service.pool.shape().endpoints {
+                    let shape = service.pool.shape();
+                    for (i, (endpoint, _)) in shape.endpoints.iter().enumerate() {
+                        let cap = shape.cap(i);
                         let key = (Arc::clone(&service.name), endpoint.url().to_owned());
                         present.insert(key.clone());
                         let record = records.entry(key).or_insert_with(|| Record {
                             endpoint: Arc::clone(endpoint),
-                            cap: *cap,
+                            cap,
                             last_probe: None,
                             probing: false,
                             passes: 0,
@@ -79,7 +81,7 @@ pub async fn run(live: Arc<Live>, connect: Connect) {
                         });
                         // A reload may have replaced the endpoint of this URL, or its cap.
                         record.endpoint = Arc::clone(endpoint);
-                        record.cap = *cap;
+                        record.cap = cap;
                         let due = record
                             .last_probe
                             .is_none_or(|at| at.elapsed() >= health.interval);

@@ -333,12 +333,12 @@ fn setting_value(config: &Config, service: &str, target: &ScaleTarget) -> u32 {
                 .find(|r| &r.name == resource)
                 .map_or(0, |r| r.tps.unwrap_or(default_tps))
         }
-        ScaleTarget::EndpointConcurrency => s.max_concurrent,
+        ScaleTarget::EndpointConcurrency => s.max_concurrent.initial(s.adaptive_bounds()),
         ScaleTarget::Setting { .. } => 0,
         ScaleTarget::Endpoint { endpoint } => s
             .endpoints
             .iter()
             .position(|e| e.url() == endpoint)
-            .map_or(0, |i| s.endpoint_cap(i)),
+            .map_or(0, |i| s.endpoint_cap(i).initial(s.adaptive_bounds())),
     }
 }

@@ -94,7 +94,7 @@ pub fn render(control: &Control, format: Format) -> String {
         ),
         (
             "sluice_endpoint_max_concurrent",
-            "Concurrency cap of an endpoint",
+            "Concurrency cap of an endpoint: configured, or as learned so far (max_concurrent = \"auto\")",
             |_, cap| i64::from(cap),
         ),
         (
@@ -141,6 +141,17 @@ pub fn render(control: &Control, format: Format) -> String {
     for_each_endpoint(services, |l, endpoint, _| {
         let left = endpoint.held().map_or(0.0, |(_, left)| left.as_secs_f64());
         e.gauge_f64(l, left);
+    });
+    e.family(
+        "sluice_endpoint_cap_changes",
+        "Times an endpoint's learned cap (max_concurrent = \"auto\") went up or down",
+        Kind::Counter,
+    );
+    for_each_endpoint(services, |l, endpoint, _| {
+        let (up, down) = endpoint.adaptive.changes();
+        for (direction, n) in [("up", up), ("down", down)] {
+            e.counter(&[l[0], l[1], ("direction", direction)], n);
+        }
     });
     e.family(
         "sluice_retries",
@@ -347,11 +358,12 @@ fn for_each_endpoint(
     mut write: impl FnMut(&[(&str, &str)], &crate::balance::Endpoint, u32),
 ) {
     for s in services {
-        for (endpoint, cap) in s.pool.shape().endpoints.iter() {
+        let shape = s.pool.shape();
+        for (i, (endpoint, _)) in shape.endpoints.iter().enumerate() {
             write(
                 &[("service", &s.name), ("endpoint", endpoint.url())],
                 endpoint,
-                *cap,
+                shape.cap(i),
             );
         }
     }

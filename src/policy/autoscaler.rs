@@ -67,12 +67,20 @@ impl ServiceAutoscaler {
         let (engine, events) = match previous {
             Some(previous) => {
                 let mut engine = previous.engine().clone();
-                let events = engine.reload(settings.clone(), &specs, config.max_concurrent, wall);
+                let events = engine.reload(
+                    settings.clone(),
+                    &specs,
+                    config.max_concurrent.initial(config.adaptive_bounds()),
+                    wall,
+                );
                 (engine, events)
             }
             None => {
-                let mut engine =
-                    ServiceEngine::new(&config.name, settings.clone(), config.max_concurrent);
+                let mut engine = ServiceEngine::new(
+                    &config.name,
+                    settings.clone(),
+                    config.max_concurrent.initial(config.adaptive_bounds()),
+                );
                 for (name, spec) in &specs {
                     engine.add_resource(name, *spec);
                 }

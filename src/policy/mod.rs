@@ -117,7 +117,9 @@ impl Policy {
                         wall,
                     );
                     events.extend(changed);
-                    if autoscaler.endpoint_concurrency() != s.max_concurrent {
+                    // A learned cap has no autoscale rule (validation refuses one).
+                    let fixed = s.max_concurrent.fixed();
+                    if fixed.is_some_and(|n| autoscaler.endpoint_concurrency() != n) {
                         pool.set_default_cap(autoscaler.endpoint_concurrency());
                     }
                     Arc::new(autoscaler)
@@ -166,10 +168,8 @@ impl Policy {
             .iter()
             .map(|s| {
                 let shape = s.pool.shape();
-                let endpoints = shape
-                    .endpoints
-                    .iter()
-                    .map(|(e, cap)| (e.url().to_owned(), *cap))
+                let endpoints = (0..shape.endpoints.len())
+                    .map(|i| (shape.endpoints[i].0.url().to_owned(), shape.cap(i)))
                     .collect();
                 (s.name.to_string(), endpoints)
             })

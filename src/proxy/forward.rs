@@ -106,6 +106,7 @@ impl Proxy {
             let exchange = tokio::select! {
                 result = self.upstream.send(endpoint.base_uri(), connection, request) => result,
                 () = response_deadline => {
+                    learned(service, &endpoint, slot.learn_overload(started));
                     self.failed(service, &endpoint, "no answer within timeouts.response");
                     return outcome.reject(Reason::UpstreamTimeout, Some(service));
                 }
@@ -152,6 +153,7 @@ impl Proxy {
                 let said = retry_after(response.headers());
                 let verdict = endpoint.overloaded(&overload, said);
                 self.note(service, &endpoint, verdict, &format!("answered {status}"));
+                learned(service, &endpoint, slot.learn_overload(started));
                 if retries_left > 0 {
                     // Another endpoint with a free slot, if the budget allows one more attempt.
                     let Some(other) = service.pool.try_acquire_other(&endpoint) else {
@@ -173,6 +175,7 @@ impl Proxy {
             // on, not the quick "I am full" ones.
             if !full {
                 endpoint.latency.record(latency);
+                learned(service, &endpoint, slot.learn_answer(started, latency));
                 if let Some(autoscale) = &service.autoscale {
                     autoscale.record_latency(&service.pool, &endpoint, latency);
                 }
@@ -259,13 +262,10 @@ impl Proxy {
             HoldKind::Cooldown => (EventKind::EndpointCooledDown, "cooled down"),
             HoldKind::Ejected => (EventKind::EndpointEjected, "ejected"),
         };
-        let cap = service
-            .pool
-            .shape()
-            .endpoints
-            .iter()
-            .find(|(e, _)| Arc::ptr_eq(e, endpoint))
-            .map_or(0, |(_, cap)| *cap);
+        let shape = service.pool.shape();
+        let cap = (0..shape.endpoints.len())
+            .find(|&i| Arc::ptr_eq(&shape.endpoints[i].0, endpoint))
+            .map_or(0, |i| shape.cap(i));
         let reason = format!(
             "{} {why}: {what} for {:?}, then probed with one request",
             endpoint.url(),
@@ -284,6 +284,15 @@ impl Proxy {
             tokio::time::sleep(length).await;
             pool.wake();
         });
+    }
+}
+
+/// A learned cap that moved is a debug line (often: every round trip or so while it
+/// settles); `sluice_endpoint_max_concurrent` shows it, `sluice_endpoint_cap_changes_total`
+/// counts the moves.
+fn learned(service: &Service, endpoint: &Endpoint, change: Option<(u32, u32)>) {
+    if let Some((from, to)) = change {
+        tracing::debug!(service = %service.name, endpoint = endpoint.url(), from, to, "learned cap moved");
     }
 }
 
