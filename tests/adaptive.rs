@@ -18,6 +18,8 @@ use hyper_util::rt::TokioIo;
 use support::*;
 use tokio::sync::Semaphore;
 
+/// The admin token of the tests that change the policy.
+const TOKEN: &str = "adaptive-admin-token";
 /// Time a worker takes per request.
 const SERVICE_TIME: Duration = Duration::from_millis(50);
 /// Closed-loop clients: far more than the endpoint has workers.
@@ -312,6 +314,82 @@ async fn a_learned_cap_finds_the_workers_of_an_endpoint_and_follows_them() {
     assert!(
         downs >= 2,
         "it came down from 20 and again at 4 workers: {downs}"
+    );
+    sluice.stop().await;
+}
+
+#[tokio::test]
+async fn an_operator_turns_learning_on_and_off_through_the_admin_api() {
+    let endpoint = mock().start().await;
+    let toml = config(&service(&[endpoint.url()], "max_concurrent = 8"));
+    let sluice = start_sluice_with(&toml, Some(TOKEN), None).await;
+    let admin = sluice.admin.unwrap();
+    let call = |method: &'static str, path: &'static str, body: &'static str| async move {
+        once(admin, admin_request(method, admin, path, body, Some(TOKEN))).await
+    };
+    let view = |capacity: serde_json::Value| capacity["services"][0]["endpoints"][0].clone();
+
+    let answer = call(
+        "PATCH",
+        "/admin/services/scoring",
+        r#"{"max_concurrent": "auto"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let endpoint_view = view(call("GET", "/admin/capacity", "").await.json());
+    assert_eq!(endpoint_view["adaptive"], true, "{endpoint_view}");
+    assert_eq!(
+        endpoint_view["max_concurrent"], 20,
+        "starts at 20: {endpoint_view}"
+    );
+    let policy = call("GET", "/admin/policy", "").await.json();
+    assert_eq!(policy["service"][0]["max_concurrent"], "auto", "{policy}");
+
+    // Not a number nor "auto": refused, and nothing changes.
+    let refused = call(
+        "PATCH",
+        "/admin/services/scoring",
+        r#"{"max_concurrent": "lots"}"#,
+    )
+    .await;
+    assert_eq!(refused.status, 400, "{}", refused.text());
+    assert!(refused.text().contains("auto"), "{}", refused.text());
+    assert_eq!(
+        view(call("GET", "/admin/capacity", "").await.json())["adaptive"],
+        true
+    );
+
+    let answer = call(
+        "PATCH",
+        "/admin/services/scoring",
+        r#"{"max_concurrent": 8}"#,
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let endpoint_view = view(call("GET", "/admin/capacity", "").await.json());
+    assert_eq!(endpoint_view["adaptive"], false, "{endpoint_view}");
+    assert_eq!(endpoint_view["max_concurrent"], 8, "{endpoint_view}");
+
+    // An endpoint added with a learned cap of its own.
+    let added = format!(r#"{{"url": "http://127.0.0.1:9", "max_concurrent": "auto"}}"#);
+    let answer = once(
+        admin,
+        admin_request(
+            "POST",
+            admin,
+            "/admin/services/scoring/endpoints",
+            &added,
+            Some(TOKEN),
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    let capacity = call("GET", "/admin/capacity", "").await.json();
+    let second = &capacity["services"][0]["endpoints"][1];
+    assert_eq!(second["adaptive"], true, "{capacity}");
+    assert_eq!(
+        capacity["services"][0]["capacity"], 28,
+        "8 + 20: {capacity}"
     );
     sluice.stop().await;
 }

@@ -70,6 +70,44 @@ fn each_invalid_value_is_rejected_with_its_key_and_what_is_allowed() {
             vec!["service[0].endpoints[0].max_concurrent", "1..=200"],
         ),
         (
+            "max_concurrent neither a number nor auto",
+            with_service_keys("max_concurrent = \"many\""),
+            vec!["max_concurrent", "a number of requests or \"auto\""],
+        ),
+        (
+            "negative max_concurrent",
+            with_endpoint("{ url = \"http://127.0.0.1:80\", max_concurrent = -3 }"),
+            vec!["max_concurrent", "a number of requests or \"auto\""],
+        ),
+        (
+            "adaptive_min 0",
+            with_service_keys("max_concurrent = \"auto\"\nadaptive_min = 0"),
+            vec!["service[0].adaptive_min", "1..=200"],
+        ),
+        (
+            "adaptive_max 500",
+            with_service_keys("max_concurrent = \"auto\"\nadaptive_max = 500"),
+            vec!["service[0].adaptive_max", "1..=200"],
+        ),
+        (
+            "adaptive bounds the wrong way round",
+            with_service_keys("max_concurrent = \"auto\"\nadaptive_min = 50\nadaptive_max = 10"),
+            vec!["service[0].adaptive_min", "50 is above adaptive_max (10)"],
+        ),
+        (
+            "a learned cap that an autoscale rule would change too",
+            format!(
+                "{}[service.autoscale]\n[[service.autoscale.profile]]\n\
+                 name = \"queue\"\n[[service.autoscale.profile.rule]]\nmetric = \"queue_length\"\n\
+                 statistic = \"max\"\ntime_grain = \"10s\"\ntime_window = \"30s\"\n\
+                 time_aggregation = \"minimum\"\noperator = \"greater_than\"\nthreshold = 0\n\
+                 direction = \"increase\"\ntype = \"exact_count\"\nvalue = 50\ncooldown = \"1m\"\n\
+                 target = \"endpoint_concurrency\"\n",
+                with_service_keys("max_concurrent = \"auto\"")
+            ),
+            vec!["service[0].max_concurrent", "endpoint_concurrency"],
+        ),
+        (
             "missing endpoint list",
             "[[service]]\nname = \"scoring\"\n".into(),
             vec!["endpoints"],
@@ -350,6 +388,20 @@ fn names_to_resolve_pass_without_being_resolved() {
         stdout.contains("1 endpoint(s) and 2 name(s) to look up in DNS"),
         "{stdout}"
     );
+}
+
+#[test]
+fn learned_caps_pass() {
+    let path = write_config(
+        "adaptive",
+        "[[service]]\nname = \"scoring\"\nmax_concurrent = \"auto\"\nadaptive_min = 4\n\
+         adaptive_max = 64\nendpoints = [\"http://127.0.0.1:9001\", \
+         { url = \"http://127.0.0.1:9002\", max_concurrent = 30 }]\n\
+         [[service]]\nname = \"fixed\"\npath_prefix = \"/fixed\"\n\
+         endpoints = [{ url = \"http://127.0.0.1:9003\", max_concurrent = \"auto\" }]\n",
+    );
+    let out = check(&path);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
 #[test]
