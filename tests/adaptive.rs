@@ -328,14 +328,21 @@ async fn an_operator_turns_learning_on_and_off_through_the_admin_api() {
         once(admin, admin_request(method, admin, path, body, Some(TOKEN))).await
     };
     let view = |capacity: serde_json::Value| capacity["services"][0]["endpoints"][0].clone();
+    // PATCH the service's max_concurrent to `value`: the answer's status.
+    let patch = |value: &'static str| async move {
+        let body = format!(r#"{{"max_concurrent": {value}}}"#);
+        let request = admin_request(
+            "PATCH",
+            admin,
+            "/admin/services/scoring",
+            &body,
+            Some(TOKEN),
+        );
+        let answer = once(admin, request).await;
+        (answer.status, answer.text())
+    };
 
-    let answer = call(
-        "PATCH",
-        "/admin/services/scoring",
-        r#"{"max_concurrent": "auto"}"#,
-    )
-    .await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(patch(r#""auto""#).await.0, 200);
     let endpoint_view = view(call("GET", "/admin/capacity", "").await.json());
     assert_eq!(endpoint_view["adaptive"], true, "{endpoint_view}");
     assert_eq!(
@@ -346,43 +353,22 @@ async fn an_operator_turns_learning_on_and_off_through_the_admin_api() {
     assert_eq!(policy["service"][0]["max_concurrent"], "auto", "{policy}");
 
     // Not a number nor "auto": refused, and nothing changes.
-    let refused = call(
-        "PATCH",
-        "/admin/services/scoring",
-        r#"{"max_concurrent": "lots"}"#,
-    )
-    .await;
-    assert_eq!(refused.status, 400, "{}", refused.text());
-    assert!(refused.text().contains("auto"), "{}", refused.text());
+    let (status, text) = patch(r#""lots""#).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("auto"), "{text}");
     assert_eq!(
         view(call("GET", "/admin/capacity", "").await.json())["adaptive"],
         true
     );
 
-    let answer = call(
-        "PATCH",
-        "/admin/services/scoring",
-        r#"{"max_concurrent": 8}"#,
-    )
-    .await;
-    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(patch("8").await.0, 200);
     let endpoint_view = view(call("GET", "/admin/capacity", "").await.json());
     assert_eq!(endpoint_view["adaptive"], false, "{endpoint_view}");
     assert_eq!(endpoint_view["max_concurrent"], 8, "{endpoint_view}");
 
     // An endpoint added with a learned cap of its own.
-    let added = format!(r#"{{"url": "http://127.0.0.1:9", "max_concurrent": "auto"}}"#);
-    let answer = once(
-        admin,
-        admin_request(
-            "POST",
-            admin,
-            "/admin/services/scoring/endpoints",
-            &added,
-            Some(TOKEN),
-        ),
-    )
-    .await;
+    let added = r#"{"url": "http://127.0.0.1:9", "max_concurrent": "auto"}"#;
+    let answer = call("POST", "/admin/services/scoring/endpoints", added).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     let capacity = call("GET", "/admin/capacity", "").await.json();
     let second = &capacity["services"][0]["endpoints"][1];
