@@ -437,6 +437,23 @@ mod tests {
         assert_eq!(pool.in_flight(), 0);
     }
 
+    #[tokio::test]
+    async fn a_learned_cap_is_shared_among_replicas_like_a_fixed_one() {
+        let pool = pool(&[1], 0);
+        let mut shape = pool.shape().with_share(Share::at(1, 2));
+        shape.endpoints[0].1 = crate::config::Cap::Auto;
+        shape.endpoints[0].0.adaptive.follow(Some(shape.adaptive));
+        pool.set_shape(shape);
+        let shape = pool.shape();
+        assert_eq!((shape.cap(0), shape.local_cap(0)), (20, 10));
+        assert_eq!(shape.capacity(), 20, "capacity counts the fleet's cap");
+        let mut slots = Vec::new();
+        while let Ok(slot) = pool.acquire().await {
+            slots.push(slot);
+        }
+        assert_eq!(slots.len(), 10, "this replica's half");
+    }
+
     #[test]
     fn full_endpoint_never_chosen_while_another_has_room() {
         let pool = pool(&[1, 100], 0);
