@@ -286,7 +286,8 @@ pub struct Slot {
     endpoint: Arc<Endpoint>,
     /// In flight at the endpoint through this replica once taken, this one included.
     load: u32,
-    /// The bounds of the endpoint's cap while it is learned.
+    /// While the endpoint's cap is learned: its bounds, and the slots this replica had there
+    /// when this one was taken (taking the last is what "the cap was reached" means).
     learns: Option<(Bounds, u32)>,
 }
 
