@@ -77,7 +77,7 @@ impl Pool {
     /// Replace the shape; waiting requests get any slot the new shape frees.
     pub fn set_shape(self: &Arc<Self>, shape: Shape) {
         self.shape.store(Arc::new(shape));
-        self.dispatch();
+        self.wake();
     }
 
     /// Set the service's per-endpoint cap (autoscale of endpoint concurrency).
@@ -119,7 +119,7 @@ impl Pool {
             }
             // The failed attempt held a service slot for a moment; a waiter that arrived then
             // may have missed it.
-            self.dispatch();
+            self.wake();
         }
         // Without endpoints a request waits like one that found them full: the first endpoint
         // to join (a scale-out from zero) serves the queue.
@@ -178,7 +178,7 @@ impl Pool {
                 });
             }
         }
-        // No dispatch here: this runs under the queue lock when serving or entering the queue.
+        // No wake here: this runs under the queue lock when serving or entering the queue.
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         None
     }
@@ -193,17 +193,13 @@ impl Pool {
 
     fn release_service_slot(self: &Arc<Self>) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.dispatch();
+        self.wake();
     }
 
-    /// An endpoint can take more than before without a slot having been released (its hold
-    /// ended, it passed its health check): hand what it can take to waiting requests.
+    /// Hand free slots to waiting requests, oldest first: after a slot was released, the
+    /// shape changed, or an endpoint can take more than before without either (its hold ended,
+    /// it passed its health check).
     pub fn wake(self: &Arc<Self>) {
-        self.dispatch();
-    }
-
-    /// Hand free slots to waiting requests, oldest first.
-    fn dispatch(self: &Arc<Self>) {
         if self.queue.is_empty() {
             return;
         }

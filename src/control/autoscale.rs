@@ -65,20 +65,8 @@ pub async fn run(state: Arc<Live>, notifier: Notifier, wall: WallClock) {
                 Some(fleet) => fleet_turn(fleet, live, autoscaler, last, due, at, wall()).await,
             };
             for event in events {
-                let id = state.events().push(event.clone());
-                tracing::info!(
-                    target: "sluice::autoscale",
-                    id,
-                    service = %event.service,
-                    resource = event.resource(),
-                    kind = ?event.kind,
-                    from = event.from,
-                    to = event.to,
-                    rule = event.rule.as_deref(),
-                    reason = %event.reason,
-                    "autoscale event"
-                );
-                notifier.send(&autoscaler.settings().notify, &Event { id, ..event });
+                let event = state.record(event);
+                notifier.send(&autoscaler.settings().notify, &event);
             }
         }
         // Forget services a reload removed.

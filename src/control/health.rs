@@ -121,16 +121,7 @@ pub async fn run(live: Arc<Live>, connect: Connect) {
                             service.pool.wake();
                         }
                     }
-                    let id = live.events().push(event.clone());
-                    tracing::warn!(
-                        target: "sluice::health",
-                        id,
-                        service = %event.service,
-                        endpoint = outcome.url,
-                        kind = ?event.kind,
-                        reason = %event.reason,
-                        "endpoint health changed"
-                    );
+                    live.record(event);
                 }
             }
         }

@@ -310,12 +310,8 @@ impl Control {
     }
 
     /// Number `events` into the history and log them.
-    fn record(&self, mut events: Vec<Event>) -> Vec<Event> {
-        for event in &mut events {
-            event.id = self.live.events().push(event.clone());
-            tracing::info!(target: "sluice::autoscale", id = event.id, service = %event.service, kind = ?event.kind, reason = %event.reason, "policy changed");
-        }
-        events
+    fn record(&self, events: Vec<Event>) -> Vec<Event> {
+        events.into_iter().map(|e| self.live.record(e)).collect()
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use super::Policy;
-use crate::autoscale::{EventHistory, DEFAULT_HISTORY};
+use crate::autoscale::{Event, EventHistory, EventKind, DEFAULT_HISTORY};
 use crate::balance::Discovered;
 use crate::store::Fleet;
 
@@ -45,6 +45,37 @@ impl Live {
     /// The history of changes and autoscale events.
     pub fn events(&self) -> &Arc<EventHistory> {
         &self.events
+    }
+
+    /// Number `event` into the history and log it: a warning when an endpoint went out of
+    /// traffic, else info. Every event goes through here, whatever caused it (an operator, a
+    /// reload, the autoscaler, a health check, an endpoint's answer).
+    pub fn record(&self, mut event: Event) -> Event {
+        event.id = self.events.push(event.clone());
+        let e = &event;
+        macro_rules! log {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "sluice::events",
+                    id = e.id,
+                    service = %e.service,
+                    resource = e.resource(),
+                    kind = ?e.kind,
+                    from = e.from,
+                    to = e.to,
+                    rule = e.rule.as_deref(),
+                    reason = %e.reason,
+                    "event"
+                )
+            };
+        }
+        match e.kind {
+            EventKind::EndpointUnhealthy
+            | EventKind::EndpointCooledDown
+            | EventKind::EndpointEjected => log!(warn),
+            _ => log!(info),
+        }
+        event
     }
 
     /// What DNS found last for the entries to resolve.

@@ -271,12 +271,11 @@ impl Proxy {
             endpoint.url(),
             length
         );
-        tracing::warn!(service = %service.name, endpoint = endpoint.url(), ?length, reason = %reason, "endpoint held out of traffic");
         let target = ScaleTarget::Endpoint {
             endpoint: endpoint.url().to_owned(),
         };
         let event = Event::change(Utc::now(), &*service.name, target, kind, (cap, 0), reason);
-        self.live.events().push(event);
+        self.live.record(event);
         // When the hold ends the endpoint can take its probe: requests waiting in the queue
         // are not left waiting for a slot to be released elsewhere (there may be none).
         let pool = Arc::clone(&service.pool);
