@@ -402,6 +402,11 @@ fn learned_caps_pass() {
     );
     let out = check(&path);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("70 concurrent slot(s) in all (2 learned cap(s) counted where they start)"),
+        "20 + 30 + 20: {stdout}"
+    );
 }
 
 #[test]

@@ -426,9 +426,19 @@ impl Config {
             0 => String::new(),
             n => format!(" and {n} name(s) to look up in DNS (not counted in the slots)"),
         };
+        let learned = self
+            .services
+            .iter()
+            .flat_map(|s| (0..s.endpoints.len()).map(|i| s.endpoint_cap(i)))
+            .filter(|cap| *cap == Cap::Auto)
+            .count();
+        let learned = match learned {
+            0 => String::new(),
+            n => format!(" ({n} learned cap(s) counted where they start)"),
+        };
         format!(
             "{} service(s), {endpoints} endpoint(s){discovered}, {capacity} concurrent slot(s) \
-             in all, proxy on {}",
+             in all{learned}, proxy on {}",
             self.services.len(),
             self.listen.proxy
         )
