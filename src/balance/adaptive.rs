@@ -9,12 +9,12 @@
 //! whose requests all ran alone; the first estimate is the fastest answer. It is never
 //! measured by holding concurrency down ("probing dips").
 //! - A window whose mean is more than [`TOLERANCE`] × the no-load latency means requests
-//!   wait inside the endpoint: the cap comes down in proportion (the gradient), by at most
-//!   half.
+//!   wait inside the endpoint: the cap comes down in proportion (the gradient), by one at
+//!   least and by half at most.
 //! - A window within it raises the cap by one — only when the cap was reached (demand asked
 //!   for more than the endpoint was given). A step up is taken back as soon as
-//!   [`SLOW_TO_FAIL`] of its answers took more than [`SLOW`] × the no-load latency (or its
-//!   window's mean says requests wait), and is not tried again for a while (1 s, doubling up
+//!   [`SLOW_TO_FAIL`] of its answers took more than [`SLOW`] × the no-load latency, or when its
+//!   window's mean is more than [`STEP_TOLERANCE`] × the no-load latency, and is not tried again for a while (1 s, doubling up
 //!   to [`MOST_GROWTH_WAIT`]): the cap stays at the knee rather than going back and forth over
 //!   it, and the tail stays near the no-load latency; an endpoint that gained room is found
 //!   at the next try.
@@ -33,6 +33,8 @@ use tokio::time::Instant;
 /// "nothing waits". One request waiting behind 8 busy workers raises the mean by 11 %; jitter
 /// of the mean of [`MIN_WINDOW`] answers stays within a few percent.
 pub const TOLERANCE: f64 = 1.08;
+/// A step up's window must stay within this many times the no-load latency to keep it.
+pub const STEP_TOLERANCE: f64 = 1.04;
 /// An answer this many times the no-load latency waited inside the endpoint.
 pub const SLOW: f64 = 1.5;
 /// Slow answers that take a step up back at once.
@@ -178,10 +180,18 @@ impl Adaptive {
         };
         let ratio = mean / no_load.max(1e-6);
         let now = Instant::now();
-        let limit = if ratio > TOLERANCE {
+        // A step up must show more clearly that nothing waits than staying put must: near the
+        // knee, noise alone would otherwise let the cap over it now and then.
+        let tolerance = match l.stepped_up {
+            true => STEP_TOLERANCE,
+            false => TOLERANCE,
+        };
+        let limit = if ratio > tolerance {
             l.no_load = Some(no_load);
             self.step_failed(l);
-            l.limit * (TOLERANCE / ratio).max(MOST_DROP)
+            // Down by one at least: a fraction off could leave the cap where requests wait.
+            let lower = (l.limit * (TOLERANCE / ratio).clamp(MOST_DROP, 1.0)).floor();
+            lower.min(f64::from(self.cap()) - 1.0)
         } else {
             l.no_load = Some(no_load + (mean - no_load) * NO_LOAD_WEIGHT);
             if l.stepped_up {
