@@ -211,7 +211,7 @@ impl Endpoint {
 
     /// Held out of traffic now (cooled down or ejected): why, and for how much longer.
     pub fn held(&self) -> Option<(HoldKind, Duration)> {
-        self.hold.held(self.now_ms())
+        self.hold.held(|| self.now_ms())
     }
 
     /// It answered that it is full (with `retry_after`, if it said): cooled down.
@@ -227,7 +227,7 @@ impl Endpoint {
 
     /// It answered, neither full nor failing: back in full service after a hold.
     pub fn answered(&self) {
-        self.hold.answered(self.now_ms());
+        self.hold.answered(|| self.now_ms());
     }
 
     /// Record a successful exchange: the endpoint is healthy again. One that comes back from

@@ -142,9 +142,14 @@ pub enum Verdict {
 }
 
 impl Hold {
-    /// Held now (`now_ms`), and why, and for how much longer.
-    pub fn held(&self, now_ms: u64) -> Option<(HoldKind, Duration)> {
+    /// Held now (`now_ms` reads the clock: not at all for an endpoint in full service, the
+    /// case of nearly every request), and why, and for how much longer.
+    pub fn held(&self, now_ms: impl FnOnce() -> u64) -> Option<(HoldKind, Duration)> {
         let until = self.until_ms.load(Ordering::Acquire);
+        if until == 0 {
+            return None;
+        }
+        let now_ms = now_ms();
         (until > now_ms).then(|| {
             let kind = match self.kind.load(Ordering::Relaxed) {
                 2 => HoldKind::Ejected,
@@ -159,8 +164,18 @@ impl Hold {
         self.probing.load(Ordering::Acquire)
     }
 
-    /// It answered that it is full (`retry_after` if it said): held for a cooldown.
+    /// It answered that it is full (`retry_after` if it said): held for a cooldown. While it
+    /// is held already, the answer is to a request sent before the hold began: it only makes
+    /// the hold longer if its `Retry-After` says so, and is not another overload in a row (a
+    /// burst of such answers would otherwise take the back-off to its longest at once).
     pub fn overloaded(&self, o: &Overload, retry_after: Option<Duration>, now_ms: u64) -> Verdict {
+        if self.until_ms.load(Ordering::Acquire) > now_ms {
+            if let Some(asked) = retry_after {
+                let until = now_ms + millis(o.cooldown(Some(asked), 0));
+                self.until_ms.fetch_max(until, Ordering::AcqRel);
+            }
+            return Verdict::Same;
+        }
         let in_row = self.overloads_in_row.fetch_add(1, Ordering::AcqRel);
         let cooldown = o.cooldown(retry_after, in_row);
         self.hold(HoldKind::Cooldown, cooldown, now_ms);
@@ -176,7 +191,11 @@ impl Hold {
             return Verdict::Same;
         }
         let in_row = self.failures_in_row.fetch_add(1, Ordering::AcqRel) + 1;
-        let probe_failed = self.probing() && self.kind.load(Ordering::Relaxed) == 2;
+        // A probe is a request sent once the ejection ended; one sent before that fails
+        // during the ejection says nothing new.
+        let probe_failed = self.probing()
+            && self.kind.load(Ordering::Relaxed) == 2
+            && self.until_ms.load(Ordering::Acquire) <= now_ms;
         if !(in_row >= o.consecutive_failures || probe_failed) || !may_eject {
             return Verdict::Same;
         }
@@ -199,20 +218,39 @@ impl Hold {
         Verdict::Held(HoldKind::Ejected, ejection)
     }
 
-    /// It answered (neither full nor failed): back in full service if it was probing.
-    pub fn answered(&self, now_ms: u64) {
-        self.overloads_in_row.store(0, Ordering::Relaxed);
-        self.failures_in_row.store(0, Ordering::Relaxed);
-        if self.probing.swap(false, Ordering::AcqRel) {
+    /// It answered (neither full nor failed): back in full service if it was probing and its
+    /// hold has ended — an answer to a request sent before the hold began says nothing about
+    /// the endpoint now. Writes only what changes (`now_ms` reads the clock only while
+    /// probing): on nearly every request nothing, so the answers of many cores do not contend
+    /// for these counters.
+    pub fn answered(&self, now_ms: impl FnOnce() -> u64) {
+        for in_row in [&self.overloads_in_row, &self.failures_in_row] {
+            if in_row.load(Ordering::Relaxed) != 0 {
+                in_row.store(0, Ordering::Relaxed);
+            }
+        }
+        if !self.probing.load(Ordering::Acquire) {
+            return;
+        }
+        let now_ms = now_ms();
+        let until = self.until_ms.load(Ordering::Acquire);
+        // Cleared only if no new hold began meanwhile (it would have moved `until_ms`).
+        if until <= now_ms
+            && self
+                .until_ms
+                .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
             if self.kind.load(Ordering::Relaxed) == 2 {
                 self.back_ms.store(now_ms, Ordering::Relaxed);
             }
             self.kind.store(0, Ordering::Relaxed);
+            self.probing.store(false, Ordering::Release);
         }
     }
 
     fn hold(&self, kind: HoldKind, length: Duration, now_ms: u64) {
-        let ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX / 2);
+        let ms = millis(length);
         self.kind.store(
             match kind {
                 HoldKind::Cooldown => 1,
@@ -224,6 +262,11 @@ impl Hold {
         // When it ends, one probe at a time.
         self.probing.store(true, Ordering::Release);
     }
+}
+
+/// `length` in whole milliseconds (a very long one: far in the future, without overflow).
+fn millis(length: Duration) -> u64 {
+    u64::try_from(length.as_millis()).unwrap_or(u64::MAX / 2)
 }
 
 #[cfg(test)]
@@ -265,7 +308,7 @@ mod tests {
             Verdict::Held(HoldKind::Ejected, Duration::from_secs(30))
         );
         assert_eq!(
-            hold.held(1_000),
+            hold.held(|| 1_000),
             Some((HoldKind::Ejected, Duration::from_secs(30)))
         );
         // Its probe fails: ejected again at once, for twice as long.
@@ -273,8 +316,11 @@ mod tests {
             hold.failed(&o, true, 31_000),
             Verdict::Held(HoldKind::Ejected, Duration::from_secs(60))
         );
-        hold.answered(91_000);
-        assert!(!hold.probing() && hold.held(91_000).is_none());
+        // An answer to a request sent before the hold began does not end it.
+        hold.answered(|| 40_000);
+        assert!(hold.probing() && hold.held(|| 40_000).is_some());
+        hold.answered(|| 91_000);
+        assert!(!hold.probing() && hold.held(|| 91_000).is_none());
         // Two base ejections later, both earlier ejections are forgotten: 30 s again.
         for _ in 0..4 {
             hold.failed(&o, true, 151_000);
@@ -288,6 +334,36 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(other.failed(&o, false, 0), Verdict::Same);
         }
+    }
+
+    #[test]
+    fn answers_to_requests_sent_before_a_cooldown_do_not_stack_it() {
+        let o = Overload::default();
+        let hold = Hold::default();
+        assert_eq!(
+            hold.overloaded(&o, None, 1_000),
+            Verdict::Held(HoldKind::Cooldown, Duration::from_secs(1))
+        );
+        // Nineteen more 503s from the same burst: the same cooldown, not 2^19 s.
+        for _ in 0..19 {
+            assert_eq!(hold.overloaded(&o, None, 1_010), Verdict::Same);
+        }
+        assert_eq!(hold.cooldowns.load(Ordering::Relaxed), 1);
+        // A later Retry-After makes it longer.
+        assert_eq!(
+            hold.overloaded(&o, Some(Duration::from_secs(5)), 1_020),
+            Verdict::Same
+        );
+        assert_eq!(
+            hold.held(|| 1_020),
+            Some((HoldKind::Cooldown, Duration::from_secs(5)))
+        );
+        // Back (an answer in between), and full again later: a fresh cooldown from 1 s.
+        hold.answered(|| 7_000);
+        assert_eq!(
+            hold.overloaded(&o, None, 7_000),
+            Verdict::Held(HoldKind::Cooldown, Duration::from_secs(1))
+        );
     }
 
     #[test]

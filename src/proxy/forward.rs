@@ -44,7 +44,10 @@ impl Proxy {
         outcome: &mut Outcome<'_>,
     ) -> Response<ResponseBody> {
         headers::to_upstream(&mut head, outcome.client.ip());
-        let overload = service.pool.shape().overload;
+        let (overload, alone) = {
+            let shape = service.pool.shape();
+            (shape.overload, shape.endpoints.len() < 2)
+        };
         service.pool.retry_budget.request();
         // A body known to be small is held whole, so that it can be sent again.
         let replayable = overload.retries > 0
@@ -91,10 +94,15 @@ impl Proxy {
                 }
             };
             outcome.upload = Some(watch.clone());
-            // The headers are copied only while another attempt may follow.
-            let headers = match retries_left {
-                0 => std::mem::take(&mut head.headers),
-                _ => head.headers.clone(),
+            // A copy of the headers is kept only while another attempt may follow, on another
+            // endpoint (a service with one has none to retry on). The original goes upstream:
+            // hyper reads the answer's head into its room, which then has space for ours.
+            let headers = match retries_left == 0 || alone {
+                true => std::mem::take(&mut head.headers),
+                false => {
+                    let copy = head.headers.clone();
+                    std::mem::replace(&mut head.headers, copy)
+                }
             };
             let Ok(request) = upstream_request(&head, headers, &endpoint, upstream_body) else {
                 return outcome.reject(Reason::UpstreamError, Some(service));
@@ -156,7 +164,9 @@ impl Proxy {
                 learned(service, &endpoint, slot.learn_overload(started));
                 if retries_left > 0 {
                     // Another endpoint with a free slot, if the budget allows one more attempt.
-                    let Some(other) = service.pool.try_acquire_other(&endpoint) else {
+                    // (One that joined since the request came has no copy of its headers.)
+                    let Some(other) = service.pool.try_acquire_other(&endpoint).filter(|_| !alone)
+                    else {
                         return self.overloaded(service, outcome);
                     };
                     if service.pool.retry_budget.allow_retry() {
