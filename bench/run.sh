@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/run.sh — sluice side by side with nginx and HAProxy on this machine (issue 6).
 #
-#   bench/run.sh [SCENARIO...]      default: every scenario (1 2 3 4 5 6 7 8)
+#   bench/run.sh [SCENARIO...]      default: every scenario (1 2 3 4 5 6 7 8 9)
 #
 #   1  overhead: two instant endpoints, keyed requests (wrk), req/s, p50/p99, non-2xx and
 #      proxy CPU time per request, each proxy alone on one core with one worker
@@ -29,6 +29,17 @@
 #      2xx per second in each phase vs its ceiling, non-2xx by status, the requests the
 #      endpoints received (counted in their access log) per client request, and how soon the
 #      endpoint served again after it recovered.
+#   9  idle connections and memory return (issue 18), sluice vs nginx vs HAProxy, one worker
+#      each, scenario 5's configs (RSS of the proxy's processes, as scenario 5): KiB per idle
+#      connection held after one request, HOLD_CONNS of them, over HTTP/1.1 keep-alive and over
+#      HTTP/2 with prior knowledge (h2c: sluice and HAProxy on scenario 5's listener, nginx on
+#      a listener of its own); burst and return: RSS before, with the HOLD_CONNS HTTP/1.1
+#      connections open, then 0, 5, 10, ... 30 s after they all close, and whether it is back
+#      within 10 % of before; large-then-idle: S9_BIG_CONNS connections that each sent one
+#      S9_HEAD_BYTES head and got a 1 MiB body, then idle (nginx and HAProxy with limits raised
+#      for such a head: nginx.conf's 8382, haproxy-s9-large.cfg; sluice's default 64 KiB takes it)
+#      Each connection's one request carries one of 1000 rotating keys, S9_BATCH requests in
+#      flight at most: all admitted and proxied (the load client's statuses are in the table).
 #
 # Env knobs:
 #   DUR=10        seconds per measured run (scenarios 1 and 2; "10s" accepted)
@@ -53,6 +64,10 @@
 #                 S8_CONNS=200 clients; S8_BACKOFFS="0 50" as S2_BACKOFFS; S8_TICK_MS=100 as S7_TICK_MS
 #   S8_TARGETS    default "sluice nginx haproxy"
 #   S8_BODY       the JSON body each scenario-8 request POSTs (default: 110 bytes; empty: GET)
+#   S9_TARGETS    default "sluice nginx haproxy";  HOLD_CONNS (above) connections for the idle and
+#                 burst figures;  S9_BIG_CONNS=2000 large-then-idle connections;  S9_HEAD_BYTES=61440
+#                 their request head;  S9_BATCH=20 connections opened (one request each) at a
+#                 time: no more than the services' 20 concurrent requests, so none is refused
 #   WARMUP=2      seconds of warm-up per target before the reps (0: none)
 #   PIN=1         proxy alone on PROXY_CPU=0, load generator + endpoints on LOAD_CPU=1
 #   SLUICE_BIN    use this sluice binary instead of building (cargo build --release)
@@ -99,6 +114,10 @@ S8_TICK_MS=${S8_TICK_MS:-100}
 S8_CONNS=${S8_CONNS:-200}
 S8_BACKOFFS=${S8_BACKOFFS:-"0 50"}
 S8_TARGETS=${S8_TARGETS:-"sluice nginx haproxy"}
+S9_TARGETS=${S9_TARGETS:-"sluice nginx haproxy"}
+S9_BIG_CONNS=${S9_BIG_CONNS:-2000}
+S9_BATCH=${S9_BATCH:-20}
+S9_HEAD_BYTES=${S9_HEAD_BYTES:-61440}
 S8_BODY=${S8_BODY-'{"inputs":[{"name":"features","shape":[1,8],"datatype":"FP32","data":[0.12,0.5,0.33,0.9,0.01,0.77,0.42,0.6]}]}'}
 BENCH_SRC=${BENCH_SRC:-$ROOT}
 CEILING=1200   # 3 endpoints x 20 slots x 1000 ms / 50 ms (scenario 8: its 3 healthy ones)
@@ -578,11 +597,31 @@ scenario4() {
 }
 
 # ---------------------------------------------------------------- scenario 5: memory
+# hold_idle NAME PID ADDR CONNS [HOLD ARGS...]: RSS of the proxy PID (its workers included)
+# before, and with CONNS client connections to ADDR that the load client holds idle after one
+# request each (bench/loadgen `hold`, HOLD ARGS passed on). Sets HOLD_IDLE and HOLD_FULL (KiB),
+# HOLD_EST (connections established on ADDR's port, counted by ss), HOLD_HELD (the ones the
+# load client kept), HOLD_LINE (its HELD line) and HOLD_PID: the holder, still holding, for
+# the caller to stop. (Scenarios 5 and 9.)
+hold_idle() {
+    local name=$1 p=$2 addr=$3 conns=$4 log=$WORK/logs/hold-$1.out; shift 4
+    sleep 1
+    HOLD_IDLE=$(rss_kib "$p")
+    start "hold-$name" "$LOAD_CPU" "$LOADGEN_BIN" hold --addr "$addr" --conns "$conns" "$@"
+    HOLD_PID=$LAST_PID
+    for _ in $(seq 1200); do grep -q '^HELD' "$log" && break; sleep 0.1; done
+    HOLD_LINE=$(grep -m1 '^HELD' "$log" || echo "HELD 0 (no answer from the load client in 120 s)")
+    HOLD_HELD=$(sed -n 's/^HELD \([0-9]*\).*/\1/p' "$log"); HOLD_HELD=${HOLD_HELD:-0}
+    sleep 2
+    HOLD_FULL=$(rss_kib "$p")
+    HOLD_EST=$(ss -Htn state established "( sport = :${addr##*:} )" | wc -l)
+}
+
 scenario5() {
     local rows=$OUT/s5.tsv
     declare -A addr=([sluice]=127.0.0.1:8290 [nginx]=127.0.0.1:8280 [haproxy]=127.0.0.1:8281)
     echo "target rss_idle_kib rss_held_kib established held rss_after_kib" >"$rows"
-    local t p port hold_pid held est idle full after
+    local t p held est idle full after
     for t in $S5_TARGETS; do
         [ -n "${addr[$t]:-}" ] || die "scenario 5: unknown target $t"
         case $t in
@@ -590,18 +629,11 @@ scenario5() {
             haproxy) start_proxy haproxy haproxy.cfg ;;
             sluice) start_proxy sluice sluice-s5.toml ;;
         esac
-        p=$LAST_PID; port=${addr[$t]##*:}
+        p=$LAST_PID
         wait_up "${addr[$t]}" "$t"
-        sleep 1
-        idle=$(rss_kib "$p")
-        start "hold-$t" "$LOAD_CPU" "$LOADGEN_BIN" hold --addr "${addr[$t]}" --conns "$HOLD_CONNS"
-        hold_pid=$LAST_PID
-        for _ in $(seq 600); do grep -q '^HELD' "$WORK/logs/hold-$t.out" && break; sleep 0.1; done
-        held=$(sed -n 's/^HELD \([0-9]*\).*/\1/p' "$WORK/logs/hold-$t.out"); held=${held:-0}
-        sleep 2
-        full=$(rss_kib "$p")
-        est=$(ss -Htn state established "( sport = :$port )" | wc -l)
-        stop "$hold_pid"
+        hold_idle "$t" "$p" "${addr[$t]}" "$HOLD_CONNS"
+        idle=$HOLD_IDLE full=$HOLD_FULL est=$HOLD_EST held=$HOLD_HELD
+        stop "$HOLD_PID"
         sleep 2
         after=$(rss_kib "$p")
         stop "$p"
@@ -1064,13 +1096,100 @@ scenario8() {
     } | tee "$OUT/s8.md"
 }
 
+# ---------------------------------------------------------------- scenario 9: idle connections, memory return
+# s9_proxy TARGET KIND: start TARGET for part KIND (h1, h2, big) on the proxy core; its pid in
+# LAST_PID, the address to load in S9_ADDR
+s9_proxy() {
+    case $1:$2 in
+        sluice:*) start_proxy sluice sluice-s5.toml; S9_ADDR=127.0.0.1:8290 ;;
+        nginx:h1) start_proxy nginx nginx.conf; S9_ADDR=127.0.0.1:8280 ;;
+        nginx:h2) start_proxy nginx nginx.conf; S9_ADDR=127.0.0.1:8380 ;;
+        nginx:big) start_proxy nginx nginx.conf; S9_ADDR=127.0.0.1:8382 ;;
+        haproxy:big) start_proxy haproxy haproxy-s9-large.cfg; S9_ADDR=127.0.0.1:8383 ;;
+        haproxy:*) start_proxy haproxy haproxy.cfg; S9_ADDR=127.0.0.1:8281 ;;
+        *) die "scenario 9: unknown target $1" ;;
+    esac
+}
+
+scenario9() {
+    local idle_rows=$OUT/s9-idle.tsv ret_rows=$OUT/s9-return.tsv t p kind at t0 samples
+    # the 1 MiB body the backends serve at /s9-1mib (their nginx workers read it as nobody)
+    chmod 711 "$WORK"; mkdir -p "$WORK/html"; chmod 755 "$WORK/html"
+    head -c 1048576 /dev/zero | tr '\0' x >"$WORK/html/s9-1mib"; chmod 644 "$WORK/html/s9-1mib"
+    echo "target kind conns rss_idle_kib rss_held_kib established held load_client" >"$idle_rows"
+    echo "target rss_before_kib rss_open_kib established rss_0s rss_5s rss_10s rss_15s rss_20s rss_25s rss_30s" >"$ret_rows"
+    for t in $S9_TARGETS; do
+        # HTTP/1.1 idle, then the same connections closed: burst and return
+        wait_quiet
+        s9_proxy "$t" h1; p=$LAST_PID
+        wait_up "$S9_ADDR" "$t"
+        hold_idle "s9-$t-h1" "$p" "$S9_ADDR" "$HOLD_CONNS" --keys 1000 --batch "$S9_BATCH"
+        echo "$t h1 $HOLD_CONNS $HOLD_IDLE $HOLD_FULL $HOLD_EST $HOLD_HELD ${HOLD_LINE// /;}" >>"$idle_rows"
+        stop "$HOLD_PID"
+        t0=$(now_ms); samples=""
+        for at in 0 5 10 15 20 25 30; do
+            sleep_until $((t0 + at * 1000))
+            samples="$samples $(rss_kib "$p")"
+        done
+        stop "$p"
+        echo "$t $HOLD_IDLE $HOLD_FULL $HOLD_EST$samples" >>"$ret_rows"
+        log "scenario 9 $t HTTP/1.1: ${HOLD_IDLE} KiB idle, ${HOLD_FULL} KiB with $HOLD_EST established ($HOLD_LINE); after closing:$samples KiB"
+        # h2c idle; large-then-idle
+        for kind in h2 big; do
+            wait_quiet
+            s9_proxy "$t" "$kind"; p=$LAST_PID
+            if [ "$kind" = h2 ]; then
+                # nginx's 8380 takes h2c alone, out of the HTTP/1.1 probe's reach: probe its 8280
+                if [ "$t" = nginx ]; then wait_up 127.0.0.1:8280 nginx; else wait_up "$S9_ADDR" "$t"; fi
+                hold_idle "s9-$t-h2" "$p" "$S9_ADDR" "$HOLD_CONNS" --proto h2 --keys 1000 --batch "$S9_BATCH"
+                echo "$t h2 $HOLD_CONNS $HOLD_IDLE $HOLD_FULL $HOLD_EST $HOLD_HELD ${HOLD_LINE// /;}" >>"$idle_rows"
+            else
+                wait_up "$S9_ADDR" "$t"
+                hold_idle "s9-$t-big" "$p" "$S9_ADDR" "$S9_BIG_CONNS" --path /s9-1mib --keys 1000 --batch "$S9_BATCH" \
+                    --head-bytes "$S9_HEAD_BYTES"
+                echo "$t big $S9_BIG_CONNS $HOLD_IDLE $HOLD_FULL $HOLD_EST $HOLD_HELD ${HOLD_LINE// /;}" >>"$idle_rows"
+            fi
+            log "scenario 9 $t $kind: ${HOLD_IDLE} KiB idle, ${HOLD_FULL} KiB with $HOLD_EST established ($HOLD_LINE)"
+            stop "$HOLD_PID"
+            stop "$p"
+        done
+    done
+    {
+        echo "### Scenario 9 — idle connections and memory return (issue 18; RSS of the proxy's processes, one worker each)"
+        echo
+        echo "Each figure from a proxy of its own, started for it. KiB per connection = (RSS with the connections held idle − RSS before) ÷ connections open at the measure (ss)."
+        echo
+        echo "| target | connections, each idle after one request | RSS before MiB | RSS with them idle MiB | open at the measure | KiB per connection | issue 18 target | load client: connections failed, answers by status |"
+        echo "|---|---|---|---|---|---|---|---|"
+        awk -v head="$S9_HEAD_BYTES" 'NR > 1 {
+            if ($2 == "h1") { what = $3 " HTTP/1.1 keep-alive"; goal = "≤ 4" }
+            else if ($2 == "h2") { what = $3 " HTTP/2 (h2c, prior knowledge)"; goal = "≤ 8" }
+            else { what = sprintf("%d HTTP/1.1 after a %.0f KiB head and a 1 MiB body", $3, head / 1024); goal = "no large buffer kept" }
+            n = split($8, f, ";"); lc = ""
+            for (i = 1; i <= n; i++) if (f[i] ~ /^(failed|statuses)=/) lc = lc (lc == "" ? "" : " ") f[i]
+            if ($6 == 0) { printf("| %s | %s | %.1f | %.1f | 0 | n/a: no connection open | %s | %s |\n", $1, what, $4 / 1024, $5 / 1024, goal, lc); next }
+            printf("| %s | %s | %.1f | %.1f | %d | %.1f | %s | %s |\n", $1, what, $4 / 1024, $5 / 1024, $6, ($5 - $4) / $6, goal, lc) }' "$idle_rows"
+        echo
+        echo "Burst and return: the $HOLD_CONNS HTTP/1.1 connections above, all closed at once (the load client exits); RSS since."
+        echo
+        echo "| target | RSS before MiB | with the burst open MiB (open) | 0 s after the close | 5 s | 10 s | 30 s | back within 10 % of before by 30 s? (issue 18 target) |"
+        echo "|---|---|---|---|---|---|---|---|"
+        awk 'NR > 1 {
+            back = "no: +" sprintf("%.0f", 100 * ($11 - $2) / $2) " % at 30 s"
+            split("0 5 10 15 20 25 30", at, " ")
+            for (i = 5; i <= 11; i++) if ($i <= 1.1 * $2) { back = "yes, at " at[i - 4] " s"; break }
+            printf("| %s | %.1f | %.1f (%d) | %.1f | %.1f | %.1f | %.1f | %s |\n", $1, $2 / 1024, $3 / 1024, $4, $5 / 1024, $6 / 1024, $7 / 1024, $11 / 1024, back) }' "$ret_rows"
+        echo
+    } | tee "$OUT/s9.md"
+}
+
 # ---------------------------------------------------------------- main
 SCENARIOS=("$@")
-[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 3 4 5 6 7 8)
+[ ${#SCENARIOS[@]} -eq 0 ] && SCENARIOS=(1 2 3 4 5 6 7 8 9)
 for s in "${SCENARIOS[@]}"; do
     case $s in
-        1 | 2 | 3 | 4 | 5 | 6 | 7 | 8) ;;
-        *) die "unknown scenario $s (1 to 8)" ;;
+        1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | 9) ;;
+        *) die "unknown scenario $s (1 to 9)" ;;
     esac
 done
 [ "$REPS" -ge 3 ] || log "bench: REPS=$REPS < 3: fine for a smoke run, not for published numbers"
@@ -1098,6 +1217,7 @@ for s in "${SCENARIOS[@]}"; do
         6) scenario6 ;;
         7) scenario7 ;;
         8) scenario8 ;;
+        9) scenario9 ;;
     esac
 done
 echo "Runs that started on a busy machine (see QUIET): $NOISY" | tee "$OUT/noisy.md"

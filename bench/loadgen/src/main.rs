@@ -8,7 +8,13 @@
 //! the end, answers counted per N ms of their *arrival* time (`TICK`), for throughput over time.
 //!
 //! `hold`: open N connections, make one request on each, then keep them all open and idle
-//! until killed (for RSS with many client connections).
+//! until killed (for RSS with many client connections). `--proto h2`: HTTP/2 with prior
+//! knowledge (h2c) through hyper's client instead, one request (stream) per connection.
+//! `--head-bytes N`: pad that request's head with `x-pad-*` headers of at most 4000 bytes each
+//! to about N bytes (a large head); `--path` picks what is fetched (a large body, say). The
+//! `HELD` line counts the connections kept, the ones that failed, the answers that were not
+//! 2xx and the body bytes read. Connection i sends `x-api-key: key-(i mod --keys + 1)`;
+//! `--keys` is 1 by default here (one key: a proxy's per-key limit may refuse some).
 //!
 //! `rate`: open loop at a fixed rate: request k is sent at start + k/rps whatever the answers
 //! to earlier ones (a new connection is opened when every open one is busy), for the rate
@@ -30,12 +36,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout_at, Instant};
 
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
 const USAGE: &str = "usage:
   sluice-bench-load run  --addr HOST:PORT [--path /] [--conns 200] [--duration 10]
                          [--keys 1000] [--backoff-ms 0]  (after a refusal: wait backoff/2..3·backoff/2)
                          [--tick-ms 0]  (N > 0: START unix_ms=, then TICK lines: answers per N ms)
                          [--body JSON]  (POST this body, Content-Type: application/json; else GET)
-  sluice-bench-load hold --addr HOST:PORT [--conns 10000] [--batch 200]
+  sluice-bench-load hold --addr HOST:PORT [--conns 10000] [--batch 200] [--proto h1|h2]
+                         [--path /] [--head-bytes 0] [--keys 1]
   sluice-bench-load rate --addr HOST:PORT --rps N [--duration 30] [--header NAME:VALUE]...
   sluice-bench-load sweep --addr HOST:PORT [--keys 100000] [--conns 50] [--prefix s]";
 
@@ -54,6 +65,10 @@ struct Opts {
     tick: Duration,
     /// `run`: POST this body instead of a GET when not empty.
     body: String,
+    /// `hold`: HTTP/2 with prior knowledge instead of HTTP/1.1.
+    h2: bool,
+    /// `hold`: pad the request head to about this many bytes (0: no padding).
+    head_bytes: usize,
 }
 
 fn parse(args: &[String]) -> Result<Opts, String> {
@@ -70,6 +85,8 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         prefix: String::new(),
         tick: Duration::ZERO,
         body: String::new(),
+        h2: false,
+        head_bytes: 0,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -87,6 +104,14 @@ fn parse(args: &[String]) -> Result<Opts, String> {
             "--prefix" => o.prefix = value.clone(),
             "--tick-ms" => o.tick = Duration::from_millis(value.parse().map_err(bad)?),
             "--body" => o.body = value.clone(),
+            "--proto" => {
+                o.h2 = match value.as_str() {
+                    "h1" => false,
+                    "h2" => true,
+                    _ => return Err(format!("--proto is h1 or h2, not {value}")),
+                }
+            }
+            "--head-bytes" => o.head_bytes = value.parse().map_err(bad)?,
             "--header" => {
                 let (name, val) = value
                     .split_once(':')
@@ -132,6 +157,9 @@ fn main() {
         "hold" => {
             if opts.conns == 0 {
                 opts.conns = 10_000;
+            }
+            if !rest.iter().any(|a| a == "--keys") {
+                opts.keys = 1;
             }
             rt.block_on(hold(opts))
         }
@@ -184,6 +212,8 @@ impl From<std::io::Error> for Fail {
 struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
+    /// Body bytes of the last response read (chunked: the chunks' data).
+    last_body: usize,
 }
 
 impl Conn {
@@ -193,6 +223,7 @@ impl Conn {
         Ok(Self {
             stream,
             buf: Vec::with_capacity(4096),
+            last_body: 0,
         })
     }
 
@@ -237,6 +268,7 @@ impl Conn {
             }
         }
         self.buf.drain(..head_end);
+        self.last_body = 0;
         if chunked {
             loop {
                 let line_end = loop {
@@ -245,7 +277,8 @@ impl Conn {
                     }
                     self.fill().await?;
                 };
-                let size_text = std::str::from_utf8(&self.buf[..line_end]).map_err(|_| Fail::Parse)?;
+                let size_text =
+                    std::str::from_utf8(&self.buf[..line_end]).map_err(|_| Fail::Parse)?;
                 let size_text = size_text.split(';').next().unwrap_or("").trim();
                 let size = usize::from_str_radix(size_text, 16).map_err(|_| Fail::Parse)?;
                 // chunk data plus its CRLF; the last chunk (0) is followed by an empty line.
@@ -254,6 +287,7 @@ impl Conn {
                     self.fill().await?;
                 }
                 self.buf.drain(..need);
+                self.last_body += size;
                 if size == 0 {
                     break;
                 }
@@ -263,6 +297,7 @@ impl Conn {
                 self.fill().await?;
             }
             self.buf.drain(..n);
+            self.last_body = n;
         } else if status >= 200 && status != 204 && status != 304 {
             // Body until close: read it all, then the connection is done.
             while self.fill().await.is_ok() {}
@@ -458,7 +493,12 @@ async fn run(o: Opts) {
     } else {
         refused_codes.join("/")
     };
-    print_line(&mut out, &format!("CLASS refused codes={codes}"), &refused, secs);
+    print_line(
+        &mut out,
+        &format!("CLASS refused codes={codes}"),
+        &refused,
+        secs,
+    );
     if !o.tick.is_zero() {
         let n = (o.duration / o.tick.as_secs_f64()).ceil() as usize;
         for (i, [ok, non2xx, s5xx, errors]) in all
@@ -490,38 +530,137 @@ fn print_line(out: &mut impl Write, label: &str, sorted: &[u32], secs: f64) {
     );
 }
 
+/// `x-pad-N: aaa…` headers, each at most 4000 bytes with its CRLF, that bring a head of
+/// `base` bytes to about `target` bytes (none if it is already there).
+fn padding(base: usize, target: usize) -> Vec<(String, String)> {
+    let mut pads = Vec::new();
+    let mut size = base;
+    while size + 16 < target {
+        let name = format!("x-pad-{}", pads.len());
+        let value_len = (target - size)
+            .min(4000)
+            .saturating_sub(name.len() + 4)
+            .max(1);
+        size += name.len() + 4 + value_len;
+        pads.push((name, "a".repeat(value_len)));
+    }
+    pads
+}
+
+/// `req` (a whole head, no body) with `pads` before its empty last line.
+fn padded(mut req: Vec<u8>, pads: &[(String, String)]) -> Vec<u8> {
+    if !pads.is_empty() {
+        req.truncate(req.len() - 2);
+        for (name, value) in pads {
+            req.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        req.extend_from_slice(b"\r\n");
+    }
+    req
+}
+
+/// What one held connection keeps alive: an HTTP/1.1 socket, or hyper's HTTP/2 handle (the
+/// connection's task runs as long as a handle exists).
+enum Held {
+    H1(#[allow(dead_code)] Conn),
+    H2(#[allow(dead_code)] hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+/// One request on a new connection; the connection, the status and the body bytes read.
+async fn hold_one(
+    o: &Opts,
+    key: usize,
+    pads: &[(String, String)],
+) -> Result<(Held, u16, usize), Fail> {
+    if !o.h2 {
+        let mut c = Conn::open(&o.addr).await?;
+        let head = c.exchange(&padded(request(o, key), pads)).await?;
+        if head.close {
+            return Err(Fail::Closed);
+        }
+        let body = c.last_body;
+        // Keep no large read buffer here: 2000 connections that each read 1 MiB would hold GBs.
+        c.buf = Vec::new();
+        return Ok((Held::H1(c), head.status, body));
+    }
+    let stream = TcpStream::connect(&o.addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .map_err(|_| Fail::Io)?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(format!("http://{}{}", o.addr, o.path))
+        .header("x-api-key", format!("key-{key}"));
+    for (name, value) in pads {
+        req = req.header(name.as_str(), value.as_str());
+    }
+    let req = req.body(Empty::<Bytes>::new()).map_err(|_| Fail::Parse)?;
+    let res = send.send_request(req).await.map_err(|_| Fail::Io)?;
+    let status = res.status().as_u16();
+    let body = res
+        .into_body()
+        .collect()
+        .await
+        .map_err(|_| Fail::Io)?
+        .to_bytes()
+        .len();
+    Ok((Held::H2(send), status, body))
+}
+
 async fn hold(o: Opts) {
     let mut held = Vec::with_capacity(o.conns);
-    let mut failed = 0usize;
-    let req = request(&o, 1);
+    let (mut failed, mut non2xx, mut body_bytes) = (0usize, 0usize, 0usize);
+    let mut statuses: std::collections::BTreeMap<u16, usize> = Default::default();
+    let base = request(&o, 1);
+    let pads = Arc::new(padding(base.len(), o.head_bytes));
+    let head_bytes = padded(base, &pads).len();
+    let o = Arc::new(o);
     let mut remaining = o.conns;
+    let mut next = 0;
     while remaining > 0 {
         let n = remaining.min(o.batch.max(1));
         remaining -= n;
         let batch: Vec<_> = (0..n)
             .map(|_| {
-                let addr = o.addr.clone();
-                let req = req.clone();
+                let (o, pads) = (o.clone(), pads.clone());
+                let key = next % o.keys.max(1) + 1;
+                next += 1;
                 tokio::spawn(async move {
                     // A proxy at its connection limit leaves us in its backlog: give up then.
-                    let limit = Instant::now() + Duration::from_secs(5);
-                    let mut c = timeout_at(limit, Conn::open(&addr)).await.map_err(|_| Fail::Io)??;
-                    let head = timeout_at(limit, c.exchange(&req)).await.map_err(|_| Fail::Io)??;
-                    if head.close {
-                        return Err(Fail::Closed);
-                    }
-                    Ok::<_, Fail>(c)
+                    let limit =
+                        Instant::now() + Duration::from_secs(if o.head_bytes > 0 { 30 } else { 5 });
+                    timeout_at(limit, hold_one(&o, key, &pads))
+                        .await
+                        .map_err(|_| Fail::Io)?
                 })
             })
             .collect();
         for task in batch {
             match task.await {
-                Ok(Ok(c)) => held.push(c),
+                Ok(Ok((c, status, body))) => {
+                    if !(200..300).contains(&status) {
+                        non2xx += 1;
+                    }
+                    *statuses.entry(status).or_default() += 1;
+                    body_bytes += body;
+                    held.push(c);
+                }
                 _ => failed += 1,
             }
         }
     }
-    println!("HELD {} failed={failed}", held.len());
+    println!(
+        "HELD {} failed={failed} non2xx={non2xx} body_bytes={body_bytes} head_bytes={} proto={} statuses={}",
+        held.len(),
+        head_bytes,
+        if o.h2 { "h2" } else { "h1" },
+        statuses
+            .iter()
+            .map(|(s, n)| format!("{s}:{n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     let _ = std::io::stdout().flush();
     // Hold until killed; a connection the server closes stays counted here but the harness
     // checks the server's own socket count.
