@@ -86,8 +86,20 @@ impl Framing {
         self.conflicting
     }
 
+    /// True between requests: the next byte starts a request line (so a connection can be
+    /// parked here). Never for a stream the watch stopped following.
+    pub fn at_boundary(&self) -> bool {
+        self.stage == Stage::Start && self.conflicting.is_none()
+    }
+
+    /// True while the client is in the middle of sending a request head or body (or of one
+    /// that was refused for its framing): closing now leaves bytes of it unread.
+    pub fn mid_request(&self) -> bool {
+        self.mid_body() || matches!(self.stage, Stage::RequestLine | Stage::Headers)
+    }
+
     /// True while the client is in the middle of sending a request body (or of one that
-    /// was refused for its framing): closing now leaves bytes of it unread.
+    /// was refused for its framing).
     pub fn mid_body(&self) -> bool {
         self.conflicting.is_some()
             || matches!(

@@ -19,6 +19,7 @@
 //! Answers sluice gives itself are built in [`reject`].
 
 pub mod body;
+mod connection;
 mod forward;
 mod framing;
 pub mod headers;
@@ -26,6 +27,7 @@ mod inbound;
 mod outcome;
 pub mod reject;
 mod server;
+mod watched;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
