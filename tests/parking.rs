@@ -32,7 +32,11 @@ async fn answers(stream: &mut TcpStream, n: usize) -> Vec<(u16, usize)> {
             }
             let mut chunk = [0u8; 16 * 1024];
             let got = stream.read(&mut chunk).await.expect("read");
-            assert!(got > 0, "sluice closed the connection: {:?}", String::from_utf8_lossy(&bytes));
+            assert!(
+                got > 0,
+                "sluice closed the connection: {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
             bytes.extend_from_slice(&chunk[..got]);
         }
     };
