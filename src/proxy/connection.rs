@@ -5,7 +5,9 @@
 //! A keep-alive connection spends most of its life waiting for its next request, and hyper
 //! keeps its whole per-connection state meanwhile: an 8 KiB read buffer, a write buffer and
 //! the connection future, about 15 KiB. A parked connection holds none of it: once an answer
-//! is sent and nothing else is pending, the socket reports end-of-stream to hyper (which ends
+//! is sent and nothing else has been pending for `PARK_AFTER` (100 ms: a client sending
+//! request after request keeps its state, as a fresh one per request costs CPU), the socket
+//! reports end-of-stream to hyper (which ends
 //! its connection cleanly, at a message boundary, without closing the socket), and the task
 //! waits for the socket to become readable, holding only the socket and this module's
 //! counters; then a new hyper connection serves the next request. The fake end-of-stream is
@@ -18,7 +20,7 @@
 //!   its last frame is queued, before hyper has written it);
 //! - the request stream is at a message boundary, by the framing watch (a head split over
 //!   two packets would otherwise be cut);
-//! - the socket has nothing to read right now.
+//! - the socket has nothing to read right now, and has had nothing for `PARK_AFTER`.
 
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
