@@ -135,7 +135,7 @@ pub(super) async fn serve(
             }
         }
         Some(false) => loop {
-            io.park = Park::new(&activity);
+            io.park = Park::round(&activity, std::mem::take(&mut io.park.unread));
             let mut connection = Box::new(
                 serving
                     .http1

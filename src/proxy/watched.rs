@@ -50,10 +50,13 @@ pub(super) struct Park {
 }
 
 impl Park {
-    pub(super) fn new(activity: &Activity) -> Self {
+    /// An HTTP/1.1 round that may end by parking, reading first the `unread` bytes the last
+    /// round left.
+    pub(super) fn round(activity: &Activity, unread: Bytes) -> Self {
         Self {
             allowed: true,
             flushed_answers: activity.answered.load(Ordering::Acquire),
+            unread,
             ..Self::default()
         }
     }
