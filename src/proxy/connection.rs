@@ -82,7 +82,7 @@ pub(super) async fn serve(
         activity: Arc::clone(&activity),
         framing: Framing::default(),
         linger: serving.linger,
-        park: Park::default(),
+        park: Park::never(),
         _open: Some(open),
     };
     let service = {

@@ -3,8 +3,8 @@
 //! and giving hyper the end-of-stream that parks an HTTP/1.1 connection between requests
 //! (see `connection.rs` for when and why).
 
-use std::future::Future;
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,11 +14,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
 
 use super::connection::Activity;
 use super::framing::Framing;
 use super::server::OpenGuard;
+use crate::upstream::body::Stall;
 
 /// Most bytes read at once while a request head is read (see `Watched::poll_read`).
 const HEAD_READ: usize = 8 * 1024;
@@ -29,7 +29,7 @@ const HEAD_READ: usize = 8 * 1024;
 const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// One HTTP/1.1 round's view of parking (see the module's comment).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Park {
     /// This round may end by parking (HTTP/1.1 only).
     pub(super) allowed: bool,
@@ -43,13 +43,24 @@ pub(super) struct Park {
     pub(super) client_closed: bool,
     /// Bytes read by an earlier round and not used: served first.
     pub(super) unread: Bytes,
-    /// When the connection, idle since then, is parked; `None` while it is not idle.
-    idle_until: Option<Pin<Box<Sleep>>>,
-    /// `idle_until` counts from the current idle stretch.
-    armed: bool,
+    /// How long the connection has had nothing to do: parked after [`PARK_AFTER`].
+    quiet: Stall,
 }
 
 impl Park {
+    /// A connection that is never parked (HTTP/2), or not yet in a round.
+    pub(super) fn never() -> Self {
+        Self {
+            allowed: false,
+            unflushed: false,
+            flushed_answers: 0,
+            faked: false,
+            client_closed: false,
+            unread: Bytes::new(),
+            quiet: Stall::new(PARK_AFTER),
+        }
+    }
+
     /// An HTTP/1.1 round that may end by parking, reading first the `unread` bytes the last
     /// round left.
     pub(super) fn round(activity: &Activity, unread: Bytes) -> Self {
@@ -57,7 +68,7 @@ impl Park {
             allowed: true,
             flushed_answers: activity.answered.load(Ordering::Acquire),
             unread,
-            ..Self::default()
+            ..Self::never()
         }
     }
 }
@@ -98,6 +109,15 @@ impl Watched {
         self.stream
             .as_ref()
             .expect("the stream is only taken on drop")
+    }
+
+    /// What a write did: bytes moved, now to be flushed before the connection may park.
+    fn wrote(&mut self, result: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = *result {
+            self.moved(n);
+            self.park.unflushed |= n > 0;
+            self.park.quiet.moved();
+        }
     }
 
     /// Whether this round may end by parking now (the module's conditions, but the last).
@@ -157,8 +177,9 @@ impl AsyncRead for Watched {
         let result = match this.framing.mid_body() || buf.remaining() <= HEAD_READ {
             true => this.stream().poll_read(cx, buf),
             false => {
-                let mut step = [0u8; HEAD_READ];
-                let mut part = ReadBuf::new(&mut step);
+                // Not zeroed: ReadBuf hands out only what the read filled.
+                let mut step = [MaybeUninit::<u8>::uninit(); HEAD_READ];
+                let mut part = ReadBuf::uninit(&mut step);
                 let result = this.stream().poll_read(cx, &mut part);
                 buf.put_slice(part.filled());
                 result
@@ -178,28 +199,17 @@ impl AsyncRead for Watched {
                     }
                 }
             }
-            Poll::Pending if this.may_park() => {
-                // Nothing to read, nothing pending: once that has lasted PARK_AFTER, end
-                // hyper's connection here (see `connection.rs`); the socket stays open.
-                let deadline = Instant::now() + PARK_AFTER;
-                let park = &mut this.park;
-                let idle_until = park
-                    .idle_until
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                if !park.armed {
-                    idle_until.as_mut().reset(deadline);
-                    park.armed = true;
-                }
-                if idle_until.as_mut().poll(cx).is_ready() {
-                    park.faked = true;
-                    return Poll::Ready(Ok(()));
-                }
+            // Nothing to read, nothing pending: once that has lasted PARK_AFTER, end hyper's
+            // connection here (see `connection.rs`); the socket stays open.
+            Poll::Pending if this.may_park() && this.park.quiet.waiting(cx) => {
+                this.park.faked = true;
+                return Poll::Ready(Ok(()));
             }
             _ => {}
         }
-        if matches!(result, Poll::Ready(_)) {
+        if result.is_ready() {
             // Not idle any more: a later idle stretch counts from its own start.
-            this.park.armed = false;
+            this.park.quiet.moved();
         }
         result
     }
@@ -213,11 +223,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = this.stream().poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            this.moved(n);
-            this.park.unflushed |= n > 0;
-            this.park.armed = false;
-        }
+        this.wrote(&result);
         result
     }
 
@@ -228,11 +234,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let result = this.stream().poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = result {
-            this.moved(n);
-            this.park.unflushed |= n > 0;
-            this.park.armed = false;
-        }
+        this.wrote(&result);
         result
     }
 

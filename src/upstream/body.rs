@@ -101,9 +101,11 @@ pub fn track(body: Incoming, cut: AbortHandle, client_body: Duration) -> (Upstre
     (upstream, BodyWatch(Some(progress)))
 }
 
-/// The `timeouts.client_body` clock of one upload: runs while the endpoint connection waits
-/// for the client's next frame, reset by every frame.
-struct Stall {
+/// A clock of quiet: runs while something waits for the client, reset by everything the client
+/// does. One upload's `timeouts.client_body` (the endpoint connection waiting for the client's
+/// next frame), and the wait before an idle client connection is parked (`proxy::watched`).
+#[derive(Debug)]
+pub struct Stall {
     limit: Duration,
     /// Allocated the first time the upload waits for the client.
     timer: Option<Pin<Box<Sleep>>>,
@@ -112,8 +114,8 @@ struct Stall {
 }
 
 impl Stall {
-    /// A clock that cuts the upload after `limit` without a frame.
-    fn new(limit: Duration) -> Self {
+    /// A clock that says so after `limit` of quiet.
+    pub fn new(limit: Duration) -> Self {
         Self {
             limit,
             timer: None,
@@ -122,7 +124,7 @@ impl Stall {
     }
 
     /// The client has nothing for us yet: true once it has kept us waiting for the limit.
-    fn waiting(&mut self, cx: &mut Context<'_>) -> bool {
+    pub fn waiting(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.armed {
             let deadline = Instant::now() + self.limit;
             match &mut self.timer {
@@ -136,8 +138,8 @@ impl Stall {
             .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
     }
 
-    /// A frame came: the next wait starts a new count.
-    fn moved(&mut self) {
+    /// The client did something: the next wait starts a new count.
+    pub fn moved(&mut self) {
         self.armed = false;
     }
 }
