@@ -272,9 +272,7 @@ impl Adaptive {
 
 /// How long before a step up is tried again after `failed` in a row made requests wait.
 fn growth_wait(failed: u32) -> Duration {
-    Duration::from_secs(1)
-        .saturating_mul(1 << failed.saturating_sub(1).min(16))
-        .min(MOST_GROWTH_WAIT)
+    super::doubled(Duration::from_secs(1), failed.saturating_sub(1)).min(MOST_GROWTH_WAIT)
 }
 
 #[cfg(test)]

@@ -165,9 +165,7 @@ impl Endpoint {
     /// Record a connect failure: skip the endpoint for a back-off that doubles each time.
     pub fn mark_unreachable(&self) {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
-        let backoff = BACKOFF_BASE
-            .saturating_mul(1 << failures.min(16))
-            .min(BACKOFF_MAX);
+        let backoff = super::doubled(BACKOFF_BASE, failures).min(BACKOFF_MAX);
         let until = self.now_ms() + u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX / 2);
         self.down_until_ms.store(until, Ordering::Relaxed);
     }

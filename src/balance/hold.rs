@@ -75,9 +75,8 @@ impl Overload {
     /// The cooldown for an overload answer that said `retry_after` (none, or garbage: an
     /// exponential back-off from 1 s over the overloads in a row), within the bounds.
     pub fn cooldown(&self, retry_after: Option<Duration>, overloads_in_row: u32) -> Duration {
-        let asked = retry_after.unwrap_or_else(|| {
-            Duration::from_secs(1).saturating_mul(1 << overloads_in_row.min(16))
-        });
+        let asked =
+            retry_after.unwrap_or_else(|| super::doubled(Duration::from_secs(1), overloads_in_row));
         asked.clamp(self.cooldown_min, self.cooldown_max.max(self.cooldown_min))
     }
 

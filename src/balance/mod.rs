@@ -32,6 +32,13 @@ pub use share::{Share, HELD};
 
 use crate::config::Balance;
 
+/// `base` doubled `times` times (saturating; more than 16 doublings count as 16): the
+/// back-offs of an endpoint that keeps refusing connections, saying it is full, or making
+/// requests wait after a step up.
+fn doubled(base: Duration, times: u32) -> Duration {
+    base.saturating_mul(1 << times.min(16))
+}
+
 /// Why no slot was given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NoSlot {

@@ -84,10 +84,7 @@ impl Shape {
                     endpoint.set_ready(true);
                 }
                 let cap = m.own_cap.unwrap_or(config.max_concurrent);
-                endpoint
-                    .adaptive
-                    .follow((cap == Cap::Auto).then_some(adaptive));
-                Ok((endpoint, cap))
+                Ok((learning(endpoint, cap, adaptive), cap))
             })
             .collect::<Result<_, _>>()?;
         Ok(Self {
@@ -113,10 +110,7 @@ impl Shape {
             .zip(&self.members)
             .map(|((endpoint, _), m)| {
                 let cap = m.own_cap.unwrap_or(Cap::Fixed(cap));
-                endpoint
-                    .adaptive
-                    .follow((cap == Cap::Auto).then_some(self.adaptive));
-                (Arc::clone(endpoint), cap)
+                (learning(Arc::clone(endpoint), cap, self.adaptive), cap)
             })
             .collect();
         Self {
@@ -219,4 +213,12 @@ impl Shape {
             cap => self.share.of(cap, 0),
         }
     }
+}
+
+/// `endpoint`, learning its cap (within `bounds`) exactly while `cap` is `"auto"`.
+fn learning(endpoint: Arc<Endpoint>, cap: Cap, bounds: Bounds) -> Arc<Endpoint> {
+    endpoint
+        .adaptive
+        .follow((cap == Cap::Auto).then_some(bounds));
+    endpoint
 }
