@@ -138,7 +138,7 @@ impl Proxy {
                 false
             }
             // A larger HTTP/1 body: the connection closes (after a lingering read, see
-            // `server.rs`).
+            // `watched.rs`).
             Some(_) => true,
         };
         if closes {

@@ -56,7 +56,7 @@ impl Progress {
 /// counts it against `limits.http2_max_local_error_reset_streams` for the connection's whole
 /// life, so a client whose uploads are refused often enough loses its connection (GOAWAY) and
 /// every stream on it. Drained, the stream ends when the client's upload does. HTTP/1's
-/// counterpart is the lingering close (`src/proxy/server.rs`), bounded by the same setting.
+/// counterpart is the lingering close (`src/proxy/watched.rs`), bounded by the same setting.
 pub fn drain(mut body: Incoming, for_at_most: Duration) {
     if body.is_end_stream() || for_at_most.is_zero() {
         return;
